@@ -1,0 +1,36 @@
+use thiserror::Error;
+
+/// Everything that can be wrong with a protocol object. Each variant says what was
+/// found and, where it helps the caller fix it, what was expected.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProtoError {
+    #[error("malformed {what}: {detail}")]
+    Malformed { what: &'static str, detail: String },
+    #[error("{what} is {len} bytes, over the limit of {max}")]
+    TooLarge { what: &'static str, len: usize, max: usize },
+    #[error("unsupported algorithm {found:?}, expected {expected}")]
+    UnsupportedAlgorithm { found: String, expected: &'static str },
+    #[error("unexpected token type {found:?}, expected {expected:?}")]
+    WrongType { found: Option<String>, expected: &'static str },
+    #[error("signature does not verify")]
+    BadSignature,
+    #[error("invalid key: {0}")]
+    InvalidKey(String),
+    #[error("expired at {exp}, now {now}")]
+    Expired { exp: i64, now: i64 },
+    #[error("not valid before {nbf}, now {now}")]
+    NotYetValid { nbf: i64, now: i64 },
+    #[error("issued at {iat}, outside the accepted window around {now} (±{window_secs} s)")]
+    StaleIssuedAt { iat: i64, now: i64, window_secs: i64 },
+    #[error("claim {claim} is {found:?}, expected {expected:?}")]
+    ClaimMismatch { claim: &'static str, found: String, expected: String },
+    #[error("random number generator failed")]
+    Rng,
+}
+
+impl ProtoError {
+    pub(crate) fn malformed(what: &'static str, detail: impl ToString) -> Self {
+        ProtoError::Malformed { what, detail: detail.to_string() }
+    }
+}

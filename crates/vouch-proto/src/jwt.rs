@@ -1,0 +1,64 @@
+//! JWT (RFC 7519) on top of [`crate::jws`]: typed claims and the time checks every
+//! Vouch token shares.
+
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::jws::{self, Header, UnverifiedJws};
+use crate::{ProtoError, SigningKey, VerifyingKey, crypto::SecureRandom};
+
+pub fn encode<C: Serialize>(
+    header: &Header,
+    claims: &C,
+    key: &SigningKey,
+    rng: &dyn SecureRandom,
+) -> Result<String, ProtoError> {
+    let payload = serde_json::to_vec(claims).map_err(|e| ProtoError::malformed("JWT claims", e))?;
+    jws::sign(header, &payload, key, rng)
+}
+
+/// Verifies the signature with `key`, then parses the claims.
+pub fn decode<C: DeserializeOwned>(jws: &UnverifiedJws, key: &VerifyingKey) -> Result<C, ProtoError> {
+    parse_claims(jws.verify(key)?)
+}
+
+pub fn parse_claims<C: DeserializeOwned>(payload: &[u8]) -> Result<C, ProtoError> {
+    serde_json::from_slice(payload).map_err(|e| ProtoError::malformed("JWT claims", e))
+}
+
+/// `exp` and `nbf` against `now`, allowing `leeway_secs` of clock skew either way.
+pub fn check_validity(exp: i64, nbf: Option<i64>, now: i64, leeway_secs: i64) -> Result<(), ProtoError> {
+    if now > exp.saturating_add(leeway_secs) {
+        return Err(ProtoError::Expired { exp, now });
+    }
+    if let Some(nbf) = nbf
+        && now.saturating_add(leeway_secs) < nbf
+    {
+        return Err(ProtoError::NotYetValid { nbf, now });
+    }
+    Ok(())
+}
+
+/// `iat` must lie within `window_secs` of `now`, for proofs that carry no `exp`.
+pub fn check_issued_at(iat: i64, now: i64, window_secs: i64) -> Result<(), ProtoError> {
+    if iat.abs_diff(now) > window_secs.unsigned_abs() {
+        return Err(ProtoError::StaleIssuedAt { iat, now, window_secs });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validity_window() {
+        check_validity(100, Some(50), 100, 0).unwrap();
+        check_validity(100, None, 105, 5).unwrap();
+        assert_eq!(check_validity(100, None, 106, 5), Err(ProtoError::Expired { exp: 100, now: 106 }));
+        assert_eq!(check_validity(100, Some(50), 40, 5), Err(ProtoError::NotYetValid { nbf: 50, now: 40 }));
+        check_issued_at(1000, 1030, 60).unwrap();
+        check_issued_at(1000, 940, 60).unwrap();
+        assert!(check_issued_at(1000, 1061, 60).is_err());
+        assert!(check_issued_at(i64::MIN, 0, 60).is_err());
+    }
+}

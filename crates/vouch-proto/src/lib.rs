@@ -1,0 +1,18 @@
+//! Vouch's protocol core. Everything here is sans-IO: it takes bytes, a [`Clock`]
+//! and a random source, and returns bytes or decisions. The server and the device
+//! SDK both call it; neither the network, a database nor an async runtime appear here.
+
+pub mod b64;
+pub mod clock;
+pub mod crypto;
+pub mod enrol;
+mod error;
+pub mod jwk;
+pub mod jws;
+pub mod jwt;
+pub mod pem;
+
+pub use clock::{Clock, FixedClock, SystemClock};
+pub use crypto::{SigningKey, VerifyingKey};
+pub use error::ProtoError;
+pub use jwk::{Jwk, JwkSet};
