@@ -26,7 +26,12 @@ pub enum DeviceKind {
 }
 
 impl DeviceKind {
-    pub const ALL: [DeviceKind; 4] = [DeviceKind::Reader, DeviceKind::Pos, DeviceKind::Terminal, DeviceKind::Consumer];
+    pub const ALL: [DeviceKind; 4] = [
+        DeviceKind::Reader,
+        DeviceKind::Pos,
+        DeviceKind::Terminal,
+        DeviceKind::Consumer,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -42,11 +47,14 @@ impl std::str::FromStr for DeviceKind {
     type Err = ProtoError;
 
     fn from_str(s: &str) -> Result<Self, ProtoError> {
-        DeviceKind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| ProtoError::ClaimMismatch {
-            claim: "kind",
-            found: s.to_owned(),
-            expected: "reader, pos, terminal or consumer".to_owned(),
-        })
+        DeviceKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| ProtoError::ClaimMismatch {
+                claim: "kind",
+                found: s.to_owned(),
+                expected: "reader, pos, terminal or consumer".to_owned(),
+            })
     }
 }
 
@@ -78,9 +86,16 @@ impl EnrolmentClaims {
     fn check_fields(&self) -> Result<(), ProtoError> {
         for (name, value, max) in [
             ("model", &self.model, MODEL_CHARS_MAX),
-            ("firmware_version", &self.firmware_version, FIRMWARE_CHARS_MAX),
+            (
+                "firmware_version",
+                &self.firmware_version,
+                FIRMWARE_CHARS_MAX,
+            ),
         ] {
-            if value.is_empty() || value.chars().count() > max || value.chars().any(char::is_control) {
+            if value.is_empty()
+                || value.chars().count() > max
+                || value.chars().any(char::is_control)
+            {
                 return Err(ProtoError::malformed(
                     "enrolment claims",
                     format!("{name} must be 1 to {max} printable characters"),
@@ -100,7 +115,11 @@ pub struct VerifiedEnrolment {
 
 /// Checks the proof's type, its self-signature and its `iat` window. The caller
 /// still has to consume the nonce (single use is the database's job).
-pub fn verify_enrolment_proof(proof: &str, clock: &dyn Clock, iat_window_secs: i64) -> Result<VerifiedEnrolment, ProtoError> {
+pub fn verify_enrolment_proof(
+    proof: &str,
+    clock: &dyn Clock,
+    iat_window_secs: i64,
+) -> Result<VerifiedEnrolment, ProtoError> {
     let jws = UnverifiedJws::parse(proof)?;
     jws.header().expect_typ(ENROLMENT_PROOF_TYP)?;
     let (payload, key) = jws.verify_with_embedded_jwk()?;
@@ -167,11 +186,17 @@ mod tests {
         ));
         let header = Header::es256("JWT").with_jwk(key.verifying_key().to_jwk());
         let retyped = jwt::encode(&header, &claims(1000), &key, &rng).unwrap();
-        assert!(matches!(verify_enrolment_proof(&retyped, &FixedClock(1000), 60), Err(ProtoError::WrongType { .. })));
+        assert!(matches!(
+            verify_enrolment_proof(&retyped, &FixedClock(1000), 60),
+            Err(ProtoError::WrongType { .. })
+        ));
         let mut bad = claims(1000);
         bad.model = String::new();
         let proof = bad.sign(&key, &rng).unwrap();
-        assert!(matches!(verify_enrolment_proof(&proof, &FixedClock(1000), 60), Err(ProtoError::Malformed { .. })));
+        assert!(matches!(
+            verify_enrolment_proof(&proof, &FixedClock(1000), 60),
+            Err(ProtoError::Malformed { .. })
+        ));
     }
 
     #[test]
@@ -181,6 +206,9 @@ mod tests {
         let other = SigningKey::generate(&rng).unwrap();
         let header = Header::es256(ENROLMENT_PROOF_TYP).with_jwk(other.verifying_key().to_jwk());
         let proof = jwt::encode(&header, &claims(1000), &key, &rng).unwrap();
-        assert_eq!(verify_enrolment_proof(&proof, &FixedClock(1000), 60).unwrap_err(), ProtoError::BadSignature);
+        assert_eq!(
+            verify_enrolment_proof(&proof, &FixedClock(1000), 60).unwrap_err(),
+            ProtoError::BadSignature
+        );
     }
 }

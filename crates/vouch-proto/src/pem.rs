@@ -31,9 +31,16 @@ pub fn decode(label: &str, text: &str) -> Result<Zeroizing<Vec<u8>>, ProtoError>
         .find(&end)
         .ok_or_else(|| ProtoError::malformed("PEM", format!("no {end} line")))?
         + start;
-    let body: Zeroizing<String> =
-        Zeroizing::new(text[start..stop].chars().filter(|c| !c.is_whitespace()).collect());
-    STANDARD.decode(body.as_bytes()).map(Zeroizing::new).map_err(|e| ProtoError::malformed("PEM", e))
+    let body: Zeroizing<String> = Zeroizing::new(
+        text[start..stop]
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect(),
+    );
+    STANDARD
+        .decode(body.as_bytes())
+        .map(Zeroizing::new)
+        .map_err(|e| ProtoError::malformed("PEM", e))
 }
 
 #[cfg(test)]
@@ -51,6 +58,9 @@ mod tests {
     #[test]
     fn wrong_label_is_refused() {
         let pem = encode("CERTIFICATE", b"x");
-        assert!(matches!(decode("PRIVATE KEY", &pem), Err(ProtoError::Malformed { .. })));
+        assert!(matches!(
+            decode("PRIVATE KEY", &pem),
+            Err(ProtoError::Malformed { .. })
+        ));
     }
 }

@@ -1,0 +1,7 @@
+//! The storage conformance suite: every case runs against SQLite and, when
+//! `VOUCH_TEST_DATABASE_URL` is set, against PostgreSQL.
+
+mod audit;
+mod harness;
+mod registry;
+mod secrets;

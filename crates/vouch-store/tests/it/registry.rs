@@ -1,0 +1,142 @@
+use vouch_proto::enrol::DeviceKind;
+use vouch_store::{
+    Account, Device, DeviceFilter, DeviceStatus, Merchant, ServiceProvider, StoreError,
+};
+
+use crate::conformance;
+use crate::harness::TestStore;
+
+pub fn merchant(id: &str) -> Merchant {
+    Merchant {
+        id: id.into(),
+        name: format!("Shop {id}"),
+        created_at: 100,
+    }
+}
+
+pub fn device(id: &str, merchant_id: &str, thumbprint: &str) -> Device {
+    Device {
+        id: id.into(),
+        kind: DeviceKind::Reader,
+        merchant_id: merchant_id.into(),
+        model: "R-100".into(),
+        firmware_version: "1.0.0".into(),
+        public_jwk: "{}".into(),
+        key_thumbprint: thumbprint.into(),
+        status: DeviceStatus::Active,
+        created_at: 100,
+        updated_at: 100,
+    }
+}
+
+conformance! {
+    async fn merchant_and_account_round_trip(t: TestStore) {
+        let mut tx = t.store.begin().await.unwrap();
+        tx.insert_merchant(&merchant("m1")).await.unwrap();
+        let account = Account { id: "a1".into(), merchant_id: "m1".into(), label: "settlement".into(), currency: "EUR".into(), created_at: 5 };
+        tx.insert_account(&account).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(t.store.merchant("m1").await.unwrap(), merchant("m1"));
+        assert_eq!(t.store.account("a1").await.unwrap(), account);
+        assert_eq!(t.store.merchants(None, 10).await.unwrap().len(), 1);
+        assert!(matches!(t.store.merchant("nope").await, Err(StoreError::NotFound { .. })));
+    }
+
+    async fn duplicate_merchant_conflicts(t: TestStore) {
+        let mut tx = t.store.begin().await.unwrap();
+        tx.insert_merchant(&merchant("m1")).await.unwrap();
+        assert!(matches!(tx.insert_merchant(&merchant("m1")).await, Err(StoreError::Conflict { .. })));
+    }
+
+    async fn account_for_unknown_merchant_is_refused(t: TestStore) {
+        let mut tx = t.store.begin().await.unwrap();
+        let account = Account { id: "a1".into(), merchant_id: "ghost".into(), label: "x".into(), currency: "EUR".into(), created_at: 5 };
+        assert!(matches!(tx.insert_account(&account).await, Err(StoreError::MissingReference { .. })));
+    }
+
+    async fn a_key_enrols_once(t: TestStore) {
+        let mut tx = t.store.begin().await.unwrap();
+        tx.insert_merchant(&merchant("m1")).await.unwrap();
+        tx.insert_device(&device("d1", "m1", "thumb")).await.unwrap();
+        tx.commit().await.unwrap();
+        let mut tx = t.store.begin().await.unwrap();
+        assert!(matches!(tx.insert_device(&device("d2", "m1", "thumb")).await, Err(StoreError::Conflict { .. })));
+    }
+
+    async fn device_status_transitions(t: TestStore) {
+        let mut tx = t.store.begin().await.unwrap();
+        tx.insert_merchant(&merchant("m1")).await.unwrap();
+        tx.insert_device(&device("d1", "m1", "t1")).await.unwrap();
+        let suspended = tx.set_device_status("d1", &[DeviceStatus::Active], DeviceStatus::Suspended, 200).await.unwrap();
+        assert_eq!((suspended.status, suspended.updated_at), (DeviceStatus::Suspended, 200));
+        tx.set_device_status("d1", &[DeviceStatus::Active, DeviceStatus::Suspended], DeviceStatus::Revoked, 300).await.unwrap();
+        let refused = tx.set_device_status("d1", &[DeviceStatus::Suspended], DeviceStatus::Active, 400).await;
+        assert!(matches!(refused, Err(StoreError::StatusTransition { from: "revoked", to: "active" })));
+        assert!(matches!(tx.set_device_status("ghost", &[DeviceStatus::Active], DeviceStatus::Revoked, 1).await, Err(StoreError::NotFound { .. })));
+    }
+
+    async fn device_listing_filters_and_pages(t: TestStore) {
+        let mut tx = t.store.begin().await.unwrap();
+        tx.insert_merchant(&merchant("m1")).await.unwrap();
+        tx.insert_merchant(&merchant("m2")).await.unwrap();
+        for i in 0..5 {
+            tx.insert_device(&device(&format!("d{i}"), if i % 2 == 0 { "m1" } else { "m2" }, &format!("t{i}"))).await.unwrap();
+        }
+        tx.set_device_status("d0", &[DeviceStatus::Active], DeviceStatus::Suspended, 1).await.unwrap();
+        tx.commit().await.unwrap();
+        let all = t.store.devices(&DeviceFilter { limit: 10, ..Default::default() }).await.unwrap();
+        assert_eq!(all.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["d0", "d1", "d2", "d3", "d4"]);
+        let m1 = t.store.devices(&DeviceFilter { merchant_id: Some("m1".into()), limit: 10, ..Default::default() }).await.unwrap();
+        assert_eq!(m1.len(), 3);
+        let active_m1 = t.store.devices(&DeviceFilter { merchant_id: Some("m1".into()), status: Some(DeviceStatus::Active), limit: 10, ..Default::default() }).await.unwrap();
+        assert_eq!(active_m1.len(), 2);
+        let page = t.store.devices(&DeviceFilter { after_id: Some("d1".into()), limit: 2, ..Default::default() }).await.unwrap();
+        assert_eq!(page.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["d2", "d3"]);
+        let terminals = t.store.devices(&DeviceFilter { kind: Some(DeviceKind::Terminal), limit: 10, ..Default::default() }).await.unwrap();
+        assert!(terminals.is_empty());
+    }
+
+    async fn uncommitted_writes_vanish(t: TestStore) {
+        let mut tx = t.store.begin().await.unwrap();
+        tx.insert_merchant(&merchant("m1")).await.unwrap();
+        drop(tx);
+        assert!(matches!(t.store.merchant("m1").await, Err(StoreError::NotFound { .. })));
+    }
+
+    async fn service_providers(t: TestStore) {
+        let provider = ServiceProvider { id: "sp1".into(), name: "Bank".into(), endpoint: "https://bank.example/in".into(), public_jwk: "{}".into(), created_at: 1 };
+        let mut tx = t.store.begin().await.unwrap();
+        tx.insert_service_provider(&provider).await.unwrap();
+        tx.commit().await.unwrap();
+        // A failed statement aborts a PostgreSQL transaction, so each refusal gets its own.
+        let mut tx = t.store.begin().await.unwrap();
+        let twin = ServiceProvider { id: "sp2".into(), ..provider.clone() };
+        assert!(matches!(tx.insert_service_provider(&twin).await, Err(StoreError::Conflict { .. })));
+        drop(tx);
+        assert_eq!(t.store.service_provider("sp1").await.unwrap(), provider);
+        assert_eq!(t.store.service_providers().await.unwrap(), vec![provider]);
+    }
+
+    async fn concurrent_enrolments_of_one_key_have_one_winner(t: TestStore) {
+        let mut tx = t.store.begin().await.unwrap();
+        tx.insert_merchant(&merchant("m1")).await.unwrap();
+        tx.commit().await.unwrap();
+        let attempts = (0..8).map(|i| {
+            let store = t.store.clone();
+            tokio::spawn(async move {
+                let mut tx = store.begin().await?;
+                tx.insert_device(&device(&format!("d{i}"), "m1", "same-key")).await?;
+                tx.commit().await
+            })
+        });
+        let mut winners = 0;
+        for attempt in attempts {
+            match attempt.await.unwrap() {
+                Ok(()) => winners += 1,
+                Err(StoreError::Conflict { .. }) => {}
+                Err(other) => panic!("unexpected {other}"),
+            }
+        }
+        assert_eq!(winners, 1);
+    }
+}
