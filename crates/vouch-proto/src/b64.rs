@@ -10,7 +10,5 @@ pub fn encode(bytes: impl AsRef<[u8]>) -> String {
 }
 
 pub fn decode(what: &'static str, text: &str) -> Result<Vec<u8>, ProtoError> {
-    URL_SAFE_NO_PAD
-        .decode(text)
-        .map_err(|e| ProtoError::malformed(what, e))
+    URL_SAFE_NO_PAD.decode(text).map_err(|e| ProtoError::malformed(what, e))
 }

@@ -15,9 +15,7 @@ impl Clock for SystemClock {
     fn now_unix(&self) -> i64 {
         // A clock before 1970 is a broken host; treating it as the epoch makes every
         // ticket look expired, which fails closed.
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64)
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
     }
 }
 

@@ -2,8 +2,7 @@
 //! through aws-lc-rs. Signatures are the fixed 64-byte `r || s` form JOSE and COSE use.
 
 use aws_lc_rs::signature::{
-    ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair,
-    UnparsedPublicKey,
+    ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair, UnparsedPublicKey,
 };
 use zeroize::Zeroizing;
 
@@ -43,16 +42,13 @@ pub struct SigningKey {
 
 impl std::fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SigningKey")
-            .field("public", &self.verifying_key())
-            .finish_non_exhaustive()
+        f.debug_struct("SigningKey").field("public", &self.verifying_key()).finish_non_exhaustive()
     }
 }
 
 impl SigningKey {
     pub fn generate(rng: &dyn SecureRandom) -> Result<Self, ProtoError> {
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, rng)
-            .map_err(|_| ProtoError::Rng)?;
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, rng).map_err(|_| ProtoError::Rng)?;
         Self::from_pkcs8_der(pkcs8.as_ref())
     }
 
@@ -83,11 +79,7 @@ impl SigningKey {
         VerifyingKey { point }
     }
 
-    pub fn sign(
-        &self,
-        rng: &dyn SecureRandom,
-        message: &[u8],
-    ) -> Result<[u8; ES256_SIGNATURE_BYTES], ProtoError> {
+    pub fn sign(&self, rng: &dyn SecureRandom, message: &[u8]) -> Result<[u8; ES256_SIGNATURE_BYTES], ProtoError> {
         let signature = self.pair.sign(rng, message).map_err(|_| ProtoError::Rng)?;
         let mut out = [0u8; ES256_SIGNATURE_BYTES];
         // Invariant: the FIXED signing algorithm always yields 64 bytes.
@@ -117,9 +109,7 @@ impl VerifyingKey {
             ))
         })?;
         if point[0] != 0x04 {
-            return Err(ProtoError::InvalidKey(
-                "P-256 public key is not an uncompressed point".into(),
-            ));
+            return Err(ProtoError::InvalidKey("P-256 public key is not an uncompressed point".into()));
         }
         // Parsing through aws-lc rejects points that are not on the curve.
         UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point)
@@ -184,14 +174,8 @@ mod tests {
         let key = SigningKey::generate(&rng).unwrap();
         let sig = key.sign(&rng, b"payload").unwrap();
         key.verifying_key().verify(b"payload", &sig).unwrap();
-        assert_eq!(
-            key.verifying_key().verify(b"payloaD", &sig),
-            Err(ProtoError::BadSignature)
-        );
-        assert_eq!(
-            key.verifying_key().verify(b"payload", &sig[..63]),
-            Err(ProtoError::BadSignature)
-        );
+        assert_eq!(key.verifying_key().verify(b"payloaD", &sig), Err(ProtoError::BadSignature));
+        assert_eq!(key.verifying_key().verify(b"payload", &sig[..63]), Err(ProtoError::BadSignature));
     }
 
     #[test]
@@ -207,14 +191,8 @@ mod tests {
     fn off_curve_point_is_refused() {
         let mut point = [1u8; P256_POINT_BYTES];
         point[0] = 4;
-        assert!(matches!(
-            VerifyingKey::from_sec1(&point),
-            Err(ProtoError::InvalidKey(_))
-        ));
-        assert!(matches!(
-            VerifyingKey::from_sec1(&point[..33]),
-            Err(ProtoError::InvalidKey(_))
-        ));
+        assert!(matches!(VerifyingKey::from_sec1(&point), Err(ProtoError::InvalidKey(_))));
+        assert!(matches!(VerifyingKey::from_sec1(&point[..33]), Err(ProtoError::InvalidKey(_))));
     }
 
     #[test]

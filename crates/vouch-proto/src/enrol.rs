@@ -26,12 +26,7 @@ pub enum DeviceKind {
 }
 
 impl DeviceKind {
-    pub const ALL: [DeviceKind; 4] = [
-        DeviceKind::Reader,
-        DeviceKind::Pos,
-        DeviceKind::Terminal,
-        DeviceKind::Consumer,
-    ];
+    pub const ALL: [DeviceKind; 4] = [DeviceKind::Reader, DeviceKind::Pos, DeviceKind::Terminal, DeviceKind::Consumer];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -47,14 +42,11 @@ impl std::str::FromStr for DeviceKind {
     type Err = ProtoError;
 
     fn from_str(s: &str) -> Result<Self, ProtoError> {
-        DeviceKind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| ProtoError::ClaimMismatch {
-                claim: "kind",
-                found: s.to_owned(),
-                expected: "reader, pos, terminal or consumer".to_owned(),
-            })
+        DeviceKind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| ProtoError::ClaimMismatch {
+            claim: "kind",
+            found: s.to_owned(),
+            expected: "reader, pos, terminal or consumer".to_owned(),
+        })
     }
 }
 
@@ -84,18 +76,10 @@ impl EnrolmentClaims {
     }
 
     fn check_fields(&self) -> Result<(), ProtoError> {
-        for (name, value, max) in [
-            ("model", &self.model, MODEL_CHARS_MAX),
-            (
-                "firmware_version",
-                &self.firmware_version,
-                FIRMWARE_CHARS_MAX,
-            ),
-        ] {
-            if value.is_empty()
-                || value.chars().count() > max
-                || value.chars().any(char::is_control)
-            {
+        for (name, value, max) in
+            [("model", &self.model, MODEL_CHARS_MAX), ("firmware_version", &self.firmware_version, FIRMWARE_CHARS_MAX)]
+        {
+            if value.is_empty() || value.chars().count() > max || value.chars().any(char::is_control) {
                 return Err(ProtoError::malformed(
                     "enrolment claims",
                     format!("{name} must be 1 to {max} printable characters"),
@@ -180,23 +164,14 @@ mod tests {
         let rng = SystemRandom::new();
         let key = SigningKey::generate(&rng).unwrap();
         let proof = claims(1000).sign(&key, &rng).unwrap();
-        assert!(matches!(
-            verify_enrolment_proof(&proof, &FixedClock(2000), 60),
-            Err(ProtoError::StaleIssuedAt { .. })
-        ));
+        assert!(matches!(verify_enrolment_proof(&proof, &FixedClock(2000), 60), Err(ProtoError::StaleIssuedAt { .. })));
         let header = Header::es256("JWT").with_jwk(key.verifying_key().to_jwk());
         let retyped = jwt::encode(&header, &claims(1000), &key, &rng).unwrap();
-        assert!(matches!(
-            verify_enrolment_proof(&retyped, &FixedClock(1000), 60),
-            Err(ProtoError::WrongType { .. })
-        ));
+        assert!(matches!(verify_enrolment_proof(&retyped, &FixedClock(1000), 60), Err(ProtoError::WrongType { .. })));
         let mut bad = claims(1000);
         bad.model = String::new();
         let proof = bad.sign(&key, &rng).unwrap();
-        assert!(matches!(
-            verify_enrolment_proof(&proof, &FixedClock(1000), 60),
-            Err(ProtoError::Malformed { .. })
-        ));
+        assert!(matches!(verify_enrolment_proof(&proof, &FixedClock(1000), 60), Err(ProtoError::Malformed { .. })));
     }
 
     #[test]
@@ -206,9 +181,6 @@ mod tests {
         let other = SigningKey::generate(&rng).unwrap();
         let header = Header::es256(ENROLMENT_PROOF_TYP).with_jwk(other.verifying_key().to_jwk());
         let proof = jwt::encode(&header, &claims(1000), &key, &rng).unwrap();
-        assert_eq!(
-            verify_enrolment_proof(&proof, &FixedClock(1000), 60).unwrap_err(),
-            ProtoError::BadSignature
-        );
+        assert_eq!(verify_enrolment_proof(&proof, &FixedClock(1000), 60).unwrap_err(), ProtoError::BadSignature);
     }
 }

@@ -8,21 +8,11 @@ pub enum ProtoError {
     #[error("malformed {what}: {detail}")]
     Malformed { what: &'static str, detail: String },
     #[error("{what} is {len} bytes, over the limit of {max}")]
-    TooLarge {
-        what: &'static str,
-        len: usize,
-        max: usize,
-    },
+    TooLarge { what: &'static str, len: usize, max: usize },
     #[error("unsupported algorithm {found:?}, expected {expected}")]
-    UnsupportedAlgorithm {
-        found: String,
-        expected: &'static str,
-    },
+    UnsupportedAlgorithm { found: String, expected: &'static str },
     #[error("unexpected token type {found:?}, expected {expected:?}")]
-    WrongType {
-        found: Option<String>,
-        expected: &'static str,
-    },
+    WrongType { found: Option<String>, expected: &'static str },
     #[error("signature does not verify")]
     BadSignature,
     #[error("invalid key: {0}")]
@@ -32,26 +22,15 @@ pub enum ProtoError {
     #[error("not valid before {nbf}, now {now}")]
     NotYetValid { nbf: i64, now: i64 },
     #[error("issued at {iat}, outside the accepted window around {now} (±{window_secs} s)")]
-    StaleIssuedAt {
-        iat: i64,
-        now: i64,
-        window_secs: i64,
-    },
+    StaleIssuedAt { iat: i64, now: i64, window_secs: i64 },
     #[error("claim {claim} is {found:?}, expected {expected:?}")]
-    ClaimMismatch {
-        claim: &'static str,
-        found: String,
-        expected: String,
-    },
+    ClaimMismatch { claim: &'static str, found: String, expected: String },
     #[error("random number generator failed")]
     Rng,
 }
 
 impl ProtoError {
     pub(crate) fn malformed(what: &'static str, detail: impl ToString) -> Self {
-        ProtoError::Malformed {
-            what,
-            detail: detail.to_string(),
-        }
+        ProtoError::Malformed { what, detail: detail.to_string() }
     }
 }

@@ -39,35 +39,19 @@ impl TryFrom<RawJwk> for Jwk {
 
     fn try_from(raw: RawJwk) -> Result<Self, ProtoError> {
         if raw.d.is_some() {
-            return Err(ProtoError::InvalidKey(
-                "JWK holds a private key (\"d\"), expected a public key".into(),
-            ));
+            return Err(ProtoError::InvalidKey("JWK holds a private key (\"d\"), expected a public key".into()));
         }
         if raw.kty != "EC" {
-            return Err(ProtoError::UnsupportedAlgorithm {
-                found: raw.kty,
-                expected: "kty EC",
-            });
+            return Err(ProtoError::UnsupportedAlgorithm { found: raw.kty, expected: "kty EC" });
         }
         let crv = raw.crv.unwrap_or_default();
         if crv != "P-256" {
-            return Err(ProtoError::UnsupportedAlgorithm {
-                found: crv,
-                expected: "crv P-256",
-            });
+            return Err(ProtoError::UnsupportedAlgorithm { found: crv, expected: "crv P-256" });
         }
         let (Some(x), Some(y)) = (raw.x, raw.y) else {
             return Err(ProtoError::InvalidKey("EC JWK without x or y".into()));
         };
-        let jwk = Jwk {
-            kty: raw.kty,
-            crv,
-            x,
-            y,
-            kid: raw.kid,
-            key_use: raw.key_use,
-            alg: raw.alg,
-        };
+        let jwk = Jwk { kty: raw.kty, crv, x, y, kid: raw.kid, key_use: raw.key_use, alg: raw.alg };
         jwk.verifying_key()?;
         Ok(jwk)
     }
@@ -94,18 +78,12 @@ impl Jwk {
     }
 
     pub fn verifying_key(&self) -> Result<VerifyingKey, ProtoError> {
-        VerifyingKey::from_coordinates(
-            &b64::decode("JWK x", &self.x)?,
-            &b64::decode("JWK y", &self.y)?,
-        )
+        VerifyingKey::from_coordinates(&b64::decode("JWK x", &self.x)?, &b64::decode("JWK y", &self.y)?)
     }
 
     /// RFC 7638: SHA-256 over the required members in lexicographic order, no whitespace.
     pub fn thumbprint(&self) -> String {
-        let canonical = format!(
-            r#"{{"crv":"{}","kty":"{}","x":"{}","y":"{}"}}"#,
-            self.crv, self.kty, self.x, self.y
-        );
+        let canonical = format!(r#"{{"crv":"{}","kty":"{}","x":"{}","y":"{}"}}"#, self.crv, self.kty, self.x, self.y);
         b64::encode(sha256(canonical.as_bytes()))
     }
 }
@@ -134,10 +112,7 @@ mod tests {
             r#"{"kty":"EC","x":"l8tFrhx-34tV3hRICRDY9zCkDlpBhF42UQUfWVAWBFs","y":"9VE4jf_Ok_o64zbTTlcuNJajHmt6v9TDVrU0CdvGRDA","crv":"P-256"}"#,
         )
         .unwrap();
-        assert_eq!(
-            jwk.thumbprint(),
-            "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
-        );
+        assert_eq!(jwk.thumbprint(), "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I");
     }
 
     #[test]
@@ -149,17 +124,11 @@ mod tests {
             ),
             (r#"{"kty":"RSA","n":"AQAB","e":"AQAB"}"#, "kty"),
             (r#"{"kty":"EC","crv":"P-384","x":"AA","y":"AA"}"#, "crv"),
-            (
-                r#"{"kty":"EC","crv":"P-256","x":"AAAA","y":"AAAA"}"#,
-                "coordinates",
-            ),
+            (r#"{"kty":"EC","crv":"P-256","x":"AAAA","y":"AAAA"}"#, "coordinates"),
             (r#"{"kty":"oct","k":"c2VjcmV0"}"#, "symmetric"),
         ];
         for (json, why) in cases {
-            assert!(
-                serde_json::from_str::<Jwk>(json).is_err(),
-                "{why} key accepted"
-            );
+            assert!(serde_json::from_str::<Jwk>(json).is_err(), "{why} key accepted");
         }
     }
 }

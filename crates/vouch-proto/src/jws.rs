@@ -26,13 +26,7 @@ pub struct Header {
 
 impl Header {
     pub fn es256(typ: impl Into<String>) -> Self {
-        Header {
-            alg: ALG_ES256.into(),
-            typ: Some(typ.into()),
-            kid: None,
-            jwk: None,
-            crit: None,
-        }
+        Header { alg: ALG_ES256.into(), typ: Some(typ.into()), kid: None, jwk: None, crit: None }
     }
 
     pub fn with_kid(mut self, kid: impl Into<String>) -> Self {
@@ -47,29 +41,16 @@ impl Header {
 
     /// Refuses the token unless its `typ` is exactly `expected`.
     pub fn expect_typ(&self, expected: &'static str) -> Result<(), ProtoError> {
-        if self
-            .typ
-            .as_deref()
-            .is_some_and(|t| t.eq_ignore_ascii_case(expected))
-        {
+        if self.typ.as_deref().is_some_and(|t| t.eq_ignore_ascii_case(expected)) {
             Ok(())
         } else {
-            Err(ProtoError::WrongType {
-                found: self.typ.clone(),
-                expected,
-            })
+            Err(ProtoError::WrongType { found: self.typ.clone(), expected })
         }
     }
 }
 
-pub fn sign(
-    header: &Header,
-    payload: &[u8],
-    key: &SigningKey,
-    rng: &dyn SecureRandom,
-) -> Result<String, ProtoError> {
-    let header_json =
-        serde_json::to_vec(header).map_err(|e| ProtoError::malformed("JWS header", e))?;
+pub fn sign(header: &Header, payload: &[u8], key: &SigningKey, rng: &dyn SecureRandom) -> Result<String, ProtoError> {
+    let header_json = serde_json::to_vec(header).map_err(|e| ProtoError::malformed("JWS header", e))?;
     let mut token = format!("{}.{}", b64::encode(header_json), b64::encode(payload));
     let signature = key.sign(rng, token.as_bytes())?;
     token.push('.');
@@ -89,35 +70,22 @@ pub struct UnverifiedJws {
 impl UnverifiedJws {
     pub fn parse(token: &str) -> Result<Self, ProtoError> {
         if token.len() > COMPACT_BYTES_MAX {
-            return Err(ProtoError::TooLarge {
-                what: "JWS",
-                len: token.len(),
-                max: COMPACT_BYTES_MAX,
-            });
+            return Err(ProtoError::TooLarge { what: "JWS", len: token.len(), max: COMPACT_BYTES_MAX });
         }
         let mut parts = token.split('.');
         let (Some(header_b64), Some(payload_b64), Some(signature_b64), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err(ProtoError::malformed(
-                "JWS",
-                "expected three dot-separated parts",
-            ));
+            return Err(ProtoError::malformed("JWS", "expected three dot-separated parts"));
         };
         let header_json = b64::decode("JWS header", header_b64)?;
-        let header: Header = serde_json::from_slice(&header_json)
-            .map_err(|e| ProtoError::malformed("JWS header", e))?;
+        let header: Header =
+            serde_json::from_slice(&header_json).map_err(|e| ProtoError::malformed("JWS header", e))?;
         if header.alg != ALG_ES256 {
-            return Err(ProtoError::UnsupportedAlgorithm {
-                found: header.alg,
-                expected: ALG_ES256,
-            });
+            return Err(ProtoError::UnsupportedAlgorithm { found: header.alg, expected: ALG_ES256 });
         }
         if header.crit.is_some() {
-            return Err(ProtoError::malformed(
-                "JWS header",
-                "critical extensions are not supported",
-            ));
+            return Err(ProtoError::malformed("JWS header", "critical extensions are not supported"));
         }
         Ok(UnverifiedJws {
             header,
@@ -140,10 +108,7 @@ impl UnverifiedJws {
     /// Verifies with the key embedded in the `jwk` header (proof-of-possession tokens).
     pub fn verify_with_embedded_jwk(&self) -> Result<(&[u8], VerifyingKey), ProtoError> {
         let jwk = self.header.jwk.as_ref().ok_or_else(|| {
-            ProtoError::malformed(
-                "JWS header",
-                "no \"jwk\" member, expected the signer's public key",
-            )
+            ProtoError::malformed("JWS header", "no \"jwk\" member, expected the signer's public key")
         })?;
         let key = jwk.verifying_key()?;
         Ok((self.verify(&key)?, key))
@@ -176,10 +141,7 @@ mod tests {
         jws.header().expect_typ("dpop+jwt").unwrap();
         let (payload, key) = jws.verify_with_embedded_jwk().unwrap();
         assert!(payload.windows(4).any(|w| w == b"POST"));
-        assert_eq!(
-            key.thumbprint(),
-            "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
-        );
+        assert_eq!(key.thumbprint(), "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I");
     }
 
     #[test]
@@ -214,17 +176,11 @@ mod tests {
         let other = SigningKey::generate(&rng).unwrap();
         let token = sign(&Header::es256("JWT"), br#"{"a":1}"#, &key, &rng).unwrap();
         let jws = UnverifiedJws::parse(&token).unwrap();
-        assert_eq!(
-            jws.verify(&other.verifying_key()),
-            Err(ProtoError::BadSignature)
-        );
+        assert_eq!(jws.verify(&other.verifying_key()), Err(ProtoError::BadSignature));
         let parts: Vec<&str> = token.split('.').collect();
         let altered = format!("{}.{}.{}", parts[0], b64::encode(br#"{"a":2}"#), parts[2]);
         let jws = UnverifiedJws::parse(&altered).unwrap();
-        assert_eq!(
-            jws.verify(&key.verifying_key()),
-            Err(ProtoError::BadSignature)
-        );
+        assert_eq!(jws.verify(&key.verifying_key()), Err(ProtoError::BadSignature));
     }
 
     proptest::proptest! {

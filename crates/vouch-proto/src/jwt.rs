@@ -17,10 +17,7 @@ pub fn encode<C: Serialize>(
 }
 
 /// Verifies the signature with `key`, then parses the claims.
-pub fn decode<C: DeserializeOwned>(
-    jws: &UnverifiedJws,
-    key: &VerifyingKey,
-) -> Result<C, ProtoError> {
+pub fn decode<C: DeserializeOwned>(jws: &UnverifiedJws, key: &VerifyingKey) -> Result<C, ProtoError> {
     parse_claims(jws.verify(key)?)
 }
 
@@ -29,12 +26,7 @@ pub fn parse_claims<C: DeserializeOwned>(payload: &[u8]) -> Result<C, ProtoError
 }
 
 /// `exp` and `nbf` against `now`, allowing `leeway_secs` of clock skew either way.
-pub fn check_validity(
-    exp: i64,
-    nbf: Option<i64>,
-    now: i64,
-    leeway_secs: i64,
-) -> Result<(), ProtoError> {
+pub fn check_validity(exp: i64, nbf: Option<i64>, now: i64, leeway_secs: i64) -> Result<(), ProtoError> {
     if now > exp.saturating_add(leeway_secs) {
         return Err(ProtoError::Expired { exp, now });
     }
@@ -49,11 +41,7 @@ pub fn check_validity(
 /// `iat` must lie within `window_secs` of `now`, for proofs that carry no `exp`.
 pub fn check_issued_at(iat: i64, now: i64, window_secs: i64) -> Result<(), ProtoError> {
     if iat.abs_diff(now) > window_secs.unsigned_abs() {
-        return Err(ProtoError::StaleIssuedAt {
-            iat,
-            now,
-            window_secs,
-        });
+        return Err(ProtoError::StaleIssuedAt { iat, now, window_secs });
     }
     Ok(())
 }
@@ -66,14 +54,8 @@ mod tests {
     fn validity_window() {
         check_validity(100, Some(50), 100, 0).unwrap();
         check_validity(100, None, 105, 5).unwrap();
-        assert_eq!(
-            check_validity(100, None, 106, 5),
-            Err(ProtoError::Expired { exp: 100, now: 106 })
-        );
-        assert_eq!(
-            check_validity(100, Some(50), 40, 5),
-            Err(ProtoError::NotYetValid { nbf: 50, now: 40 })
-        );
+        assert_eq!(check_validity(100, None, 106, 5), Err(ProtoError::Expired { exp: 100, now: 106 }));
+        assert_eq!(check_validity(100, Some(50), 40, 5), Err(ProtoError::NotYetValid { nbf: 50, now: 40 }));
         check_issued_at(1000, 1030, 60).unwrap();
         check_issued_at(1000, 940, 60).unwrap();
         assert!(check_issued_at(1000, 1061, 60).is_err());

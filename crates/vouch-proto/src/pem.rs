@@ -23,24 +23,11 @@ pub fn encode(label: &str, der: &[u8]) -> Zeroizing<String> {
 pub fn decode(label: &str, text: &str) -> Result<Zeroizing<Vec<u8>>, ProtoError> {
     let begin = format!("-----BEGIN {label}-----");
     let end = format!("-----END {label}-----");
-    let start = text
-        .find(&begin)
-        .ok_or_else(|| ProtoError::malformed("PEM", format!("no {begin} line")))?
-        + begin.len();
-    let stop = text[start..]
-        .find(&end)
-        .ok_or_else(|| ProtoError::malformed("PEM", format!("no {end} line")))?
-        + start;
-    let body: Zeroizing<String> = Zeroizing::new(
-        text[start..stop]
-            .chars()
-            .filter(|c| !c.is_whitespace())
-            .collect(),
-    );
-    STANDARD
-        .decode(body.as_bytes())
-        .map(Zeroizing::new)
-        .map_err(|e| ProtoError::malformed("PEM", e))
+    let start =
+        text.find(&begin).ok_or_else(|| ProtoError::malformed("PEM", format!("no {begin} line")))? + begin.len();
+    let stop = text[start..].find(&end).ok_or_else(|| ProtoError::malformed("PEM", format!("no {end} line")))? + start;
+    let body: Zeroizing<String> = Zeroizing::new(text[start..stop].chars().filter(|c| !c.is_whitespace()).collect());
+    STANDARD.decode(body.as_bytes()).map(Zeroizing::new).map_err(|e| ProtoError::malformed("PEM", e))
 }
 
 #[cfg(test)]
@@ -58,9 +45,6 @@ mod tests {
     #[test]
     fn wrong_label_is_refused() {
         let pem = encode("CERTIFICATE", b"x");
-        assert!(matches!(
-            decode("PRIVATE KEY", &pem),
-            Err(ProtoError::Malformed { .. })
-        ));
+        assert!(matches!(decode("PRIVATE KEY", &pem), Err(ProtoError::Malformed { .. })));
     }
 }

@@ -56,10 +56,7 @@ pub enum AuditBreak {
 impl std::fmt::Display for AuditBreak {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            AuditBreak::Edited { seq } => write!(
-                f,
-                "row {seq} was edited: its contents do not match its hash"
-            ),
+            AuditBreak::Edited { seq } => write!(f, "row {seq} was edited: its contents do not match its hash"),
             AuditBreak::Missing { from, to } if from == to => write!(f, "row {from} was deleted"),
             AuditBreak::Missing { from, to } => write!(f, "rows {from} to {to} were deleted"),
             AuditBreak::Unlinked { seq } => write!(
@@ -68,17 +65,10 @@ impl std::fmt::Display for AuditBreak {
                 prev = seq - 1
             ),
             AuditBreak::HeadMismatch { seq } => {
-                write!(
-                    f,
-                    "row {seq} was rewritten: its hash is not the one the chain head recorded"
-                )
+                write!(f, "row {seq} was rewritten: its hash is not the one the chain head recorded")
             }
             AuditBreak::Truncated { head_seq, last_seq } => {
-                write!(
-                    f,
-                    "rows {} to {head_seq} were deleted from the end",
-                    last_seq + 1
-                )
+                write!(f, "rows {} to {head_seq} were deleted from the end", last_seq + 1)
             }
         }
     }
@@ -129,10 +119,9 @@ impl Tx {
     /// Appends `entry` to the chain inside this transaction; it commits or rolls back
     /// with the change it records.
     pub async fn append_audit(&mut self, entry: &AuditEntry) -> Result<i64, StoreError> {
-        let head =
-            sqlx::query("UPDATE audit_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash")
-                .fetch_one(self.conn())
-                .await?;
+        let head = sqlx::query("UPDATE audit_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash")
+            .fetch_one(self.conn())
+            .await?;
         let seq: i64 = head.try_get("seq")?;
         let prev_hash: Vec<u8> = head.try_get("hash")?;
         let hash = chain_hash(seq, entry, &prev_hash);
@@ -150,20 +139,13 @@ impl Tx {
         .bind(hash.as_slice())
         .execute(self.conn())
         .await?;
-        sqlx::query("UPDATE audit_head SET hash = $1 WHERE id = 1")
-            .bind(hash.as_slice())
-            .execute(self.conn())
-            .await?;
+        sqlx::query("UPDATE audit_head SET hash = $1 WHERE id = 1").bind(hash.as_slice()).execute(self.conn()).await?;
         Ok(seq)
     }
 }
 
 impl Store {
-    pub async fn audit_records(
-        &self,
-        after_seq: i64,
-        limit: i64,
-    ) -> Result<Vec<AuditRecord>, StoreError> {
+    pub async fn audit_records(&self, after_seq: i64, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT seq, at, actor, action, subject, detail, prev_hash, hash FROM audit_log \
              WHERE seq > $1 ORDER BY seq LIMIT $2",
@@ -177,32 +159,21 @@ impl Store {
 
     /// Recomputes the whole chain, page by page, and reports the first break.
     pub async fn verify_audit(&self) -> Result<AuditReport, StoreError> {
-        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
-            .fetch_one(self.pool())
-            .await?;
+        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1").fetch_one(self.pool()).await?;
         let head_seq: i64 = head.try_get("seq")?;
         let head_hash: Vec<u8> = head.try_get("hash")?;
         let mut expected_seq = 1;
         let mut prev_hash = GENESIS_HASH.to_vec();
         let mut rows_checked = 0;
         loop {
-            let page = self
-                .audit_records(expected_seq - 1, VERIFY_PAGE_ROWS)
-                .await?;
+            let page = self.audit_records(expected_seq - 1, VERIFY_PAGE_ROWS).await?;
             if page.is_empty() {
                 break;
             }
             for record in page {
                 if record.seq != expected_seq {
-                    let first_break = Some(AuditBreak::Missing {
-                        from: expected_seq,
-                        to: record.seq - 1,
-                    });
-                    return Ok(AuditReport {
-                        rows_checked,
-                        head_seq,
-                        first_break,
-                    });
+                    let first_break = Some(AuditBreak::Missing { from: expected_seq, to: record.seq - 1 });
+                    return Ok(AuditReport { rows_checked, head_seq, first_break });
                 }
                 let recomputed = chain_hash(record.seq, &record.entry, &record.prev_hash);
                 let first_break = if recomputed.as_slice() != record.hash {
@@ -213,11 +184,7 @@ impl Store {
                     None
                 };
                 if first_break.is_some() {
-                    return Ok(AuditReport {
-                        rows_checked,
-                        head_seq,
-                        first_break,
-                    });
+                    return Ok(AuditReport { rows_checked, head_seq, first_break });
                 }
                 rows_checked += 1;
                 expected_seq += 1;
@@ -232,10 +199,6 @@ impl Store {
         } else {
             None
         };
-        Ok(AuditReport {
-            rows_checked,
-            head_seq,
-            first_break,
-        })
+        Ok(AuditReport { rows_checked, head_seq, first_break })
     }
 }

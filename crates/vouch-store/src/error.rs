@@ -10,15 +10,9 @@ pub enum StoreError {
     #[error("{what} not found")]
     NotFound { what: &'static str },
     #[error("{what} refers to a {missing} that does not exist")]
-    MissingReference {
-        what: &'static str,
-        missing: &'static str,
-    },
+    MissingReference { what: &'static str, missing: &'static str },
     #[error("a {from} device cannot become {to}")]
-    StatusTransition {
-        from: &'static str,
-        to: &'static str,
-    },
+    StatusTransition { from: &'static str, to: &'static str },
     #[error("stored {what} is corrupt: {detail}")]
     Corrupt { what: &'static str, detail: String },
     #[error("migration {version} failed: {source}")]
@@ -30,10 +24,7 @@ pub enum StoreError {
 impl StoreError {
     /// Maps constraint violations to the domain error they stand for; anything else
     /// stays a database error.
-    pub(crate) fn on_insert(
-        what: &'static str,
-        missing: &'static str,
-    ) -> impl FnOnce(sqlx::Error) -> StoreError {
+    pub(crate) fn on_insert(what: &'static str, missing: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
         move |e| match &e {
             sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict { what },
             sqlx::Error::Database(db) if db.is_foreign_key_violation() => {

@@ -44,9 +44,7 @@ impl Backend {
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Ok(Backend::Postgres)
         } else {
-            Err(StoreError::UnsupportedUrl {
-                scheme: url.split(':').next().unwrap_or_default().to_owned(),
-            })
+            Err(StoreError::UnsupportedUrl { scheme: url.split(':').next().unwrap_or_default().to_owned() })
         }
     }
 }
@@ -58,9 +56,7 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions {
-            max_connections: POSTGRES_CONNECTIONS_DEFAULT,
-        }
+        StoreOptions { max_connections: POSTGRES_CONNECTIONS_DEFAULT }
     }
 }
 

@@ -23,17 +23,11 @@ const POSTGRES_MIGRATION_LOCK: i64 = 0x766f_7563_6800;
 pub(crate) async fn run(store: &Store) -> Result<(), StoreError> {
     let mut conn = store.pool().acquire().await?;
     if store.backend() == Backend::Postgres {
-        sqlx::query("SELECT pg_advisory_lock($1)")
-            .bind(POSTGRES_MIGRATION_LOCK)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query("SELECT pg_advisory_lock($1)").bind(POSTGRES_MIGRATION_LOCK).execute(&mut *conn).await?;
     }
     let result = apply_pending(store, &mut conn).await;
     if store.backend() == Backend::Postgres {
-        sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(POSTGRES_MIGRATION_LOCK)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query("SELECT pg_advisory_unlock($1)").bind(POSTGRES_MIGRATION_LOCK).execute(&mut *conn).await?;
     }
     result
 }
@@ -44,11 +38,10 @@ async fn apply_pending(store: &Store, conn: &mut sqlx::AnyConnection) -> Result<
     )
     .await?;
     for migration in MIGRATIONS {
-        let applied: Option<i64> =
-            sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
-                .bind(migration.version)
-                .fetch_optional(&mut *conn)
-                .await?;
+        let applied: Option<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
+            .bind(migration.version)
+            .fetch_optional(&mut *conn)
+            .await?;
         if applied.is_some() {
             continue;
         }
@@ -56,15 +49,8 @@ async fn apply_pending(store: &Store, conn: &mut sqlx::AnyConnection) -> Result<
             Backend::Sqlite => migration.sqlite,
             Backend::Postgres => migration.postgres,
         };
-        let fail = |source| StoreError::Migration {
-            version: migration.version,
-            source,
-        };
-        let begin = if store.backend() == Backend::Sqlite {
-            "BEGIN IMMEDIATE"
-        } else {
-            "BEGIN"
-        };
+        let fail = |source| StoreError::Migration { version: migration.version, source };
+        let begin = if store.backend() == Backend::Sqlite { "BEGIN IMMEDIATE" } else { "BEGIN" };
         conn.execute(begin).await.map_err(fail)?;
         let applied = async {
             conn.execute(sqlx::raw_sql(ddl)).await?;
@@ -87,7 +73,5 @@ async fn apply_pending(store: &Store, conn: &mut sqlx::AnyConnection) -> Result<
 }
 
 fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }

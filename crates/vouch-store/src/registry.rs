@@ -43,10 +43,7 @@ impl DeviceStatus {
             "active" => Ok(DeviceStatus::Active),
             "suspended" => Ok(DeviceStatus::Suspended),
             "revoked" => Ok(DeviceStatus::Revoked),
-            other => Err(StoreError::Corrupt {
-                what: "device status",
-                detail: other.to_owned(),
-            }),
+            other => Err(StoreError::Corrupt { what: "device status", detail: other.to_owned() }),
         }
     }
 }
@@ -86,17 +83,15 @@ pub struct DeviceFilter {
     pub limit: u32,
 }
 
-const DEVICE_COLUMNS: &str = "id, kind, merchant_id, model, firmware_version, public_jwk, key_thumbprint, status, created_at, updated_at";
+const DEVICE_COLUMNS: &str =
+    "id, kind, merchant_id, model, firmware_version, public_jwk, key_thumbprint, status, created_at, updated_at";
 
 fn device_from_row(row: &AnyRow) -> Result<Device, StoreError> {
     let kind: String = row.try_get("kind")?;
     let status: String = row.try_get("status")?;
     Ok(Device {
         id: row.try_get("id")?,
-        kind: kind.parse().map_err(|_| StoreError::Corrupt {
-            what: "device kind",
-            detail: kind,
-        })?,
+        kind: kind.parse().map_err(|_| StoreError::Corrupt { what: "device kind", detail: kind })?,
         merchant_id: row.try_get("merchant_id")?,
         model: row.try_get("model")?,
         firmware_version: row.try_get("firmware_version")?,
@@ -109,11 +104,7 @@ fn device_from_row(row: &AnyRow) -> Result<Device, StoreError> {
 }
 
 fn merchant_from_row(row: &AnyRow) -> Result<Merchant, StoreError> {
-    Ok(Merchant {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        created_at: row.try_get("created_at")?,
-    })
+    Ok(Merchant { id: row.try_get("id")?, name: row.try_get("name")?, created_at: row.try_get("created_at")? })
 }
 
 fn account_from_row(row: &AnyRow) -> Result<Account, StoreError> {
@@ -136,18 +127,10 @@ fn provider_from_row(row: &AnyRow) -> Result<ServiceProvider, StoreError> {
     })
 }
 
-async fn fetch_device<'e>(
-    executor: impl Executor<'e, Database = sqlx::Any>,
-    id: &str,
-) -> Result<Device, StoreError> {
-    let sql = sqlx::AssertSqlSafe(format!(
-        "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = $1"
-    ));
+async fn fetch_device<'e>(executor: impl Executor<'e, Database = sqlx::Any>, id: &str) -> Result<Device, StoreError> {
+    let sql = sqlx::AssertSqlSafe(format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = $1"));
     let row = sqlx::query(sql).bind(id).fetch_optional(executor).await?;
-    row.as_ref()
-        .map(device_from_row)
-        .transpose()?
-        .ok_or(StoreError::NotFound { what: "device" })
+    row.as_ref().map(device_from_row).transpose()?.ok_or(StoreError::NotFound { what: "device" })
 }
 
 impl Tx {
@@ -212,32 +195,22 @@ impl Tx {
     ) -> Result<Device, StoreError> {
         let current = self.device(id).await?;
         if !from.contains(&current.status) {
-            return Err(StoreError::StatusTransition {
-                from: current.status.as_str(),
-                to: status.as_str(),
-            });
+            return Err(StoreError::StatusTransition { from: current.status.as_str(), to: status.as_str() });
         }
-        let updated = sqlx::query(
-            "UPDATE devices SET status = $1, updated_at = $2 WHERE id = $3 AND status = $4",
-        )
-        .bind(status.as_str())
-        .bind(now)
-        .bind(id)
-        .bind(current.status.as_str())
-        .execute(self.conn())
-        .await?;
+        let updated = sqlx::query("UPDATE devices SET status = $1, updated_at = $2 WHERE id = $3 AND status = $4")
+            .bind(status.as_str())
+            .bind(now)
+            .bind(id)
+            .bind(current.status.as_str())
+            .execute(self.conn())
+            .await?;
         if updated.rows_affected() != 1 {
-            return Err(StoreError::Conflict {
-                what: "concurrent device status change",
-            });
+            return Err(StoreError::Conflict { what: "concurrent device status change" });
         }
         self.device(id).await
     }
 
-    pub async fn insert_service_provider(
-        &mut self,
-        provider: &ServiceProvider,
-    ) -> Result<(), StoreError> {
+    pub async fn insert_service_provider(&mut self, provider: &ServiceProvider) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO service_providers (id, name, endpoint, public_jwk, created_at) VALUES ($1, $2, $3, $4, $5)",
         )
@@ -280,17 +253,10 @@ impl Store {
             .bind(id)
             .fetch_optional(self.pool())
             .await?;
-        row.as_ref()
-            .map(merchant_from_row)
-            .transpose()?
-            .ok_or(StoreError::NotFound { what: "merchant" })
+        row.as_ref().map(merchant_from_row).transpose()?.ok_or(StoreError::NotFound { what: "merchant" })
     }
 
-    pub async fn merchants(
-        &self,
-        after_id: Option<&str>,
-        limit: u32,
-    ) -> Result<Vec<Merchant>, StoreError> {
+    pub async fn merchants(&self, after_id: Option<&str>, limit: u32) -> Result<Vec<Merchant>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, name, created_at FROM merchants WHERE ($1 IS NULL OR id > $1) ORDER BY id LIMIT $2",
         )
@@ -302,16 +268,11 @@ impl Store {
     }
 
     pub async fn account(&self, id: &str) -> Result<Account, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, merchant_id, label, currency, created_at FROM accounts WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(self.pool())
-        .await?;
-        row.as_ref()
-            .map(account_from_row)
-            .transpose()?
-            .ok_or(StoreError::NotFound { what: "account" })
+        let row = sqlx::query("SELECT id, merchant_id, label, currency, created_at FROM accounts WHERE id = $1")
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?;
+        row.as_ref().map(account_from_row).transpose()?.ok_or(StoreError::NotFound { what: "account" })
     }
 
     pub async fn service_provider(&self, id: &str) -> Result<ServiceProvider, StoreError> {
@@ -319,18 +280,14 @@ impl Store {
             .bind(id)
             .fetch_optional(self.pool())
             .await?;
-        row.as_ref()
-            .map(provider_from_row)
-            .transpose()?
-            .ok_or(StoreError::NotFound {
-                what: "service provider",
-            })
+        row.as_ref().map(provider_from_row).transpose()?.ok_or(StoreError::NotFound { what: "service provider" })
     }
 
     pub async fn service_providers(&self) -> Result<Vec<ServiceProvider>, StoreError> {
-        let rows = sqlx::query("SELECT id, name, endpoint, public_jwk, created_at FROM service_providers ORDER BY name")
-            .fetch_all(self.pool())
-            .await?;
+        let rows =
+            sqlx::query("SELECT id, name, endpoint, public_jwk, created_at FROM service_providers ORDER BY name")
+                .fetch_all(self.pool())
+                .await?;
         rows.iter().map(provider_from_row).collect()
     }
 }

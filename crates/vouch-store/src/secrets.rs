@@ -61,11 +61,7 @@ fn signing_key_from_row(row: &AnyRow) -> Result<SigningKeyRecord, StoreError> {
 }
 
 impl Tx {
-    pub async fn insert_enrolment_nonce(
-        &mut self,
-        nonce: &str,
-        expires_at: i64,
-    ) -> Result<(), StoreError> {
+    pub async fn insert_enrolment_nonce(&mut self, nonce: &str, expires_at: i64) -> Result<(), StoreError> {
         sqlx::query("INSERT INTO enrolment_nonces (nonce, expires_at) VALUES ($1, $2)")
             .bind(nonce)
             .bind(expires_at)
@@ -93,16 +89,13 @@ impl Tx {
         if consumed.rows_affected() == 1 {
             return Ok(Ok(()));
         }
-        let row =
-            sqlx::query("SELECT expires_at, consumed_at FROM enrolment_nonces WHERE nonce = $1")
-                .bind(nonce)
-                .fetch_optional(self.conn())
-                .await?;
+        let row = sqlx::query("SELECT expires_at, consumed_at FROM enrolment_nonces WHERE nonce = $1")
+            .bind(nonce)
+            .fetch_optional(self.conn())
+            .await?;
         let rejection = match row {
             None => NonceRejection::Unknown,
-            Some(row) if row.try_get::<Option<i64>, _>("consumed_at")?.is_some() => {
-                NonceRejection::AlreadyUsed
-            }
+            Some(row) if row.try_get::<Option<i64>, _>("consumed_at")?.is_some() => NonceRejection::AlreadyUsed,
             Some(_) => NonceRejection::Expired,
         };
         Ok(Err(rejection))
@@ -110,10 +103,8 @@ impl Tx {
 
     /// Deletes nonces that expired before `before`; returns how many.
     pub async fn purge_enrolment_nonces(&mut self, before: i64) -> Result<u64, StoreError> {
-        let deleted = sqlx::query("DELETE FROM enrolment_nonces WHERE expires_at < $1")
-            .bind(before)
-            .execute(self.conn())
-            .await?;
+        let deleted =
+            sqlx::query("DELETE FROM enrolment_nonces WHERE expires_at < $1").bind(before).execute(self.conn()).await?;
         Ok(deleted.rows_affected())
     }
 
@@ -134,41 +125,26 @@ impl Tx {
     }
 
     pub async fn revoke_api_key(&mut self, id: &str, now: i64) -> Result<(), StoreError> {
-        let updated =
-            sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
-                .bind(now)
-                .bind(id)
-                .execute(self.conn())
-                .await?;
-        if updated.rows_affected() == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::NotFound {
-                what: "active API key",
-            })
-        }
+        let updated = sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+            .bind(now)
+            .bind(id)
+            .execute(self.conn())
+            .await?;
+        if updated.rows_affected() == 1 { Ok(()) } else { Err(StoreError::NotFound { what: "active API key" }) }
     }
 
     pub async fn count_api_keys(&mut self) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM api_keys")
-            .fetch_one(self.conn())
-            .await?)
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM api_keys").fetch_one(self.conn()).await?)
     }
 
     /// Adds `new` as the active key and retires every other active key, keeping it
     /// published until `publish_until`.
-    pub async fn rotate_signing_key(
-        &mut self,
-        new: &SigningKeyRecord,
-        publish_until: i64,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE signing_keys SET retired_at = $1, publish_until = $2 WHERE retired_at IS NULL",
-        )
-        .bind(new.created_at)
-        .bind(publish_until)
-        .execute(self.conn())
-        .await?;
+    pub async fn rotate_signing_key(&mut self, new: &SigningKeyRecord, publish_until: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE signing_keys SET retired_at = $1, publish_until = $2 WHERE retired_at IS NULL")
+            .bind(new.created_at)
+            .bind(publish_until)
+            .execute(self.conn())
+            .await?;
         sqlx::query(
             "INSERT INTO signing_keys (kid, sealed_pkcs8, public_jwk, created_at, retired_at, publish_until) \
              VALUES ($1, $2, $3, $4, NULL, NULL)",
@@ -184,30 +160,23 @@ impl Tx {
     }
 
     pub async fn signing_key_count(&mut self) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM signing_keys")
-            .fetch_one(self.conn())
-            .await?)
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM signing_keys").fetch_one(self.conn()).await?)
     }
 }
 
 impl Store {
     pub async fn api_key(&self, id: &str) -> Result<ApiKeyRecord, StoreError> {
-        let row = sqlx::query("SELECT id, secret_hash, scopes, label, created_at, revoked_at FROM api_keys WHERE id = $1")
-            .bind(id)
-            .fetch_optional(self.pool())
-            .await?;
-        row.as_ref()
-            .map(api_key_from_row)
-            .transpose()?
-            .ok_or(StoreError::NotFound { what: "API key" })
+        let row =
+            sqlx::query("SELECT id, secret_hash, scopes, label, created_at, revoked_at FROM api_keys WHERE id = $1")
+                .bind(id)
+                .fetch_optional(self.pool())
+                .await?;
+        row.as_ref().map(api_key_from_row).transpose()?.ok_or(StoreError::NotFound { what: "API key" })
     }
 
     /// Keys to publish at `now`: the active one and every retired one still in its
     /// overlap window, newest first.
-    pub async fn published_signing_keys(
-        &self,
-        now: i64,
-    ) -> Result<Vec<SigningKeyRecord>, StoreError> {
+    pub async fn published_signing_keys(&self, now: i64) -> Result<Vec<SigningKeyRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT kid, sealed_pkcs8, public_jwk, created_at, retired_at, publish_until FROM signing_keys \
              WHERE retired_at IS NULL OR publish_until >= $1 ORDER BY created_at DESC, kid DESC",

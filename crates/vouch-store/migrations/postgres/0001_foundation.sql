@@ -57,6 +57,9 @@ CREATE TABLE signing_keys (
     retired_at     BIGINT,
     publish_until  BIGINT
 );
+-- Exactly one active key: two instances bootstrapping or rotating at once cannot
+-- both install one.
+CREATE UNIQUE INDEX signing_keys_one_active ON signing_keys ((retired_at IS NULL)) WHERE retired_at IS NULL;
 
 CREATE TABLE audit_log (
     seq        BIGINT PRIMARY KEY,

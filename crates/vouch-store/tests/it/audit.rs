@@ -29,12 +29,8 @@ async fn append_range(t: &TestStore, seqs: std::ops::RangeInclusive<i64>) {
 /// Tampers with the database behind the store's back, as an attacker with SQL access would.
 async fn tamper(t: &TestStore, sql: &str) {
     sqlx::any::install_default_drivers();
-    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&t.url)
-        .await
-        .unwrap();
-    conn.execute(sqlx::AssertSqlSafe(sql.to_owned()))
-        .await
-        .unwrap();
+    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&t.url).await.unwrap();
+    conn.execute(sqlx::AssertSqlSafe(sql.to_owned())).await.unwrap();
 }
 
 conformance! {

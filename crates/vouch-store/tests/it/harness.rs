@@ -15,16 +15,9 @@ pub struct TestStore {
 
 pub async fn sqlite() -> TestStore {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!(
-        "sqlite://{}?mode=rwc",
-        dir.path().join("vouch.db").display()
-    );
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("vouch.db").display());
     let store = Store::open(&url, StoreOptions::default()).await.unwrap();
-    TestStore {
-        store,
-        url,
-        _dir: Some(dir),
-    }
+    TestStore { store, url, _dir: Some(dir) }
 }
 
 /// `None` (with a notice) when no PostgreSQL is configured.
@@ -35,23 +28,12 @@ pub async fn postgres() -> Option<TestStore> {
     };
     let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
     sqlx::any::install_default_drivers();
-    let mut admin = <sqlx::AnyConnection as sqlx::Connection>::connect(&base)
-        .await
-        .unwrap();
-    admin
-        .execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-        .await
-        .unwrap();
+    let mut admin = <sqlx::AnyConnection as sqlx::Connection>::connect(&base).await.unwrap();
+    admin.execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).await.unwrap();
     let separator = if base.contains('?') { '&' } else { '?' };
     let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
-    let store = Store::open(&url, StoreOptions { max_connections: 8 })
-        .await
-        .unwrap();
-    Some(TestStore {
-        store,
-        url,
-        _dir: None,
-    })
+    let store = Store::open(&url, StoreOptions { max_connections: 8 }).await.unwrap();
+    Some(TestStore { store, url, _dir: None })
 }
 
 /// Declares one async test case that runs once per back-end, as

@@ -1,17 +1,11 @@
 use vouch_proto::enrol::DeviceKind;
-use vouch_store::{
-    Account, Device, DeviceFilter, DeviceStatus, Merchant, ServiceProvider, StoreError,
-};
+use vouch_store::{Account, Device, DeviceFilter, DeviceStatus, Merchant, ServiceProvider, StoreError};
 
 use crate::conformance;
 use crate::harness::TestStore;
 
 pub fn merchant(id: &str) -> Merchant {
-    Merchant {
-        id: id.into(),
-        name: format!("Shop {id}"),
-        created_at: 100,
-    }
+    Merchant { id: id.into(), name: format!("Shop {id}"), created_at: 100 }
 }
 
 pub fn device(id: &str, merchant_id: &str, thumbprint: &str) -> Device {

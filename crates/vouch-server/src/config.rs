@@ -1,0 +1,281 @@
+//! Configuration: defaults, then a TOML file, then `VOUCH_*` environment variables,
+//! then command-line flags, each layer overriding the one before; validated once into
+//! [`Config`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8700";
+pub const DEFAULT_DATA_DIR: &str = "vouch-data";
+pub const BODY_BYTES_MAX_DEFAULT: usize = 64 * 1024;
+pub const MASTER_KEY_ENV: &str = "VOUCH_MASTER_KEY";
+const ENV_PREFIX: &str = "VOUCH_";
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is invalid: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("{name} = {value:?} is invalid: {expected}")]
+    Invalid { name: String, value: String, expected: &'static str },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// One layer of settings; every field optional. The file, the environment and the
+/// flags each produce one.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigLayer {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub database_url: Option<String>,
+    pub database_connections_max: Option<u32>,
+    pub issuer: Option<String>,
+    pub log_format: Option<LogFormat>,
+    pub log_level: Option<String>,
+    pub body_bytes_max: Option<usize>,
+    pub rate_limit_per_sec: Option<u32>,
+    pub rate_limit_burst: Option<u32>,
+    pub enrolment_nonce_ttl_secs: Option<i64>,
+    pub proof_iat_window_secs: Option<i64>,
+    pub device_credential_ttl_secs: Option<i64>,
+    pub key_refresh_secs: Option<u64>,
+}
+
+macro_rules! overlay {
+    ($upper:expr, $lower:expr, $($field:ident),*) => {
+        ConfigLayer { $($field: $upper.$field.or($lower.$field)),* }
+    };
+}
+
+impl ConfigLayer {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+    }
+
+    /// Reads `VOUCH_<FIELD>` for every field through `lookup` (the process environment
+    /// in production, a map in tests).
+    pub fn from_env(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        fn get<T: std::str::FromStr>(
+            lookup: &impl Fn(&str) -> Option<String>,
+            field: &str,
+            expected: &'static str,
+        ) -> Result<Option<T>, ConfigError> {
+            let name = format!("{ENV_PREFIX}{}", field.to_ascii_uppercase());
+            match lookup(&name) {
+                None => Ok(None),
+                Some(value) => value.parse().map(Some).map_err(|_| ConfigError::Invalid { name, value, expected }),
+            }
+        }
+        let log_format = match lookup("VOUCH_LOG_FORMAT").as_deref() {
+            None => None,
+            Some("text") => Some(LogFormat::Text),
+            Some("json") => Some(LogFormat::Json),
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    name: "VOUCH_LOG_FORMAT".into(),
+                    value: other.into(),
+                    expected: "text or json",
+                });
+            }
+        };
+        Ok(ConfigLayer {
+            listen: get(&lookup, "listen", "a socket address such as 127.0.0.1:8700")?,
+            data_dir: get(&lookup, "data_dir", "a directory path")?,
+            database_url: get(&lookup, "database_url", "a sqlite: or postgres:// URL")?,
+            database_connections_max: get(&lookup, "database_connections_max", "a positive integer")?,
+            issuer: get(&lookup, "issuer", "a URL")?,
+            log_format,
+            log_level: get(&lookup, "log_level", "a tracing filter such as info")?,
+            body_bytes_max: get(&lookup, "body_bytes_max", "a byte count")?,
+            rate_limit_per_sec: get(&lookup, "rate_limit_per_sec", "a positive integer")?,
+            rate_limit_burst: get(&lookup, "rate_limit_burst", "a positive integer")?,
+            enrolment_nonce_ttl_secs: get(&lookup, "enrolment_nonce_ttl_secs", "seconds")?,
+            proof_iat_window_secs: get(&lookup, "proof_iat_window_secs", "seconds")?,
+            device_credential_ttl_secs: get(&lookup, "device_credential_ttl_secs", "seconds")?,
+            key_refresh_secs: get(&lookup, "key_refresh_secs", "seconds")?,
+        })
+    }
+
+    /// `self` wins wherever it has a value.
+    pub fn over(self, lower: ConfigLayer) -> ConfigLayer {
+        overlay!(
+            self,
+            lower,
+            listen,
+            data_dir,
+            database_url,
+            database_connections_max,
+            issuer,
+            log_format,
+            log_level,
+            body_bytes_max,
+            rate_limit_per_sec,
+            rate_limit_burst,
+            enrolment_nonce_ttl_secs,
+            proof_iat_window_secs,
+            device_credential_ttl_secs,
+            key_refresh_secs
+        )
+    }
+}
+
+/// The validated configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub database_url: String,
+    pub database_connections_max: u32,
+    /// `iss` of every token the server signs.
+    pub issuer: String,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub body_bytes_max: usize,
+    /// Sustained requests per second allowed per API key, and the burst above it.
+    pub rate_limit_per_sec: u32,
+    pub rate_limit_burst: u32,
+    pub enrolment_nonce_ttl_secs: i64,
+    /// How far a proof's `iat` may lie from the server's clock.
+    pub proof_iat_window_secs: i64,
+    pub device_credential_ttl_secs: i64,
+    /// How often each instance reloads the signing keys, so a rotation made by another
+    /// instance or by `vouch keys rotate` is picked up.
+    pub key_refresh_secs: u64,
+}
+
+impl Config {
+    /// Flags over environment over file over defaults.
+    pub fn resolve(flags: ConfigLayer, env: ConfigLayer, file: ConfigLayer) -> Result<Config, ConfigError> {
+        let layer = flags.over(env.over(file));
+        let data_dir = layer.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let database_url =
+            layer.database_url.unwrap_or_else(|| format!("sqlite://{}?mode=rwc", data_dir.join("vouch.db").display()));
+        let listen = match layer.listen {
+            Some(listen) => listen,
+            None => DEFAULT_LISTEN.parse().map_err(|_| invalid("listen", DEFAULT_LISTEN, "a socket address"))?,
+        };
+        let config = Config {
+            issuer: layer.issuer.unwrap_or_else(|| format!("http://{listen}")),
+            listen,
+            data_dir,
+            database_url,
+            database_connections_max: layer.database_connections_max.unwrap_or(16),
+            log_format: layer.log_format.unwrap_or(LogFormat::Text),
+            log_level: layer.log_level.unwrap_or_else(|| "info".into()),
+            body_bytes_max: layer.body_bytes_max.unwrap_or(BODY_BYTES_MAX_DEFAULT),
+            rate_limit_per_sec: layer.rate_limit_per_sec.unwrap_or(200),
+            rate_limit_burst: layer.rate_limit_burst.unwrap_or(400),
+            enrolment_nonce_ttl_secs: layer.enrolment_nonce_ttl_secs.unwrap_or(300),
+            proof_iat_window_secs: layer.proof_iat_window_secs.unwrap_or(300),
+            device_credential_ttl_secs: layer.device_credential_ttl_secs.unwrap_or(365 * 24 * 3600),
+            key_refresh_secs: layer.key_refresh_secs.unwrap_or(10),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=256).contains(&self.database_connections_max) {
+            return Err(invalid("database_connections_max", self.database_connections_max, "1 to 256"));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.body_bytes_max) {
+            return Err(invalid("body_bytes_max", self.body_bytes_max, "1 KiB to 16 MiB"));
+        }
+        if self.rate_limit_per_sec == 0 || self.rate_limit_burst < self.rate_limit_per_sec {
+            return Err(invalid(
+                "rate_limit_burst",
+                self.rate_limit_burst,
+                "at least rate_limit_per_sec, which is > 0",
+            ));
+        }
+        for (name, secs) in [
+            ("enrolment_nonce_ttl_secs", self.enrolment_nonce_ttl_secs),
+            ("proof_iat_window_secs", self.proof_iat_window_secs),
+            ("device_credential_ttl_secs", self.device_credential_ttl_secs),
+        ] {
+            if !(1..=10 * 365 * 24 * 3600).contains(&secs) {
+                return Err(invalid(name, secs, "1 second to 10 years"));
+            }
+        }
+        if self.key_refresh_secs == 0 {
+            return Err(invalid("key_refresh_secs", 0, "at least 1"));
+        }
+        vouch_store::Backend::from_url(&self.database_url)
+            .map_err(|_| invalid("database_url", &self.database_url, "a sqlite: or postgres:// URL"))?;
+        Ok(())
+    }
+
+    /// Retired signing keys stay published this long: everything they signed has
+    /// expired by then.
+    pub fn key_overlap_secs(&self) -> i64 {
+        self.device_credential_ttl_secs
+    }
+
+    /// A configuration for tests and the in-process demo and bench servers.
+    pub fn for_data_dir(data_dir: &Path) -> Config {
+        let flags = ConfigLayer { data_dir: Some(data_dir.to_owned()), ..ConfigLayer::default() };
+        // Invariant: the defaults plus a data directory always validate.
+        Config::resolve(flags, ConfigLayer::default(), ConfigLayer::default()).expect("default config is valid")
+    }
+}
+
+fn invalid(name: &str, value: impl std::fmt::Display, expected: &'static str) -> ConfigError {
+    ConfigError::Invalid { name: name.to_owned(), value: value.to_string(), expected }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_env_over_file() {
+        let file: ConfigLayer = toml::from_str(
+            "listen = \"127.0.0.1:1\"\ndata_dir = \"/file\"\nrate_limit_per_sec = 5\nrate_limit_burst = 10\nlog_format = \"json\"",
+        )
+        .unwrap();
+        let env = ConfigLayer::from_env(|name| match name {
+            "VOUCH_LISTEN" => Some("127.0.0.1:2".into()),
+            "VOUCH_DATA_DIR" => Some("/env".into()),
+            _ => None,
+        })
+        .unwrap();
+        let flags = ConfigLayer { listen: Some("127.0.0.1:3".parse().unwrap()), ..Default::default() };
+        let config = Config::resolve(flags, env, file).unwrap();
+        assert_eq!(config.listen.port(), 3);
+        assert_eq!(config.data_dir, PathBuf::from("/env"));
+        assert_eq!(config.rate_limit_per_sec, 5);
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(config.database_url, "sqlite:///env/vouch.db?mode=rwc");
+    }
+
+    #[test]
+    fn defaults() {
+        let config = Config::resolve(ConfigLayer::default(), ConfigLayer::default(), ConfigLayer::default()).unwrap();
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.body_bytes_max, 64 * 1024);
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let env = ConfigLayer::from_env(|n| (n == "VOUCH_RATE_LIMIT_PER_SEC").then(|| "many".into()));
+        assert!(matches!(env, Err(ConfigError::Invalid { ref name, .. }) if name == "VOUCH_RATE_LIMIT_PER_SEC"));
+        let flags = ConfigLayer { database_url: Some("mysql://x".into()), ..Default::default() };
+        let err = Config::resolve(flags, ConfigLayer::default(), ConfigLayer::default()).unwrap_err();
+        assert!(err.to_string().contains("database_url"));
+        let unknown: Result<ConfigLayer, _> = toml::from_str("listn = \"x\"");
+        assert!(unknown.is_err());
+    }
+}

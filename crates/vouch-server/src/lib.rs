@@ -1,0 +1,231 @@
+//! Vouch's HTTP service. [`router`] builds the whole API from an [`AppState`], so tests
+//! drive it without a socket; [`serve`] binds it with graceful shutdown.
+//!
+//! One module per capability, each owning its routes, service logic and storage calls;
+//! the foundation modules (`registry`, `admin`, `ops`, `auth`, `keys`, `audit`) serve
+//! them all.
+
+mod admin;
+pub mod audit;
+pub mod auth;
+pub mod config;
+pub mod error;
+mod extract;
+mod files;
+pub mod keys;
+mod metrics;
+mod ops;
+pub mod registry;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use utoipa::openapi::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+use vouch_proto::crypto::SystemRandom;
+use vouch_proto::{Clock, SystemClock};
+use vouch_store::{Store, StoreOptions};
+
+pub use config::{Config, ConfigError, ConfigLayer, LogFormat};
+use error::ApiError;
+use keys::{DatabaseKeyStore, KeyStore, MasterKey};
+
+pub const ADMIN_KEY_FILE: &str = "admin.key";
+/// Expired enrolment nonces are purged this often.
+const NONCE_PURGE_EVERY: Duration = Duration::from_secs(300);
+
+/// What every handler shares. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub store: Store,
+    pub keys: Arc<dyn KeyStore>,
+    pub config: Arc<Config>,
+    pub clock: Arc<dyn Clock>,
+    pub rng: Arc<SystemRandom>,
+    pub rate_limiter: Arc<auth::RateLimiter>,
+    metrics: Arc<metrics::Metrics>,
+}
+
+impl AppState {
+    pub fn now(&self) -> i64 {
+        self.clock.now_unix()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("database: {0}")]
+    Store(#[from] vouch_store::StoreError),
+    #[error("signing keys: {0}")]
+    Keys(#[from] keys::KeyError),
+    #[error("bootstrap admin key: {0}")]
+    Bootstrap(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Opens the database (applying migrations), loads or creates the signing keys and,
+/// on an empty database, writes the bootstrap admin key to `DATA_DIR/admin.key`.
+pub async fn build_state(config: Config, master_key_env: Option<&str>) -> Result<AppState, StartError> {
+    build_state_with_clock(config, master_key_env, Arc::new(SystemClock)).await
+}
+
+pub async fn build_state_with_clock(
+    config: Config,
+    master_key_env: Option<&str>,
+    clock: Arc<dyn Clock>,
+) -> Result<AppState, StartError> {
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|source| StartError::DataDir { path: config.data_dir.display().to_string(), source })?;
+    let rng: Arc<SystemRandom> = Arc::new(SystemRandom::new());
+    let store =
+        Store::open(&config.database_url, StoreOptions { max_connections: config.database_connections_max }).await?;
+    let master = MasterKey::load_or_create(master_key_env, &config.data_dir, &*rng)?;
+    let keys = DatabaseKeyStore::open(store.clone(), master, rng.clone(), clock.now_unix()).await?;
+    bootstrap_admin_key(&store, &config, &*rng, clock.now_unix()).await?;
+    Ok(AppState {
+        rate_limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_sec, config.rate_limit_burst)),
+        store,
+        keys: Arc::new(keys),
+        config: Arc::new(config),
+        clock,
+        rng,
+        metrics: Arc::new(metrics::Metrics::default()),
+    })
+}
+
+async fn bootstrap_admin_key(store: &Store, config: &Config, rng: &SystemRandom, now: i64) -> Result<(), StartError> {
+    let mut tx = store.begin().await?;
+    let existing = tx.count_api_keys().await?;
+    drop(tx);
+    if existing > 0 {
+        return Ok(());
+    }
+    let key = match auth::create_api_key(
+        store,
+        rng,
+        Some(auth::BOOTSTRAP_KEY_ID),
+        &[auth::Scope::Admin],
+        "bootstrap",
+        now,
+        "system",
+    )
+    .await
+    {
+        Ok(key) => key,
+        // Another instance on the same database bootstrapped first.
+        Err(e) if e.status() == StatusCode::CONFLICT => return Ok(()),
+        Err(e) => return Err(StartError::Bootstrap(e.to_string())),
+    };
+    let path = config.data_dir.join(ADMIN_KEY_FILE);
+    files::write_secret_file(&path, key.plaintext.as_bytes())
+        .map_err(|e| StartError::Bootstrap(format!("cannot write {}: {e}", path.display())))?;
+    tracing::warn!(path = %path.display(), "wrote the bootstrap admin API key; keep this file secret");
+    Ok(())
+}
+
+/// The whole API and its OpenAPI description, built from the same route table so the
+/// document cannot drift from the code.
+pub fn api() -> (Router<AppState>, OpenApi) {
+    let (router, mut openapi) =
+        OpenApiRouter::new().merge(ops::routes()).merge(registry::routes()).merge(admin::routes()).split_for_parts();
+    openapi.info.title = "Vouch".into();
+    openapi.info.version = env!("CARGO_PKG_VERSION").into();
+    openapi.info.description = Some("Trust server for payment devices".into());
+    let components = openapi.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        "api_key",
+        SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("vouch API key").build()),
+    );
+    (router, openapi)
+}
+
+pub fn router(state: AppState) -> Router {
+    let (api_router, openapi) = api();
+    let openapi_json = Arc::new(openapi.to_json().unwrap_or_else(|_| "{}".into()));
+    let body_limit = state.config.body_bytes_max;
+    api_router
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || {
+                let body = openapi_json.clone();
+                async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], body.as_str().to_owned()) }
+            }),
+        )
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "this endpoint does not accept that method",
+            )
+        })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::observe))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
+            axum::response::IntoResponse::into_response(ApiError::internal("handler panicked"))
+        }))
+        .with_state(state)
+}
+
+/// Background upkeep: reloads signing keys (so rotations made elsewhere are picked
+/// up) and purges expired nonces. Runs until the returned handle is aborted.
+pub fn spawn_upkeep(state: AppState) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut key_refresh = tokio::time::interval(Duration::from_secs(state.config.key_refresh_secs));
+        let mut nonce_purge = tokio::time::interval(NONCE_PURGE_EVERY);
+        loop {
+            tokio::select! {
+                _ = key_refresh.tick() => {
+                    if let Err(e) = state.keys.refresh(state.now()).await {
+                        tracing::error!(error = %e, "signing key refresh failed");
+                    }
+                }
+                _ = nonce_purge.tick() => {
+                    let purged = async {
+                        let mut tx = state.store.begin().await?;
+                        let purged = tx.purge_enrolment_nonces(state.now()).await?;
+                        tx.commit().await.map(|()| purged)
+                    }.await;
+                    match purged {
+                        Ok(n) if n > 0 => tracing::debug!(purged = n, "purged expired enrolment nonces"),
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(error = %e, "nonce purge failed"),
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains in-flight requests.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let upkeep = spawn_upkeep(state.clone());
+    let store = state.store.clone();
+    let result = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await.map_err(StartError::Serve);
+    upkeep.abort();
+    store.close().await;
+    result
+}
+
+/// Binds `config.listen` and serves until `shutdown` resolves.
+pub async fn serve(state: AppState, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+    let addr = state.config.listen;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })?;
+    tracing::info!(%addr, database = ?state.store.backend(), "vouch listening");
+    serve_on(listener, state, shutdown).await
+}

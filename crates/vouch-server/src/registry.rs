@@ -1,0 +1,606 @@
+//! The registry: merchants, their accounts, service providers, and devices with their
+//! enrolment (proof of possession over a single-use nonce) and lifecycle
+//! (active, suspended, revoked).
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use vouch_proto::enrol::{
+    Confirmation, DEVICE_CREDENTIAL_TYP, DeviceCredentialClaims, DeviceKind, verify_enrolment_proof,
+};
+use vouch_proto::jws::Header;
+use vouch_proto::{Jwk, ProtoError, b64, crypto::random_bytes};
+use vouch_store::{Account, Device, DeviceFilter, DeviceStatus, Merchant, NonceRejection, ServiceProvider};
+
+use crate::AppState;
+use crate::audit;
+use crate::auth::{ApiCaller, Scope};
+use crate::error::{ApiError, ApiResult, Problem};
+use crate::extract::{ApiJson, ApiPath, ApiQuery};
+
+const NAME_CHARS_MAX: usize = 128;
+const REASON_CHARS_MAX: usize = 512;
+const ENDPOINT_CHARS_MAX: usize = 2048;
+const PAGE_LIMIT_MAX: u32 = 500;
+const PAGE_LIMIT_DEFAULT: u32 = 100;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_merchant, list_merchants))
+        .routes(routes!(get_merchant))
+        .routes(routes!(create_account))
+        .routes(routes!(get_account))
+        .routes(routes!(create_service_provider, list_service_providers))
+        .routes(routes!(get_service_provider))
+        .routes(routes!(create_enrolment_nonce))
+        .routes(routes!(enrol_device, list_devices))
+        .routes(routes!(get_device))
+        .routes(routes!(suspend_device))
+        .routes(routes!(reactivate_device))
+        .routes(routes!(revoke_device))
+}
+
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
+}
+
+fn check_text(field: &str, value: &str, max_chars: usize) -> ApiResult<()> {
+    if value.trim().is_empty() || value.chars().count() > max_chars || value.chars().any(char::is_control) {
+        return Err(ApiError::unprocessable(
+            "invalid-field",
+            format!("{field} must be 1 to {max_chars} printable characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn page_limit(limit: Option<u32>) -> ApiResult<u32> {
+    match limit {
+        None => Ok(PAGE_LIMIT_DEFAULT),
+        Some(n @ 1..=PAGE_LIMIT_MAX) => Ok(n),
+        Some(n) => Err(ApiError::bad_request("invalid-query", format!("limit {n} is outside 1..={PAGE_LIMIT_MAX}"))),
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    /// Return items whose id sorts after this one.
+    pub after: Option<String>,
+    /// Page size, 1 to 500 (default 100).
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewMerchant {
+    pub name: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MerchantView {
+    pub merchant_id: String,
+    pub name: String,
+    pub created_at: i64,
+}
+
+impl From<Merchant> for MerchantView {
+    fn from(m: Merchant) -> Self {
+        MerchantView { merchant_id: m.id, name: m.name, created_at: m.created_at }
+    }
+}
+
+/// Registers a merchant.
+#[utoipa::path(post, path = "/v1/merchants", tag = "registry", request_body = NewMerchant,
+    security(("api_key" = ["admin"])),
+    responses((status = 201, body = MerchantView), (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+async fn create_merchant(
+    State(state): State<AppState>,
+    caller: ApiCaller,
+    ApiJson(body): ApiJson<NewMerchant>,
+) -> ApiResult<(StatusCode, Json<MerchantView>)> {
+    caller.require(Scope::Admin)?;
+    check_text("name", &body.name, NAME_CHARS_MAX)?;
+    let now = state.now();
+    let merchant = Merchant { id: new_id("mch"), name: body.name, created_at: now };
+    let mut tx = state.store.begin().await?;
+    tx.insert_merchant(&merchant).await?;
+    let detail = serde_json::json!({ "name": merchant.name });
+    tx.append_audit(&audit::entry(now, &caller.actor(), "merchant.created", &merchant.id, detail)).await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(merchant.into())))
+}
+
+/// Lists merchants, by id.
+#[utoipa::path(get, path = "/v1/merchants", tag = "registry", params(PageQuery),
+    security(("api_key" = ["admin"])),
+    responses((status = 200, body = [MerchantView]), (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+async fn list_merchants(
+    State(state): State<AppState>,
+    caller: ApiCaller,
+    ApiQuery(query): ApiQuery<PageQuery>,
+) -> ApiResult<Json<Vec<MerchantView>>> {
+    caller.require(Scope::Admin)?;
+    let merchants = state.store.merchants(query.after.as_deref(), page_limit(query.limit)?).await?;
+    Ok(Json(merchants.into_iter().map(MerchantView::from).collect()))
+}
+
+/// One merchant.
+#[utoipa::path(get, path = "/v1/merchants/{merchant_id}", tag = "registry",
+    params(("merchant_id" = String, Path)), security(("api_key" = ["admin"])),
+    responses((status = 200, body = MerchantView), (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+async fn get_merchant(
+    State(state): State<AppState>,
+    caller: ApiCaller,
+    ApiPath(merchant_id): ApiPath<String>,
+) -> ApiResult<Json<MerchantView>> {
+    caller.require(Scope::Admin)?;
+    Ok(Json(state.store.merchant(&merchant_id).await?.into()))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewAccount {
+    pub label: String,
+    /// ISO 4217 alphabetic code, e.g. `EUR`.
+    pub currency: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AccountView {
+    pub account_id: String,
+    pub merchant_id: String,
+    pub label: String,
+    pub currency: String,
+    pub created_at: i64,
+}
+
+impl From<Account> for AccountView {
+    fn from(a: Account) -> Self {
+        AccountView {
+            account_id: a.id,
+            merchant_id: a.merchant_id,
+            label: a.label,
+            currency: a.currency,
+            created_at: a.created_at,
+        }
+    }
+}
+
+/// Opens an account for a merchant.
+#[utoipa::path(post, path = "/v1/merchants/{merchant_id}/accounts", tag = "registry", request_body = NewAccount,
+    params(("merchant_id" = String, Path)), security(("api_key" = ["admin"])),
+    responses((status = 201, body = AccountView), (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+async fn create_account(
+    State(state): State<AppState>,
+    caller: ApiCaller,
+    ApiPath(merchant_id): ApiPath<String>,
+    ApiJson(body): ApiJson<NewAccount>,
+) -> ApiResult<(StatusCode, Json<AccountView>)> {
+    caller.require(Scope::Admin)?;
+    check_text("label", &body.label, NAME_CHARS_MAX)?;
+    if body.currency.len() != 3 || !body.currency.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(ApiError::unprocessable("invalid-field", "currency must be an ISO 4217 code such as EUR"));
+    }
+    state.store.merchant(&merchant_id).await?;
+    let now = state.now();
+    let account =
+        Account { id: new_id("acc"), merchant_id, label: body.label, currency: body.currency, created_at: now };
+    let mut tx = state.store.begin().await?;
+    tx.insert_account(&account).await?;
+    let detail = serde_json::json!({ "merchant_id": account.merchant_id, "currency": account.currency });
+    tx.append_audit(&audit::entry(now, &caller.actor(), "account.created", &account.id, detail)).await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(account.into())))
+}
+
+/// One account.
+#[utoipa::path(get, path = "/v1/accounts/{account_id}", tag = "registry",
+    params(("account_id" = String, Path)), security(("api_key" = ["admin"])),
+    responses((status = 200, body = AccountView), (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+async fn get_account(
+    State(state): State<AppState>,
+    caller: ApiCaller,
+    ApiPath(account_id): ApiPath<String>,
+) -> ApiResult<Json<AccountView>> {
+    caller.require(Scope::Admin)?;
+    Ok(Json(state.store.account(&account_id).await?.into()))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewServiceProvider {
+    pub name: String,
+    /// Where messages for this provider are delivered (`https://`).
+    pub endpoint: String,
+    /// The provider's P-256 public key as a JWK.
+    #[schema(value_type = Object)]
+    pub public_jwk: Jwk,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ServiceProviderView {
+    pub service_provider_id: String,
+    pub name: String,
+    pub endpoint: String,
+    #[schema(value_type = Object)]
+    pub public_jwk: serde_json::Value,
+    pub created_at: i64,
+}
+
+impl From<ServiceProvider> for ServiceProviderView {
+    fn from(p: ServiceProvider) -> Self {
+        ServiceProviderView {
+            service_provider_id: p.id,
+            name: p.name,
+            endpoint: p.endpoint,
+            public_jwk: serde_json::from_str(&p.public_jwk).unwrap_or(serde_json::Value::Null),
+            created_at: p.created_at,
+        }
+    }
+}
+
+/// Registers a service provider (a bank or processor that receives relayed messages).
+#[utoipa::path(post, path = "/v1/service-providers", tag = "registry", request_body = NewServiceProvider,
+    security(("api_key" = ["admin"])),
+    responses((status = 201, body = ServiceProviderView), (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+async fn create_service_provider(
+    State(state): State<AppState>,
+    caller: ApiCaller,
+    ApiJson(body): ApiJson<NewServiceProvider>,
+) -> ApiResult<(StatusCode, Json<ServiceProviderView>)> {
+    caller.require(Scope::Admin)?;
+    check_text("name", &body.name, NAME_CHARS_MAX)?;
+    check_text("endpoint", &body.endpoint, ENDPOINT_CHARS_MAX)?;
+    if !(body.endpoint.starts_with("https://") || body.endpoint.starts_with("http://")) {
+        return Err(ApiError::unprocessable("invalid-field", "endpoint must be an http:// or https:// URL"));
+    }
+    let now = state.now();
+    let public_jwk = serde_json::to_string(&body.public_jwk).map_err(ApiError::internal)?;
+    let provider =
+        ServiceProvider { id: new_id("sp"), name: body.name, endpoint: body.endpoint, public_jwk, created_at: now };
+    let mut tx = state.store.begin().await?;
+    tx.insert_service_provider(&provider).await?;
+    let detail = serde_json::json!({ "name": provider.name, "endpoint": provider.endpoint });
+    tx.append_audit(&audit::entry(now, &caller.actor(), "service_provider.created", &provider.id, detail)).await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(provider.into())))
+}
+
+/// Lists service providers, by name.
+#[utoipa::path(get, path = "/v1/service-providers", tag = "registry", security(("api_key" = ["admin"])),
+    responses((status = 200, body = [ServiceProviderView]), (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+async fn list_service_providers(
+    State(state): State<AppState>,
+    caller: ApiCaller,
+) -> ApiResult<Json<Vec<ServiceProviderView>>> {
+    caller.require(Scope::Admin)?;
+    Ok(Json(state.store.service_providers().await?.into_iter().map(ServiceProviderView::from).collect()))
+}
+
+/// One service provider.
+#[utoipa::path(get, path = "/v1/service-providers/{service_provider_id}", tag = "registry",
+    params(("service_provider_id" = String, Path)), security(("api_key" = ["admin"])),
+    responses((status = 200, body = ServiceProviderView), (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+async fn get_service_provider(
+    State(state): State<AppState>,
+    caller: ApiCaller,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<ServiceProviderView>> {
+    caller.require(Scope::Admin)?;
+    Ok(Json(state.store.service_provider(&id).await?.into()))
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct EnrolmentNonce {
+    /// Single use; goes into the enrolment proof's `nonce` claim.
+    pub nonce: String,
+    pub expires_at: i64,
+}
+
+/// Hands out a single-use nonce for one device enrolment.
+#[utoipa::path(post, path = "/v1/enrolment-nonces", tag = "registry", security(("api_key" = ["provision"])),
+    responses((status = 201, body = EnrolmentNonce), (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+async fn create_enrolment_nonce(
+    State(state): State<AppState>,
+    caller: ApiCaller,
+) -> ApiResult<(StatusCode, Json<EnrolmentNonce>)> {
+    caller.require(Scope::Provision)?;
+    let nonce = b64::encode(random_bytes::<32>(&*state.rng).map_err(ApiError::internal)?);
+    let expires_at = state.now() + state.config.enrolment_nonce_ttl_secs;
+    let mut tx = state.store.begin().await?;
+    tx.insert_enrolment_nonce(&nonce, expires_at).await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(EnrolmentNonce { nonce, expires_at })))
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnrolmentRequest {
+    /// Compact JWS, `typ` `vouch-enrolment+jwt`, signed by the key being enrolled
+    /// (carried in its `jwk` header) over `{nonce, kind, model, firmware_version,
+    /// merchant_id, iat}`.
+    pub proof: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct EnrolledDevice {
+    pub device_id: String,
+    /// `reader`, `pos`, `terminal` or `consumer`.
+    #[schema(value_type = String)]
+    pub kind: DeviceKind,
+    pub merchant_id: String,
+    #[schema(value_type = Object)]
+    pub jwk: Jwk,
+    /// Server-signed JWT binding the device id, kind, merchant and key (`cnf.jwk`);
+    /// verify it with `/.well-known/jwks.json`.
+    pub device_credential: String,
+}
+
+/// Enrols a device that proves possession of its identity key.
+#[utoipa::path(post, path = "/v1/devices", tag = "registry", request_body = EnrolmentRequest,
+    security(("api_key" = ["provision"])),
+    responses((status = 201, body = EnrolledDevice), (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+async fn enrol_device(
+    State(state): State<AppState>,
+    caller: ApiCaller,
+    ApiJson(body): ApiJson<EnrolmentRequest>,
+) -> ApiResult<(StatusCode, Json<EnrolledDevice>)> {
+    caller.require(Scope::Provision)?;
+    let now = state.now();
+    let verified = verify_enrolment_proof(&body.proof, &*state.clock, state.config.proof_iat_window_secs)
+        .map_err(enrolment_proof_error)?;
+    let result = enrol_verified(&state, &caller, verified, now).await;
+    if let Err(refusal) = &result
+        && refusal.status().is_client_error()
+    {
+        let detail = serde_json::json!({ "reason": refusal.reason(), "detail": refusal.detail() });
+        audit::record_refusal(
+            &state.store,
+            audit::entry(now, &caller.actor(), "device.enrolment_refused", "-", detail),
+        )
+        .await;
+    }
+    result.map(|enrolled| (StatusCode::CREATED, Json(enrolled)))
+}
+
+fn enrolment_proof_error(e: ProtoError) -> ApiError {
+    match e {
+        ProtoError::BadSignature => ApiError::bad_request("bad-signature", "enrolment proof signature does not verify"),
+        ProtoError::StaleIssuedAt { .. } => ApiError::bad_request("stale-proof", e.to_string()),
+        other => ApiError::bad_request("invalid-proof", other.to_string()),
+    }
+}
+
+async fn enrol_verified(
+    state: &AppState,
+    caller: &ApiCaller,
+    verified: vouch_proto::enrol::VerifiedEnrolment,
+    now: i64,
+) -> ApiResult<EnrolledDevice> {
+    let claims = verified.claims;
+    let jwk = verified.key.to_jwk();
+    let device = Device {
+        id: new_id("dev"),
+        kind: claims.kind,
+        merchant_id: claims.merchant_id,
+        model: claims.model,
+        firmware_version: claims.firmware_version,
+        public_jwk: serde_json::to_string(&jwk).map_err(ApiError::internal)?,
+        key_thumbprint: jwk.thumbprint(),
+        status: DeviceStatus::Active,
+        created_at: now,
+        updated_at: now,
+    };
+    let mut tx = state.store.begin().await?;
+    tx.consume_enrolment_nonce(&claims.nonce, now).await?.map_err(|rejection| match rejection {
+        NonceRejection::Unknown => ApiError::bad_request("unknown-nonce", "the enrolment nonce was not issued here"),
+        NonceRejection::Expired => ApiError::bad_request("expired-nonce", "the enrolment nonce has expired"),
+        NonceRejection::AlreadyUsed => {
+            ApiError::conflict("replayed-enrolment", "the enrolment nonce has already been used")
+        }
+    })?;
+    tx.insert_device(&device).await.map_err(|e| match e {
+        vouch_store::StoreError::Conflict { .. } => {
+            ApiError::conflict("key-already-enrolled", "this key is already enrolled as another device")
+        }
+        vouch_store::StoreError::MissingReference { .. } => {
+            ApiError::unprocessable("unknown-merchant", "merchant_id names no registered merchant")
+        }
+        other => other.into(),
+    })?;
+    let claims = DeviceCredentialClaims {
+        iss: state.config.issuer.clone(),
+        sub: device.id.clone(),
+        kind: device.kind,
+        merchant_id: device.merchant_id.clone(),
+        cnf: Confirmation { jwk: jwk.clone() },
+        iat: now,
+        exp: now + state.config.device_credential_ttl_secs,
+        jti: new_id("crd"),
+    };
+    let payload = serde_json::to_vec(&claims).map_err(ApiError::internal)?;
+    let device_credential =
+        state.keys.sign_jws(Header::es256(DEVICE_CREDENTIAL_TYP), &payload).map_err(ApiError::internal)?;
+    let detail = serde_json::json!({
+        "kind": device.kind, "merchant_id": device.merchant_id, "model": device.model,
+        "firmware_version": device.firmware_version, "key_thumbprint": device.key_thumbprint,
+    });
+    tx.append_audit(&audit::entry(now, &caller.actor(), "device.enrolled", &device.id, detail)).await?;
+    tx.commit().await?;
+    Ok(EnrolledDevice {
+        device_id: device.id,
+        kind: device.kind,
+        merchant_id: device.merchant_id,
+        jwk,
+        device_credential,
+    })
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DeviceView {
+    pub device_id: String,
+    #[schema(value_type = String)]
+    pub kind: DeviceKind,
+    pub merchant_id: String,
+    pub model: String,
+    pub firmware_version: String,
+    /// `active`, `suspended` or `revoked`.
+    pub status: String,
+    #[schema(value_type = Object)]
+    pub jwk: serde_json::Value,
+    /// RFC 7638 thumbprint of the identity key.
+    pub key_thumbprint: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl From<Device> for DeviceView {
+    fn from(d: Device) -> Self {
+        DeviceView {
+            device_id: d.id,
+            kind: d.kind,
+            merchant_id: d.merchant_id,
+            model: d.model,
+            firmware_version: d.firmware_version,
+            status: d.status.as_str().to_owned(),
+            jwk: serde_json::from_str(&d.public_jwk).unwrap_or(serde_json::Value::Null),
+            key_thumbprint: d.key_thumbprint,
+            created_at: d.created_at,
+            updated_at: d.updated_at,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceQuery {
+    pub merchant_id: Option<String>,
+    /// `reader`, `pos`, `terminal` or `consumer`.
+    pub kind: Option<String>,
+    /// `active`, `suspended` or `revoked`.
+    pub status: Option<String>,
+    pub after: Option<String>,
+    pub limit: Option<u32>,
+}
+
+/// Lists devices, by id, optionally filtered.
+#[utoipa::path(get, path = "/v1/devices", tag = "registry", params(DeviceQuery), security(("api_key" = ["admin"])),
+    responses((status = 200, body = [DeviceView]), (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+async fn list_devices(
+    State(state): State<AppState>,
+    caller: ApiCaller,
+    ApiQuery(query): ApiQuery<DeviceQuery>,
+) -> ApiResult<Json<Vec<DeviceView>>> {
+    caller.require(Scope::Admin)?;
+    let kind = query
+        .kind
+        .map(|k| k.parse::<DeviceKind>())
+        .transpose()
+        .map_err(|e| ApiError::bad_request("invalid-query", e.to_string()))?;
+    let status = match query.status.as_deref() {
+        None => None,
+        Some("active") => Some(DeviceStatus::Active),
+        Some("suspended") => Some(DeviceStatus::Suspended),
+        Some("revoked") => Some(DeviceStatus::Revoked),
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid-query",
+                format!("status {other:?} is not one of active, suspended, revoked"),
+            ));
+        }
+    };
+    let filter = DeviceFilter {
+        merchant_id: query.merchant_id,
+        kind,
+        status,
+        after_id: query.after,
+        limit: page_limit(query.limit)?,
+    };
+    Ok(Json(state.store.devices(&filter).await?.into_iter().map(DeviceView::from).collect()))
+}
+
+/// One device.
+#[utoipa::path(get, path = "/v1/devices/{device_id}", tag = "registry",
+    params(("device_id" = String, Path)), security(("api_key" = ["admin"])),
+    responses((status = 200, body = DeviceView), (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+async fn get_device(
+    State(state): State<AppState>,
+    caller: ApiCaller,
+    ApiPath(device_id): ApiPath<String>,
+) -> ApiResult<Json<DeviceView>> {
+    caller.require(Scope::Admin)?;
+    Ok(Json(state.store.device(&device_id).await?.into()))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StatusChange {
+    /// Why; kept in the audit log.
+    pub reason: String,
+}
+
+/// Suspends an active device: its credentials and tickets stop validating until it is
+/// reactivated.
+#[utoipa::path(post, path = "/v1/devices/{device_id}/suspend", tag = "registry", request_body = StatusChange,
+    params(("device_id" = String, Path)), security(("api_key" = ["admin"])),
+    responses((status = 200, body = DeviceView), (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+async fn suspend_device(
+    State(state): State<AppState>,
+    caller: ApiCaller,
+    ApiPath(device_id): ApiPath<String>,
+    ApiJson(body): ApiJson<StatusChange>,
+) -> ApiResult<Json<DeviceView>> {
+    change_status(&state, &caller, &device_id, &body, &[DeviceStatus::Active], DeviceStatus::Suspended).await
+}
+
+/// Returns a suspended device to service.
+#[utoipa::path(post, path = "/v1/devices/{device_id}/reactivate", tag = "registry", request_body = StatusChange,
+    params(("device_id" = String, Path)), security(("api_key" = ["admin"])),
+    responses((status = 200, body = DeviceView), (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+async fn reactivate_device(
+    State(state): State<AppState>,
+    caller: ApiCaller,
+    ApiPath(device_id): ApiPath<String>,
+    ApiJson(body): ApiJson<StatusChange>,
+) -> ApiResult<Json<DeviceView>> {
+    change_status(&state, &caller, &device_id, &body, &[DeviceStatus::Suspended], DeviceStatus::Active).await
+}
+
+/// Revokes a device for good.
+#[utoipa::path(post, path = "/v1/devices/{device_id}/revoke", tag = "registry", request_body = StatusChange,
+    params(("device_id" = String, Path)), security(("api_key" = ["admin"])),
+    responses((status = 200, body = DeviceView), (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+async fn revoke_device(
+    State(state): State<AppState>,
+    caller: ApiCaller,
+    ApiPath(device_id): ApiPath<String>,
+    ApiJson(body): ApiJson<StatusChange>,
+) -> ApiResult<Json<DeviceView>> {
+    let from = [DeviceStatus::Active, DeviceStatus::Suspended];
+    change_status(&state, &caller, &device_id, &body, &from, DeviceStatus::Revoked).await
+}
+
+async fn change_status(
+    state: &AppState,
+    caller: &ApiCaller,
+    device_id: &str,
+    change: &StatusChange,
+    from: &[DeviceStatus],
+    to: DeviceStatus,
+) -> ApiResult<Json<DeviceView>> {
+    caller.require(Scope::Admin)?;
+    check_text("reason", &change.reason, REASON_CHARS_MAX)?;
+    let now = state.now();
+    let mut tx = state.store.begin().await?;
+    let device = tx.set_device_status(device_id, from, to, now).await?;
+    let action = format!("device.{}", to.as_str());
+    let detail = serde_json::json!({ "reason": change.reason });
+    tx.append_audit(&audit::entry(now, &caller.actor(), &action, device_id, detail)).await?;
+    tx.commit().await?;
+    Ok(Json(device.into()))
+}
