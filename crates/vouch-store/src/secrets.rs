@@ -179,7 +179,8 @@ impl Store {
     pub async fn published_signing_keys(&self, now: i64) -> Result<Vec<SigningKeyRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT kid, sealed_pkcs8, public_jwk, created_at, retired_at, publish_until FROM signing_keys \
-             WHERE retired_at IS NULL OR publish_until >= $1 ORDER BY created_at DESC, kid DESC",
+             WHERE retired_at IS NULL OR publish_until >= $1 \
+             ORDER BY CASE WHEN retired_at IS NULL THEN 0 ELSE 1 END, created_at DESC, kid DESC",
         )
         .bind(now)
         .fetch_all(self.pool())

@@ -1,0 +1,216 @@
+//! A typed HTTP client for Vouch's API. Refusals come back as
+//! [`DeviceError::Problem`], carrying the server's problem document.
+
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use vouch_proto::enrol::DeviceKind;
+use vouch_proto::{Jwk, JwkSet};
+use zeroize::Zeroizing;
+
+use crate::DeviceError;
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECTIONS_PER_HOST_MAX: usize = 256;
+/// Bodies longer than this are cut in error messages.
+const ERROR_BODY_CHARS_MAX: usize = 512;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct EnrolmentNonce {
+    pub nonce: String,
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrolledDevice {
+    pub device_id: String,
+    pub kind: DeviceKind,
+    pub merchant_id: String,
+    pub jwk: Jwk,
+    pub device_credential: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MerchantRecord {
+    pub merchant_id: String,
+    pub name: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub device_id: String,
+    pub kind: DeviceKind,
+    pub merchant_id: String,
+    pub model: String,
+    pub firmware_version: String,
+    pub status: String,
+    pub key_thumbprint: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiKeyCreated {
+    pub key_id: String,
+    pub api_key: String,
+    pub scopes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditVerification {
+    pub rows_checked: i64,
+    pub head_seq: i64,
+    pub intact: bool,
+    pub first_break: Option<String>,
+    pub first_broken_seq: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct ProblemBody {
+    #[serde(rename = "type")]
+    problem_type: String,
+    detail: String,
+}
+
+/// A connection to one Vouch server. Cheap to clone; clones share the connection pool.
+#[derive(Clone)]
+pub struct VouchClient {
+    base_url: String,
+    api_key: Option<std::sync::Arc<Zeroizing<String>>>,
+    http: reqwest::Client,
+}
+
+impl std::fmt::Debug for VouchClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VouchClient").field("base_url", &self.base_url).finish_non_exhaustive()
+    }
+}
+
+impl VouchClient {
+    pub fn new(base_url: &str) -> Result<Self, DeviceError> {
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .pool_max_idle_per_host(CONNECTIONS_PER_HOST_MAX)
+            .build()?;
+        Ok(VouchClient { base_url: base_url.trim_end_matches('/').to_owned(), api_key: None, http })
+    }
+
+    /// Authenticates admin and integration calls with an API key.
+    pub fn with_api_key(mut self, api_key: &str) -> Self {
+        self.api_key = Some(std::sync::Arc::new(Zeroizing::new(api_key.trim().to_owned())));
+        self
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<T, DeviceError> {
+        let mut request = self.http.request(method, format!("{}{path}", self.base_url));
+        if let Some(key) = &self.api_key {
+            request = request.bearer_auth(key.as_str());
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        let bytes = response.bytes().await?;
+        if status.is_success() {
+            let body: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
+            return serde_json::from_slice(body).map_err(|e| DeviceError::UnexpectedResponse {
+                status: status.as_u16(),
+                body: format!("{e}: {}", truncate(&bytes)),
+            });
+        }
+        match serde_json::from_slice::<ProblemBody>(&bytes) {
+            Ok(problem) => Err(DeviceError::Problem {
+                status: status.as_u16(),
+                problem_type: problem.problem_type,
+                detail: problem.detail,
+            }),
+            Err(_) => Err(DeviceError::UnexpectedResponse { status: status.as_u16(), body: truncate(&bytes) }),
+        }
+    }
+
+    pub async fn health(&self) -> Result<(), DeviceError> {
+        self.send::<serde_json::Value>(reqwest::Method::GET, "/healthz", None).await.map(drop)
+    }
+
+    pub async fn jwks(&self) -> Result<JwkSet, DeviceError> {
+        self.send(reqwest::Method::GET, "/.well-known/jwks.json", None).await
+    }
+
+    pub async fn create_merchant(&self, name: &str) -> Result<MerchantRecord, DeviceError> {
+        self.send(reqwest::Method::POST, "/v1/merchants", Some(json!({ "name": name }))).await
+    }
+
+    pub async fn merchants(&self) -> Result<Vec<MerchantRecord>, DeviceError> {
+        self.send(reqwest::Method::GET, "/v1/merchants", None).await
+    }
+
+    pub async fn create_api_key(&self, scopes: &[&str], label: &str) -> Result<ApiKeyCreated, DeviceError> {
+        self.send(reqwest::Method::POST, "/v1/api-keys", Some(json!({ "scopes": scopes, "label": label }))).await
+    }
+
+    pub async fn enrolment_nonce(&self) -> Result<EnrolmentNonce, DeviceError> {
+        self.send(reqwest::Method::POST, "/v1/enrolment-nonces", None).await
+    }
+
+    pub async fn enrol(&self, proof: &str) -> Result<EnrolledDevice, DeviceError> {
+        self.send(reqwest::Method::POST, "/v1/devices", Some(json!({ "proof": proof }))).await
+    }
+
+    pub async fn device(&self, device_id: &str) -> Result<DeviceRecord, DeviceError> {
+        self.send(reqwest::Method::GET, &format!("/v1/devices/{}", path_segment(device_id)), None).await
+    }
+
+    pub async fn devices(&self, merchant_id: Option<&str>) -> Result<Vec<DeviceRecord>, DeviceError> {
+        let path = match merchant_id {
+            Some(id) => format!("/v1/devices?merchant_id={}", path_segment(id)),
+            None => "/v1/devices".to_owned(),
+        };
+        self.send(reqwest::Method::GET, &path, None).await
+    }
+
+    /// `action` is `suspend`, `reactivate` or `revoke`.
+    pub async fn change_device_status(
+        &self,
+        device_id: &str,
+        action: &str,
+        reason: &str,
+    ) -> Result<DeviceRecord, DeviceError> {
+        let path = format!("/v1/devices/{}/{}", path_segment(device_id), path_segment(action));
+        self.send(reqwest::Method::POST, &path, Some(json!({ "reason": reason }))).await
+    }
+
+    pub async fn rotate_keys(&self) -> Result<String, DeviceError> {
+        let rotated: serde_json::Value = self.send(reqwest::Method::POST, "/v1/keys/rotate", None).await?;
+        rotated["kid"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| DeviceError::Untrusted("rotation answer has no kid".into()))
+    }
+
+    pub async fn verify_audit(&self) -> Result<AuditVerification, DeviceError> {
+        self.send(reqwest::Method::GET, "/v1/audit/verify", None).await
+    }
+}
+
+/// Ids are opaque to the client; anything outside the URL-safe set is refused rather
+/// than spliced into a path.
+fn path_segment(id: &str) -> String {
+    id.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')).collect()
+}
+
+fn truncate(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).chars().take(ERROR_BODY_CHARS_MAX).collect()
+}

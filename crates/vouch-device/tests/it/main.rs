@@ -1,0 +1,5 @@
+//! End-to-end flows: a real server on a free port, driven by the device SDK.
+
+mod enrolment;
+mod instances;
+mod support;
