@@ -58,7 +58,7 @@ async fn create_api_key(
         ));
     }
     let key =
-        auth::create_api_key(&state.store, &*state.rng, None, &body.scopes, &body.label, state.now(), &caller.actor())
+        auth::create_api_key(&state.store, &state.rng, None, &body.scopes, &body.label, state.now(), &caller.actor())
             .await?;
     let created =
         CreatedApiKey { key_id: key.record.id.clone(), api_key: key.plaintext.to_string(), scopes: body.scopes };

@@ -112,7 +112,7 @@ impl MasterKey {
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| unseal_error())?;
         let mut buffer = Zeroizing::new(ciphertext.to_vec());
         let plaintext_len =
-            self.aead().open_in_place(nonce, seal_aad(kid), &mut *buffer).map_err(|_| unseal_error())?.len();
+            self.aead().open_in_place(nonce, seal_aad(kid), &mut buffer).map_err(|_| unseal_error())?.len();
         buffer.truncate(plaintext_len);
         Ok(buffer)
     }
@@ -170,7 +170,7 @@ impl DatabaseKeyStore {
         let keys = DatabaseKeyStore { store, master, rng, loaded: RwLock::new(LoadedKeys::default()) };
         keys.reload(now).await?;
         if keys.active_kid().is_none() {
-            match rotate(&keys.store, &keys.master, &*keys.rng, now, 0, "system").await {
+            match rotate(&keys.store, &keys.master, &keys.rng, now, 0, "system").await {
                 Ok(kid) => tracing::info!(%kid, "generated the first signing key"),
                 // Another instance bootstrapped at the same moment; use its key.
                 Err(KeyError::Store(StoreError::Conflict { .. })) => {}
@@ -225,7 +225,7 @@ impl KeyStore for DatabaseKeyStore {
 
     fn rotate<'a>(&'a self, now: i64, overlap_secs: i64, actor: &'a str) -> KeyFuture<'a, String> {
         Box::pin(async move {
-            let kid = rotate(&self.store, &self.master, &*self.rng, now, overlap_secs, actor).await?;
+            let kid = rotate(&self.store, &self.master, &self.rng, now, overlap_secs, actor).await?;
             self.reload(now).await?;
             Ok(kid)
         })

@@ -90,9 +90,9 @@ pub async fn build_state_with_clock(
     let rng: Arc<SystemRandom> = Arc::new(SystemRandom::new());
     let store =
         Store::open(&config.database_url, StoreOptions { max_connections: config.database_connections_max }).await?;
-    let master = MasterKey::load_or_create(master_key_env, &config.data_dir, &*rng)?;
+    let master = MasterKey::load_or_create(master_key_env, &config.data_dir, &rng)?;
     let keys = DatabaseKeyStore::open(store.clone(), master, rng.clone(), clock.now_unix()).await?;
-    bootstrap_admin_key(&store, &config, &*rng, clock.now_unix()).await?;
+    bootstrap_admin_key(&store, &config, &rng, clock.now_unix()).await?;
     Ok(AppState {
         rate_limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_sec, config.rate_limit_burst)),
         store,
