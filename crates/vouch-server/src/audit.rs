@@ -1,6 +1,6 @@
 //! Audit entries for security decisions and registry or key changes. Each is written
 //! in the same transaction as the change it records (see `vouch_store::Tx::append_audit`);
-//! refusals, which change nothing, get a transaction of their own.
+//! a refusal is written with whatever the refusal itself changes (a burnt nonce).
 
 use utoipa::ToSchema;
 use vouch_store::{AuditEntry, Store};
@@ -14,20 +14,6 @@ pub fn entry(at: i64, actor: &str, action: &str, subject: &str, detail: serde_js
         action: action.to_owned(),
         subject: subject.to_owned(),
         detail: detail.to_string(),
-    }
-}
-
-/// Records a refused request. A failure to record it is logged, not returned: the
-/// caller is refused either way.
-pub async fn record_refusal(store: &Store, entry: AuditEntry) {
-    let result = async {
-        let mut tx = store.begin().await?;
-        tx.append_audit(&entry).await?;
-        tx.commit().await
-    }
-    .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, action = %entry.action, "could not audit a refusal");
     }
 }
 

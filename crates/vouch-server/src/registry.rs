@@ -352,20 +352,49 @@ async fn enrol_device(
 ) -> ApiResult<(StatusCode, Json<EnrolledDevice>)> {
     caller.require(Scope::Provision)?;
     let now = state.now();
-    let verified = verify_enrolment_proof(&body.proof, &*state.clock, state.config.proof_iat_window_secs)
-        .map_err(enrolment_proof_error)?;
-    let result = enrol_verified(&state, &caller, verified, now).await;
-    if let Err(refusal) = &result
-        && refusal.status().is_client_error()
-    {
-        let detail = serde_json::json!({ "reason": refusal.reason(), "detail": refusal.detail() });
-        audit::record_refusal(
-            &state.store,
-            audit::entry(now, &caller.actor(), "device.enrolment_refused", "-", detail),
-        )
-        .await;
+    let outcome = match verify_enrolment_proof(&body.proof, &*state.clock, state.config.proof_iat_window_secs) {
+        Ok(verified) => {
+            let nonce = verified.claims.nonce.clone();
+            enrol_verified(&state, &caller, verified, now).await.map_err(|refusal| (refusal, Some(nonce)))
+        }
+        Err(e) => Err((enrolment_proof_error(e), None)),
+    };
+    match outcome {
+        Ok(enrolled) => Ok((StatusCode::CREATED, Json(enrolled))),
+        Err((refusal, nonce)) => {
+            if refusal.status().is_client_error() {
+                record_refused_enrolment(&state, &caller, nonce.as_deref(), &refusal, now).await;
+            }
+            Err(refusal)
+        }
     }
-    result.map(|enrolled| (StatusCode::CREATED, Json(enrolled)))
+}
+
+/// Audits a refused enrolment and burns its nonce in the same transaction: a proof
+/// gets one attempt, whatever its outcome, so a refused proof cannot be retried
+/// later when circumstances change.
+async fn record_refused_enrolment(
+    state: &AppState,
+    caller: &ApiCaller,
+    nonce: Option<&str>,
+    refusal: &ApiError,
+    now: i64,
+) {
+    let detail = serde_json::json!({ "reason": refusal.reason(), "detail": refusal.detail() });
+    let entry = audit::entry(now, &caller.actor(), "device.enrolment_refused", "-", detail);
+    let recorded = async {
+        let mut tx = state.store.begin().await?;
+        if let Some(nonce) = nonce {
+            // Already used, expired or unknown are all fine here: the point is that it is used now.
+            let _ = tx.consume_enrolment_nonce(nonce, now).await?;
+        }
+        tx.append_audit(&entry).await?;
+        tx.commit().await
+    }
+    .await;
+    if let Err(e) = recorded {
+        tracing::error!(error = %e, "could not record a refused enrolment");
+    }
 }
 
 fn enrolment_proof_error(e: ProtoError) -> ApiError {

@@ -1,0 +1,150 @@
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn vouch(args: &[&str], data_dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vouch"))
+        .args(args)
+        .env("VOUCH_DATA_DIR", data_dir)
+        .env_remove("VOUCH_DATABASE_URL")
+        .env_remove("VOUCH_MASTER_KEY")
+        .output()
+        .expect("vouch runs")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn audit_verify_names_the_edited_row_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    for scope in ["provision", "terminal", "admin"] {
+        let created = vouch(&["admin", "create-key", "--scope", scope, "--json"], dir.path());
+        assert!(created.status.success(), "{created:?}");
+        let key: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
+        assert!(key["api_key"].as_str().unwrap().starts_with("vouch_"));
+    }
+    let rotated = vouch(&["keys", "rotate"], dir.path());
+    assert!(rotated.status.success(), "{rotated:?}");
+
+    let intact = vouch(&["audit", "verify"], dir.path());
+    assert!(intact.status.success(), "{intact:?}");
+    assert!(stdout(&intact).contains("intact"), "{}", stdout(&intact));
+
+    edit_audit_row(&dir.path().join("vouch.db"));
+    let broken = vouch(&["audit", "verify", "--json"], dir.path());
+    assert_eq!(broken.status.code(), Some(1), "{broken:?}");
+    let report: serde_json::Value = serde_json::from_slice(&broken.stdout).unwrap();
+    assert_eq!(report["intact"], false);
+    assert_eq!(report["first_broken_seq"], 2);
+    assert!(report["first_break"].as_str().unwrap().contains("row 2 was edited"), "{report}");
+}
+
+/// Edits row 2 behind the server's back, as someone with database access could.
+fn edit_audit_row(db: &Path) {
+    let url = format!("sqlite://{}", db.display());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        use sqlx::Executor;
+        sqlx::any::install_default_drivers();
+        let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&url).await.unwrap();
+        conn.execute("UPDATE audit_log SET actor = 'someone else' WHERE seq = 2").await.unwrap();
+    });
+}
+
+#[test]
+fn unknown_scope_and_bad_config_are_refused_with_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    let refused = vouch(&["admin", "create-key", "--scope", "root"], dir.path());
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not a scope"));
+    let bad_db = vouch(&["audit", "verify", "--database", "mysql://nowhere"], dir.path());
+    assert_eq!(bad_db.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad_db.stderr).contains("database_url"));
+}
+
+#[test]
+fn sim_enroll_prints_the_documented_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = free_port();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_vouch"))
+        .args(["serve", "--listen", &listen])
+        .env("VOUCH_DATA_DIR", dir.path())
+        .env_remove("VOUCH_DATABASE_URL")
+        .env_remove("VOUCH_MASTER_KEY")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let key_file = dir.path().join("admin.key");
+    let url = format!("http://{listen}");
+    let mut admin_key = String::new();
+    for _ in 0..100 {
+        if let Ok(key) = std::fs::read_to_string(&key_file) {
+            admin_key = key.trim().to_owned();
+            if std::net::TcpStream::connect(&listen).is_ok() {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out =
+        vouch(&["sim", "enroll", "--server", &url, "--api-key", &admin_key, "--kind", "reader", "--json"], dir.path());
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(out.status.success(), "{out:?}");
+    let enrolled: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in ["device_id", "kind", "jwk", "device_credential"] {
+        assert!(enrolled.get(key).is_some(), "missing {key} in {enrolled}");
+    }
+    assert_eq!(enrolled["kind"], "reader");
+}
+
+fn free_port() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+#[test]
+fn sonic_round_trips_a_wav_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let payload: Vec<u8> = (0..200u32).map(|i| (i * 7 % 256) as u8).collect();
+    let input = dir.path().join("payload.bin");
+    std::fs::write(&input, &payload).unwrap();
+    let wav = dir.path().join("tx.wav");
+    let output = dir.path().join("rx.bin");
+    let encoded = vouch(
+        &[
+            "sonic",
+            "encode",
+            "--profile",
+            "audible",
+            "--rate",
+            "44100",
+            "--in",
+            input.to_str().unwrap(),
+            "--out",
+            wav.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert!(encoded.status.success(), "{encoded:?}");
+    let decoded =
+        vouch(&["sonic", "decode", "--in", wav.to_str().unwrap(), "--out", output.to_str().unwrap()], dir.path());
+    assert!(decoded.status.success(), "{decoded:?}");
+    assert_eq!(std::fs::read(&output).unwrap(), payload);
+
+    let silence = dir.path().join("silence.wav");
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 48_000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut writer = hound::WavWriter::create(&silence, spec).unwrap();
+    for _ in 0..48_000 {
+        writer.write_sample(0i16).unwrap();
+    }
+    writer.finalize().unwrap();
+    let nothing = vouch(&["sonic", "decode", "--in", silence.to_str().unwrap()], dir.path());
+    assert_eq!(nothing.status.code(), Some(1), "{nothing:?}");
+}

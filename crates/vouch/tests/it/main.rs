@@ -1,0 +1,3 @@
+//! The `vouch` binary as operators and scripts use it.
+
+mod cli;
