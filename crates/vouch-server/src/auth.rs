@@ -84,10 +84,14 @@ impl FromRequestParts<AppState> for ApiCaller {
             .headers
             .get(AUTHORIZATION)
             .ok_or_else(|| ApiError::unauthorized("missing-credentials", "expected Authorization: Bearer <API key>"))?;
-        let presented =
-            header.to_str().ok().and_then(|h| h.strip_prefix("Bearer ")).ok_or_else(|| {
-                ApiError::unauthorized("invalid-credentials", "expected Authorization: Bearer <API key>")
-            })?;
+        // The scheme name is case-insensitive (RFC 9110 section 11.1).
+        let presented = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("Bearer"))
+            .map(|(_, key)| key)
+            .ok_or_else(|| ApiError::unauthorized("invalid-credentials", "expected Authorization: Bearer <API key>"))?;
         let (id, secret) = split_key(presented.trim())
             .ok_or_else(|| ApiError::unauthorized("invalid-credentials", "API key is malformed"))?;
         let record = match state.store.api_key(id).await {

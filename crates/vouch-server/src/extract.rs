@@ -1,15 +1,19 @@
 //! Request extractors whose rejections are problem documents, so a malformed body,
 //! path or query gets the same RFC 9457 answer as every other error.
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::body::Bytes;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
-use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
 
-/// `axum::Json` with problem-document rejections.
+/// A JSON object body with problem-document rejections. Stricter than `axum::Json`:
+/// the body must be an object, because serde would otherwise accept an array in
+/// place of a struct.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApiJson<T>(pub T);
 
@@ -17,28 +21,42 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(value)) => Ok(ApiJson(value)),
-            Err(rejection) => Err(json_rejection(rejection)),
+        if !is_json_content_type(req.headers()) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "expected Content-Type: application/json",
+            ));
         }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", "request body is over the size limit")
+            } else {
+                ApiError::bad_request("unreadable-body", rejection.body_text())
+            }
+        })?;
+        match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') => {}
+            Some(_) if serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok() => {
+                return Err(ApiError::unprocessable("invalid-body", "the body must be a JSON object"));
+            }
+            Some(_) => return Err(ApiError::bad_request("malformed-json", "the body is not JSON")),
+            None => return Err(ApiError::bad_request("malformed-json", "the body is empty, expected a JSON object")),
+        }
+        serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => ApiError::unprocessable("invalid-body", e.to_string()),
+            _ => ApiError::bad_request("malformed-json", e.to_string()),
+        })
     }
 }
 
-fn json_rejection(rejection: JsonRejection) -> ApiError {
-    let detail = rejection.body_text();
-    match rejection {
-        JsonRejection::JsonDataError(_) => ApiError::unprocessable("invalid-body", detail),
-        JsonRejection::JsonSyntaxError(_) => ApiError::bad_request("malformed-json", detail),
-        JsonRejection::MissingJsonContentType(_) => ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported-media-type",
-            "expected Content-Type: application/json",
-        ),
-        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", "request body is over the size limit")
-        }
-        other => ApiError::bad_request("unreadable-body", other.body_text()),
-    }
+fn is_json_content_type(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or_default().trim();
+    essence.eq_ignore_ascii_case("application/json")
+        || essence.get(essence.len().saturating_sub(5)..).is_some_and(|tail| tail.eq_ignore_ascii_case("+json"))
 }
 
 /// `axum::extract::Path` with problem-document rejections.

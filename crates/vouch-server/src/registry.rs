@@ -584,7 +584,16 @@ async fn suspend_device(
     ApiPath(device_id): ApiPath<String>,
     ApiJson(body): ApiJson<StatusChange>,
 ) -> ApiResult<Json<DeviceView>> {
-    change_status(&state, &caller, &device_id, &body, &[DeviceStatus::Active], DeviceStatus::Suspended).await
+    change_status(
+        &state,
+        &caller,
+        &device_id,
+        &body,
+        &[DeviceStatus::Active],
+        DeviceStatus::Suspended,
+        "device.suspended",
+    )
+    .await
 }
 
 /// Returns a suspended device to service.
@@ -597,7 +606,16 @@ async fn reactivate_device(
     ApiPath(device_id): ApiPath<String>,
     ApiJson(body): ApiJson<StatusChange>,
 ) -> ApiResult<Json<DeviceView>> {
-    change_status(&state, &caller, &device_id, &body, &[DeviceStatus::Suspended], DeviceStatus::Active).await
+    change_status(
+        &state,
+        &caller,
+        &device_id,
+        &body,
+        &[DeviceStatus::Suspended],
+        DeviceStatus::Active,
+        "device.reactivated",
+    )
+    .await
 }
 
 /// Revokes a device for good.
@@ -611,7 +629,7 @@ async fn revoke_device(
     ApiJson(body): ApiJson<StatusChange>,
 ) -> ApiResult<Json<DeviceView>> {
     let from = [DeviceStatus::Active, DeviceStatus::Suspended];
-    change_status(&state, &caller, &device_id, &body, &from, DeviceStatus::Revoked).await
+    change_status(&state, &caller, &device_id, &body, &from, DeviceStatus::Revoked, "device.revoked").await
 }
 
 async fn change_status(
@@ -621,15 +639,15 @@ async fn change_status(
     change: &StatusChange,
     from: &[DeviceStatus],
     to: DeviceStatus,
+    action: &str,
 ) -> ApiResult<Json<DeviceView>> {
     caller.require(Scope::Admin)?;
     check_text("reason", &change.reason, REASON_CHARS_MAX)?;
     let now = state.now();
     let mut tx = state.store.begin().await?;
     let device = tx.set_device_status(device_id, from, to, now).await?;
-    let action = format!("device.{}", to.as_str());
     let detail = serde_json::json!({ "reason": change.reason });
-    tx.append_audit(&audit::entry(now, &caller.actor(), &action, device_id, detail)).await?;
+    tx.append_audit(&audit::entry(now, &caller.actor(), action, device_id, detail)).await?;
     tx.commit().await?;
     Ok(Json(device.into()))
 }

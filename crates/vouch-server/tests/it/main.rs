@@ -1,4 +1,12 @@
 //! Endpoint tests: the router driven in-process with `tower::ServiceExt::oneshot`.
 
+mod admin;
+mod audit;
+mod auth_scheme;
+mod bad_input;
+mod body_shape;
+mod enrolment;
 mod foundation;
+mod ops;
+mod registry;
 mod support;
