@@ -73,3 +73,34 @@ async fn suspended_and_revoked_devices_are_reported() {
     assert_eq!(refused.problem_reason(), Some("invalid-transition"));
     assert_eq!(admin.devices(Some(&merchant.merchant_id)).await.unwrap().len(), 1);
 }
+
+/// The credential is plain JOSE: a library that shares no code with Vouch verifies it
+/// with nothing but the published JWK Set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_independent_jose_library_verifies_the_device_credential() {
+    let server = start().await;
+    let admin = server.admin();
+    let merchant = admin.create_merchant("Corner Shop").await.unwrap();
+    let rng = SystemRandom::new();
+    let identity = DeviceIdentity::generate(&rng).unwrap();
+    let profile = DeviceProfile::simulated(DeviceKind::Consumer, &merchant.merchant_id);
+    let enrolled = sim::enrol(&admin, &identity, &profile, &SystemClock, &rng).await.unwrap();
+
+    let jwks: jsonwebtoken::jwk::JwkSet =
+        serde_json::from_value(serde_json::to_value(admin.jwks().await.unwrap()).unwrap()).unwrap();
+    let header = jsonwebtoken::decode_header(&enrolled.device_credential).unwrap();
+    assert_eq!(header.alg, jsonwebtoken::Algorithm::ES256);
+    let jwk = jwks.find(header.kid.as_deref().unwrap()).expect("kid is published");
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap();
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    validation.set_issuer(&[server.state.config.issuer.as_str()]);
+    validation.set_required_spec_claims(&["exp", "iss", "sub"]);
+    let decoded = jsonwebtoken::decode::<serde_json::Value>(&enrolled.device_credential, &key, &validation).unwrap();
+    assert_eq!(decoded.claims["sub"], enrolled.device_id.as_str());
+    assert_eq!(decoded.claims["kind"], "consumer");
+    assert_eq!(decoded.claims["cnf"]["jwk"]["x"], identity.jwk().x.as_str());
+
+    let mut tampered = enrolled.device_credential.clone();
+    tampered.replace_range(tampered.len() - 4.., "AAAA");
+    assert!(jsonwebtoken::decode::<serde_json::Value>(&tampered, &key, &validation).is_err());
+}
