@@ -76,10 +76,16 @@ async fn revoke_api_key(
 ) -> ApiResult<StatusCode> {
     caller.require(Scope::Admin)?;
     let now = state.now();
-    let mut tx = state.store.begin().await?;
-    tx.revoke_api_key(&key_id, now).await?;
-    tx.append_audit(&audit::entry(now, &caller.actor(), "api_key.revoked", &key_id, serde_json::json!({}))).await?;
-    tx.commit().await?;
+    let entry = audit::entry(now, &caller.actor(), "api_key.revoked", &key_id, serde_json::json!({}));
+    state
+        .store
+        .write(move |tx| {
+            Box::pin(async move {
+                tx.revoke_api_key(&key_id, now).await?;
+                tx.append_audit(&entry).await
+            })
+        })
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -161,11 +161,17 @@ pub async fn create_api_key(
     actor: &str,
 ) -> Result<NewApiKey, ApiError> {
     let key = new_api_key(rng, id, scopes, label, now)?;
-    let mut tx = store.begin().await?;
-    tx.insert_api_key(&key.record).await?;
     let detail = serde_json::json!({ "scopes": key.record.scopes, "label": label });
-    tx.append_audit(&crate::audit::entry(now, actor, "api_key.created", &key.record.id, detail)).await?;
-    tx.commit().await?;
+    let entry = crate::audit::entry(now, actor, "api_key.created", &key.record.id, detail);
+    let record = key.record.clone();
+    store
+        .write(move |tx| {
+            Box::pin(async move {
+                tx.insert_api_key(&record).await?;
+                tx.append_audit(&entry).await
+            })
+        })
+        .await?;
     Ok(key)
 }
 

@@ -6,6 +6,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -107,11 +108,17 @@ async fn create_merchant(
     check_text("name", &body.name, NAME_CHARS_MAX)?;
     let now = state.now();
     let merchant = Merchant { id: new_id("mch"), name: body.name, created_at: now };
-    let mut tx = state.store.begin().await?;
-    tx.insert_merchant(&merchant).await?;
-    let detail = serde_json::json!({ "name": merchant.name });
-    tx.append_audit(&audit::entry(now, &caller.actor(), "merchant.created", &merchant.id, detail)).await?;
-    tx.commit().await?;
+    let entry = audit::entry(now, &caller.actor(), "merchant.created", &merchant.id, json!({ "name": merchant.name }));
+    let record = merchant.clone();
+    state
+        .store
+        .write(move |tx| {
+            Box::pin(async move {
+                tx.insert_merchant(&record).await?;
+                tx.append_audit(&entry).await
+            })
+        })
+        .await?;
     Ok((StatusCode::CREATED, Json(merchant.into())))
 }
 
@@ -190,11 +197,18 @@ async fn create_account(
     let now = state.now();
     let account =
         Account { id: new_id("acc"), merchant_id, label: body.label, currency: body.currency, created_at: now };
-    let mut tx = state.store.begin().await?;
-    tx.insert_account(&account).await?;
-    let detail = serde_json::json!({ "merchant_id": account.merchant_id, "currency": account.currency });
-    tx.append_audit(&audit::entry(now, &caller.actor(), "account.created", &account.id, detail)).await?;
-    tx.commit().await?;
+    let detail = json!({ "merchant_id": account.merchant_id, "currency": account.currency });
+    let entry = audit::entry(now, &caller.actor(), "account.created", &account.id, detail);
+    let record = account.clone();
+    state
+        .store
+        .write(move |tx| {
+            Box::pin(async move {
+                tx.insert_account(&record).await?;
+                tx.append_audit(&entry).await
+            })
+        })
+        .await?;
     Ok((StatusCode::CREATED, Json(account.into())))
 }
 
@@ -263,11 +277,18 @@ async fn create_service_provider(
     let public_jwk = serde_json::to_string(&body.public_jwk).map_err(ApiError::internal)?;
     let provider =
         ServiceProvider { id: new_id("sp"), name: body.name, endpoint: body.endpoint, public_jwk, created_at: now };
-    let mut tx = state.store.begin().await?;
-    tx.insert_service_provider(&provider).await?;
-    let detail = serde_json::json!({ "name": provider.name, "endpoint": provider.endpoint });
-    tx.append_audit(&audit::entry(now, &caller.actor(), "service_provider.created", &provider.id, detail)).await?;
-    tx.commit().await?;
+    let detail = json!({ "name": provider.name, "endpoint": provider.endpoint });
+    let entry = audit::entry(now, &caller.actor(), "service_provider.created", &provider.id, detail);
+    let record = provider.clone();
+    state
+        .store
+        .write(move |tx| {
+            Box::pin(async move {
+                tx.insert_service_provider(&record).await?;
+                tx.append_audit(&entry).await
+            })
+        })
+        .await?;
     Ok((StatusCode::CREATED, Json(provider.into())))
 }
 
@@ -312,9 +333,8 @@ async fn create_enrolment_nonce(
     caller.require(Scope::Provision)?;
     let nonce = b64::encode(random_bytes::<32>(&*state.rng).map_err(ApiError::internal)?);
     let expires_at = state.now() + state.config.enrolment_nonce_ttl_secs;
-    let mut tx = state.store.begin().await?;
-    tx.insert_enrolment_nonce(&nonce, expires_at).await?;
-    tx.commit().await?;
+    let record = nonce.clone();
+    state.store.write(move |tx| Box::pin(async move { tx.insert_enrolment_nonce(&record, expires_at).await })).await?;
     Ok((StatusCode::CREATED, Json(EnrolmentNonce { nonce, expires_at })))
 }
 
@@ -382,16 +402,19 @@ async fn record_refused_enrolment(
 ) {
     let detail = serde_json::json!({ "reason": refusal.reason(), "detail": refusal.detail() });
     let entry = audit::entry(now, &caller.actor(), "device.enrolment_refused", "-", detail);
-    let recorded = async {
-        let mut tx = state.store.begin().await?;
-        if let Some(nonce) = nonce {
-            // Already used, expired or unknown are all fine here: the point is that it is used now.
-            let _ = tx.consume_enrolment_nonce(nonce, now).await?;
-        }
-        tx.append_audit(&entry).await?;
-        tx.commit().await
-    }
-    .await;
+    let nonce = nonce.map(str::to_owned);
+    let recorded = state
+        .store
+        .write(move |tx| {
+            Box::pin(async move {
+                if let Some(nonce) = nonce {
+                    // Used, expired or unknown are all fine: the point is that it is used now.
+                    let _ = tx.consume_enrolment_nonce(&nonce, now).await?;
+                }
+                tx.append_audit(&entry).await
+            })
+        })
+        .await;
     if let Err(e) = recorded {
         tracing::error!(error = %e, "could not record a refused enrolment");
     }
@@ -425,24 +448,9 @@ async fn enrol_verified(
         created_at: now,
         updated_at: now,
     };
-    let mut tx = state.store.begin().await?;
-    tx.consume_enrolment_nonce(&claims.nonce, now).await?.map_err(|rejection| match rejection {
-        NonceRejection::Unknown => ApiError::bad_request("unknown-nonce", "the enrolment nonce was not issued here"),
-        NonceRejection::Expired => ApiError::bad_request("expired-nonce", "the enrolment nonce has expired"),
-        NonceRejection::AlreadyUsed => {
-            ApiError::conflict("replayed-enrolment", "the enrolment nonce has already been used")
-        }
-    })?;
-    tx.insert_device(&device).await.map_err(|e| match e {
-        vouch_store::StoreError::Conflict { .. } => {
-            ApiError::conflict("key-already-enrolled", "this key is already enrolled as another device")
-        }
-        vouch_store::StoreError::MissingReference { .. } => {
-            ApiError::unprocessable("unknown-merchant", "merchant_id names no registered merchant")
-        }
-        other => other.into(),
-    })?;
-    let claims = DeviceCredentialClaims {
+    // Signed before the write so the single writer never waits on a signature; if the
+    // write fails the credential is dropped unseen.
+    let credential_claims = DeviceCredentialClaims {
         iss: state.config.issuer.clone(),
         sub: device.id.clone(),
         kind: device.kind,
@@ -452,15 +460,48 @@ async fn enrol_verified(
         exp: now + state.config.device_credential_ttl_secs,
         jti: new_id("crd"),
     };
-    let payload = serde_json::to_vec(&claims).map_err(ApiError::internal)?;
+    let payload = serde_json::to_vec(&credential_claims).map_err(ApiError::internal)?;
     let device_credential =
         state.keys.sign_jws(Header::es256(DEVICE_CREDENTIAL_TYP), &payload).map_err(ApiError::internal)?;
-    let detail = serde_json::json!({
+    let detail = json!({
         "kind": device.kind, "merchant_id": device.merchant_id, "model": device.model,
         "firmware_version": device.firmware_version, "key_thumbprint": device.key_thumbprint,
     });
-    tx.append_audit(&audit::entry(now, &caller.actor(), "device.enrolled", &device.id, detail)).await?;
-    tx.commit().await?;
+    let entry = audit::entry(now, &caller.actor(), "device.enrolled", &device.id, detail);
+    let record = device.clone();
+    let nonce = claims.nonce;
+    let written = state
+        .store
+        .write(move |tx| {
+            Box::pin(async move {
+                if let Err(rejection) = tx.consume_enrolment_nonce(&nonce, now).await? {
+                    return Ok(Err(rejection));
+                }
+                tx.insert_device(&record).await?;
+                tx.append_audit(&entry).await?;
+                Ok(Ok(()))
+            })
+        })
+        .await;
+    match written {
+        Ok(Ok(())) => {}
+        Ok(Err(NonceRejection::Unknown)) => {
+            return Err(ApiError::bad_request("unknown-nonce", "the enrolment nonce was not issued here"));
+        }
+        Ok(Err(NonceRejection::Expired)) => {
+            return Err(ApiError::bad_request("expired-nonce", "the enrolment nonce has expired"));
+        }
+        Ok(Err(NonceRejection::AlreadyUsed)) => {
+            return Err(ApiError::conflict("replayed-enrolment", "the enrolment nonce has already been used"));
+        }
+        Err(vouch_store::StoreError::Conflict { .. }) => {
+            return Err(ApiError::conflict("key-already-enrolled", "this key is already enrolled as another device"));
+        }
+        Err(vouch_store::StoreError::MissingReference { .. }) => {
+            return Err(ApiError::unprocessable("unknown-merchant", "merchant_id names no registered merchant"));
+        }
+        Err(other) => return Err(other.into()),
+    }
     Ok(EnrolledDevice {
         device_id: device.id,
         kind: device.kind,
@@ -644,10 +685,17 @@ async fn change_status(
     caller.require(Scope::Admin)?;
     check_text("reason", &change.reason, REASON_CHARS_MAX)?;
     let now = state.now();
-    let mut tx = state.store.begin().await?;
-    let device = tx.set_device_status(device_id, from, to, now).await?;
-    let detail = serde_json::json!({ "reason": change.reason });
-    tx.append_audit(&audit::entry(now, &caller.actor(), action, device_id, detail)).await?;
-    tx.commit().await?;
+    let entry = audit::entry(now, &caller.actor(), action, device_id, json!({ "reason": change.reason }));
+    let (device_id, from) = (device_id.to_owned(), from.to_vec());
+    let device = state
+        .store
+        .write(move |tx| {
+            Box::pin(async move {
+                let device = tx.set_device_status(&device_id, &from, to, now).await?;
+                tx.append_audit(&entry).await?;
+                Ok(device)
+            })
+        })
+        .await?;
     Ok(Json(device.into()))
 }

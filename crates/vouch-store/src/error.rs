@@ -15,6 +15,8 @@ pub enum StoreError {
     StatusTransition { from: &'static str, to: &'static str },
     #[error("stored {what} is corrupt: {detail}")]
     Corrupt { what: &'static str, detail: String },
+    #[error("the transaction did not commit: {detail}")]
+    CommitFailed { detail: String },
     #[error("migration {version} failed: {source}")]
     Migration { version: i64, source: sqlx::Error },
     #[error("database error: {0}")]

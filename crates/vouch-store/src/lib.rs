@@ -11,6 +11,7 @@
 
 mod audit;
 mod error;
+mod group_commit;
 mod migrate;
 mod registry;
 mod secrets;
@@ -19,16 +20,17 @@ use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{Any, AnyPool, Executor};
+use tokio::sync::mpsc;
 
 pub use audit::{AuditBreak, AuditEntry, AuditRecord, AuditReport, GENESIS_HASH, chain_hash};
 pub use error::StoreError;
+pub use group_commit::{BATCH_JOBS_MAX, BoxFuture, QUEUE_JOBS_MAX};
 pub use registry::{Account, Device, DeviceFilter, DeviceStatus, Merchant, ServiceProvider};
 pub use secrets::{ApiKeyRecord, NonceRejection, SigningKeyRecord};
 
 /// Limits of the connection pool.
 pub const SQLITE_CONNECTIONS_MAX: u32 = 8;
 pub const POSTGRES_CONNECTIONS_DEFAULT: u32 = 16;
-const BUSY_TIMEOUT_MS: u32 = 5_000;
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +65,12 @@ impl Default for StoreOptions {
 /// The handle the server holds: a pool plus the knowledge of which back-end it is.
 #[derive(Debug, Clone)]
 pub struct Store {
+    /// Reads; on PostgreSQL also writes.
     pool: AnyPool,
+    /// Write transactions (one connection on SQLite).
+    writer: AnyPool,
+    /// The group-commit queue (SQLite only; PostgreSQL groups concurrent commits itself).
+    jobs: Option<mpsc::Sender<group_commit::Job>>,
     backend: Backend,
 }
 
@@ -73,37 +80,35 @@ impl Store {
         sqlx::any::install_default_drivers();
         let backend = Backend::from_url(url)?;
         let connect: AnyConnectOptions = url.parse()?;
-        let pool = match backend {
+        let (pool, writer) = match backend {
             Backend::Sqlite => {
-                AnyPoolOptions::new()
-                    .max_connections(options.max_connections.min(SQLITE_CONNECTIONS_MAX))
-                    .acquire_timeout(ACQUIRE_TIMEOUT)
-                    .after_connect(|conn, _| {
-                        Box::pin(async move {
-                            // WAL lets readers run beside the one writer; FULL makes every
-                            // acknowledged commit durable across power loss.
-                            conn.execute(sqlx::raw_sql(
-                                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-                                 PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
-                            ))
-                            .await?;
-                            Ok(())
-                        })
-                    })
-                    .connect_with(connect)
-                    .await?
+                let readers = sqlite_pool(options.max_connections.min(SQLITE_CONNECTIONS_MAX))
+                    .connect_with(connect.clone())
+                    .await?;
+                // SQLite has one writer at a time. Queueing writers on one connection in
+                // this process is fair and wakes each in turn; letting them contend for
+                // the file lock makes them sleep in SQLite's busy handler instead.
+                let writer = sqlite_pool(1).connect_with(connect).await?;
+                (readers, writer)
             }
             Backend::Postgres => {
-                AnyPoolOptions::new()
+                let pool = AnyPoolOptions::new()
                     .max_connections(options.max_connections)
                     .acquire_timeout(ACQUIRE_TIMEOUT)
                     .connect_with(connect)
-                    .await?
+                    .await?;
+                (pool.clone(), pool)
             }
         };
-        debug_assert_eq!(BUSY_TIMEOUT_MS, 5_000, "keep the PRAGMA above in step");
-        let store = Store { pool, backend };
+        let mut store = Store { pool, writer, jobs: None, backend };
         migrate::run(&store).await?;
+        if backend == Backend::Sqlite {
+            let (queue, jobs) = mpsc::channel(QUEUE_JOBS_MAX);
+            // The writer holds a handle without the queue, so it stops once every
+            // other handle is gone.
+            tokio::spawn(group_commit::run_writer(store.clone(), jobs));
+            store.jobs = Some(queue);
+        }
         Ok(store)
     }
 
@@ -116,10 +121,31 @@ impl Store {
     /// on a lock upgrade.
     pub async fn begin(&self) -> Result<Tx, StoreError> {
         let inner = match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
+            Backend::Sqlite => self.writer.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.writer.begin().await?,
         };
         Ok(Tx { inner })
+    }
+
+    /// Runs `work` in a transaction and returns its value once that transaction has
+    /// committed. On SQLite, concurrent calls share one transaction and one fsync
+    /// (group commit), each isolated in a savepoint: `work` failing undoes only its
+    /// own writes. Use this for every write on a request path.
+    pub async fn write<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'t> FnOnce(&'t mut Tx) -> BoxFuture<'t, Result<T, StoreError>> + Send + 'static,
+    {
+        let Some(queue) = &self.jobs else {
+            let mut tx = self.begin().await?;
+            let value = work(&mut tx).await?;
+            tx.commit().await?;
+            return Ok(value);
+        };
+        let (job, answer) = group_commit::job(work);
+        let stopped = || StoreError::CommitFailed { detail: "the writer has stopped".into() };
+        queue.send(job).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     /// Round trip to the database, for readiness checks.
@@ -130,11 +156,31 @@ impl Store {
 
     pub async fn close(&self) {
         self.pool.close().await;
+        self.writer.close().await;
     }
 
     pub(crate) fn pool(&self) -> &AnyPool {
         &self.pool
     }
+
+    pub(crate) fn writer(&self) -> &AnyPool {
+        &self.writer
+    }
+}
+
+fn sqlite_pool(max_connections: u32) -> AnyPoolOptions {
+    AnyPoolOptions::new().max_connections(max_connections).acquire_timeout(ACQUIRE_TIMEOUT).after_connect(|conn, _| {
+        Box::pin(async move {
+            // WAL lets readers run beside the writer; FULL makes every acknowledged
+            // commit durable across power loss.
+            conn.execute(sqlx::raw_sql(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                 PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
+            ))
+            .await?;
+            Ok(())
+        })
+    })
 }
 
 /// One database transaction. Dropping it without [`Tx::commit`] rolls back.

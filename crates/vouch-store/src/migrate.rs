@@ -21,7 +21,7 @@ const MIGRATIONS: &[Migration] = &[Migration {
 const POSTGRES_MIGRATION_LOCK: i64 = 0x766f_7563_6800;
 
 pub(crate) async fn run(store: &Store) -> Result<(), StoreError> {
-    let mut conn = store.pool().acquire().await?;
+    let mut conn = store.writer().acquire().await?;
     if store.backend() == Backend::Postgres {
         sqlx::query("SELECT pg_advisory_lock($1)").bind(POSTGRES_MIGRATION_LOCK).execute(&mut *conn).await?;
     }

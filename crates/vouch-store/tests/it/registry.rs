@@ -134,3 +134,46 @@ conformance! {
         assert_eq!(winners, 1);
     }
 }
+
+conformance! {
+    async fn grouped_writes_commit_together_and_fail_alone(t: TestStore) {
+        t.store.write(|tx| Box::pin(async move { tx.insert_merchant(&merchant("m1")).await })).await.unwrap();
+        let writes: Vec<_> = (0..60)
+            .map(|i| {
+                let store = t.store.clone();
+                // Every sixth device reuses one key: exactly one of those may enrol.
+                let thumbprint = if i % 6 == 0 { "shared".to_owned() } else { format!("t{i}") };
+                tokio::spawn(async move {
+                    store
+                        .write(move |tx| {
+                            Box::pin(async move {
+                                tx.insert_device(&device(&format!("d{i:02}"), "m1", &thumbprint)).await?;
+                                let entry = vouch_store::AuditEntry {
+                                    at: i,
+                                    actor: "test".into(),
+                                    action: "device.enrolled".into(),
+                                    subject: format!("d{i:02}"),
+                                    detail: "{}".into(),
+                                };
+                                tx.append_audit(&entry).await
+                            })
+                        })
+                        .await
+                })
+            })
+            .collect();
+        let mut committed = 0;
+        for write in writes {
+            match write.await.unwrap() {
+                Ok(_) => committed += 1,
+                Err(StoreError::Conflict { .. }) => {}
+                Err(other) => panic!("unexpected {other}"),
+            }
+        }
+        assert_eq!(committed, 51);
+        let devices = t.store.devices(&DeviceFilter { limit: 100, ..Default::default() }).await.unwrap();
+        assert_eq!(devices.len(), 51);
+        let report = t.store.verify_audit().await.unwrap();
+        assert_eq!((report.rows_checked, report.first_break), (51, None));
+    }
+}

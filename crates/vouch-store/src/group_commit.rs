@@ -1,0 +1,99 @@
+//! Group commit for SQLite: write jobs from many requests run one after another inside
+//! one transaction, each in its own savepoint, and are answered only after that
+//! transaction commits. One fsync then covers the whole batch, so durability
+//! (`synchronous = FULL`) does not cap throughput at the disk's fsync rate.
+//!
+//! A job that fails rolls back to its savepoint and is answered at once; the others in
+//! the batch are unaffected. If the commit itself fails, every job in the batch gets the
+//! error, and none of them took effect.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{StoreError, Tx};
+
+/// Jobs per transaction, bounding how long one commit can keep others waiting.
+pub const BATCH_JOBS_MAX: usize = 256;
+/// Jobs waiting for the writer; beyond this, callers wait to enqueue.
+pub const QUEUE_JOBS_MAX: usize = 4_096;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Called once the batch's fate is known: `Ok` after commit, the error otherwise.
+type Completion = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+pub(crate) type Job = Box<dyn for<'t> FnOnce(&'t mut Tx) -> BoxFuture<'t, Option<Completion>> + Send>;
+
+pub(crate) fn job<T, F>(work: F) -> (Job, oneshot::Receiver<Result<T, StoreError>>)
+where
+    T: Send + 'static,
+    F: for<'t> FnOnce(&'t mut Tx) -> BoxFuture<'t, Result<T, StoreError>> + Send + 'static,
+{
+    let (reply, answer) = oneshot::channel();
+    let job: Job = Box::new(move |tx| {
+        Box::pin(async move {
+            match work(tx).await {
+                Ok(value) => Some(Box::new(move |committed: Result<(), String>| {
+                    let _ = reply.send(committed.map(|()| value).map_err(|detail| StoreError::CommitFailed { detail }));
+                }) as Completion),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    None
+                }
+            }
+        })
+    });
+    (job, answer)
+}
+
+/// Runs until every sender is dropped.
+pub(crate) async fn run_writer(store: crate::Store, mut jobs: mpsc::Receiver<Job>) {
+    let mut batch = Vec::with_capacity(BATCH_JOBS_MAX);
+    while jobs.recv_many(&mut batch, BATCH_JOBS_MAX).await > 0 {
+        run_batch(&store, batch.drain(..)).await;
+    }
+}
+
+async fn run_batch(store: &crate::Store, batch: impl Iterator<Item = Job>) {
+    let mut tx = match store.begin().await {
+        Ok(tx) => tx,
+        Err(e) => {
+            tracing::error!(error = %e, "group commit could not begin a transaction");
+            // A job that is never run answers through its dropped sender, which its
+            // caller sees as a failed write.
+            batch.for_each(drop);
+            return;
+        }
+    };
+    let mut completions = Vec::new();
+    for job in batch {
+        if let Err(e) = savepoint(&mut tx, "SAVEPOINT job").await {
+            tracing::error!(error = %e, "group commit could not open a savepoint");
+            continue;
+        }
+        match job(&mut tx).await {
+            Some(completion) => {
+                if savepoint(&mut tx, "RELEASE SAVEPOINT job").await.is_ok() {
+                    completions.push(completion);
+                } else {
+                    completion(Err("could not release the job's savepoint".into()));
+                }
+            }
+            None => {
+                let _ = savepoint(&mut tx, "ROLLBACK TO SAVEPOINT job").await;
+                let _ = savepoint(&mut tx, "RELEASE SAVEPOINT job").await;
+            }
+        }
+    }
+    let committed = tx.commit().await.map_err(|e| e.to_string());
+    for completion in completions {
+        completion(committed.clone());
+    }
+}
+
+async fn savepoint(tx: &mut Tx, statement: &'static str) -> Result<(), StoreError> {
+    sqlx::query(statement).execute(tx.conn()).await?;
+    Ok(())
+}
