@@ -99,6 +99,12 @@ impl UnverifiedJws {
         &self.header
     }
 
+    /// The payload before its signature is checked: only for finding which key to
+    /// verify with (such as a device id); never trust anything else in it.
+    pub fn payload_unverified(&self) -> &[u8] {
+        &self.payload
+    }
+
     /// Verifies the signature and hands out the payload.
     pub fn verify(&self, key: &VerifyingKey) -> Result<&[u8], ProtoError> {
         key.verify(self.signing_input.as_bytes(), &self.signature)?;

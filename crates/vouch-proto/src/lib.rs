@@ -2,6 +2,7 @@
 //! and a random source, and returns bytes or decisions. The server and the device
 //! SDK both call it; neither the network, a database nor an async runtime appear here.
 
+pub mod attest;
 pub mod b64;
 pub mod clock;
 pub mod crypto;

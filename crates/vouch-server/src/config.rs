@@ -50,6 +50,10 @@ pub struct ConfigLayer {
     pub proof_iat_window_secs: Option<i64>,
     pub device_credential_ttl_secs: Option<i64>,
     pub key_refresh_secs: Option<u64>,
+    pub attest_challenge_ttl_secs: Option<i64>,
+    pub attest_ticket_ttl_secs: Option<i64>,
+    pub attest_spot_check_share: Option<f64>,
+    pub attest_policy_file: Option<PathBuf>,
 }
 
 macro_rules! overlay {
@@ -106,6 +110,10 @@ impl ConfigLayer {
             proof_iat_window_secs: get(&lookup, "proof_iat_window_secs", "seconds")?,
             device_credential_ttl_secs: get(&lookup, "device_credential_ttl_secs", "seconds")?,
             key_refresh_secs: get(&lookup, "key_refresh_secs", "seconds")?,
+            attest_challenge_ttl_secs: get(&lookup, "attest_challenge_ttl_secs", "seconds")?,
+            attest_ticket_ttl_secs: get(&lookup, "attest_ticket_ttl_secs", "seconds")?,
+            attest_spot_check_share: get(&lookup, "attest_spot_check_share", "a share from 0 to 1")?,
+            attest_policy_file: get(&lookup, "attest_policy_file", "a Rego file path")?,
         })
     }
 
@@ -127,7 +135,11 @@ impl ConfigLayer {
             enrolment_nonce_ttl_secs,
             proof_iat_window_secs,
             device_credential_ttl_secs,
-            key_refresh_secs
+            key_refresh_secs,
+            attest_challenge_ttl_secs,
+            attest_ticket_ttl_secs,
+            attest_spot_check_share,
+            attest_policy_file
         )
     }
 }
@@ -154,6 +166,14 @@ pub struct Config {
     /// How often each instance reloads the signing keys, so a rotation made by another
     /// instance or by `vouch keys rotate` is picked up.
     pub key_refresh_secs: u64,
+    /// How long a device has to answer an attestation challenge.
+    pub attest_challenge_ttl_secs: i64,
+    /// How long an attestation ticket is valid.
+    pub attest_ticket_ttl_secs: i64,
+    /// Chance that each optional command is added to a challenge.
+    pub attest_spot_check_share: f64,
+    /// A Rego appraisal policy replacing the default one.
+    pub attest_policy_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -182,6 +202,10 @@ impl Config {
             proof_iat_window_secs: layer.proof_iat_window_secs.unwrap_or(300),
             device_credential_ttl_secs: layer.device_credential_ttl_secs.unwrap_or(365 * 24 * 3600),
             key_refresh_secs: layer.key_refresh_secs.unwrap_or(10),
+            attest_challenge_ttl_secs: layer.attest_challenge_ttl_secs.unwrap_or(60),
+            attest_ticket_ttl_secs: layer.attest_ticket_ttl_secs.unwrap_or(900),
+            attest_spot_check_share: layer.attest_spot_check_share.unwrap_or(0.25),
+            attest_policy_file: layer.attest_policy_file,
         };
         config.validate()?;
         Ok(config)
@@ -205,10 +229,15 @@ impl Config {
             ("enrolment_nonce_ttl_secs", self.enrolment_nonce_ttl_secs),
             ("proof_iat_window_secs", self.proof_iat_window_secs),
             ("device_credential_ttl_secs", self.device_credential_ttl_secs),
+            ("attest_challenge_ttl_secs", self.attest_challenge_ttl_secs),
+            ("attest_ticket_ttl_secs", self.attest_ticket_ttl_secs),
         ] {
             if !(1..=10 * 365 * 24 * 3600).contains(&secs) {
                 return Err(invalid(name, secs, "1 second to 10 years"));
             }
+        }
+        if !(0.0..=1.0).contains(&self.attest_spot_check_share) {
+            return Err(invalid("attest_spot_check_share", self.attest_spot_check_share, "0 to 1"));
         }
         if self.key_refresh_secs == 0 {
             return Err(invalid("key_refresh_secs", 0, "at least 1"));
@@ -221,7 +250,7 @@ impl Config {
     /// Retired signing keys stay published this long: everything they signed has
     /// expired by then.
     pub fn key_overlap_secs(&self) -> i64 {
-        self.device_credential_ttl_secs
+        self.device_credential_ttl_secs.max(self.attest_ticket_ttl_secs)
     }
 
     /// A configuration for tests and the in-process demo and bench servers.

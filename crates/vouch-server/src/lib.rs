@@ -6,6 +6,7 @@
 //! them all.
 
 mod admin;
+pub mod attest;
 pub mod audit;
 pub mod auth;
 pub mod config;
@@ -48,6 +49,7 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     pub rng: Arc<SystemRandom>,
     pub rate_limiter: Arc<auth::RateLimiter>,
+    pub attest_policy: Arc<attest::Policy>,
     metrics: Arc<metrics::Metrics>,
 }
 
@@ -66,6 +68,10 @@ pub enum StartError {
     Store(#[from] vouch_store::StoreError),
     #[error("signing keys: {0}")]
     Keys(#[from] keys::KeyError),
+    #[error("{0}")]
+    Policy(#[from] attest::PolicyError),
+    #[error("cannot read the appraisal policy {path}: {source}")]
+    PolicyFile { path: String, source: std::io::Error },
     #[error("bootstrap admin key: {0}")]
     Bootstrap(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -85,6 +91,7 @@ pub async fn build_state_with_clock(
     master_key_env: Option<&str>,
     clock: Arc<dyn Clock>,
 ) -> Result<AppState, StartError> {
+    let attest_policy = Arc::new(load_policy(&config)?);
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|source| StartError::DataDir { path: config.data_dir.display().to_string(), source })?;
     let rng: Arc<SystemRandom> = Arc::new(SystemRandom::new());
@@ -95,6 +102,7 @@ pub async fn build_state_with_clock(
     bootstrap_admin_key(&store, &config, &rng, clock.now_unix()).await?;
     Ok(AppState {
         rate_limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_sec, config.rate_limit_burst)),
+        attest_policy,
         store,
         keys: Arc::new(keys),
         config: Arc::new(config),
@@ -102,6 +110,17 @@ pub async fn build_state_with_clock(
         rng,
         metrics: Arc::new(metrics::Metrics::default()),
     })
+}
+
+fn load_policy(config: &Config) -> Result<attest::Policy, StartError> {
+    match &config.attest_policy_file {
+        Some(path) => {
+            let rego = std::fs::read_to_string(path)
+                .map_err(|source| StartError::PolicyFile { path: path.display().to_string(), source })?;
+            Ok(attest::Policy::compile(&path.display().to_string(), &rego)?)
+        }
+        None => Ok(attest::Policy::compile("attest.rego", attest::DEFAULT_POLICY)?),
+    }
 }
 
 async fn bootstrap_admin_key(store: &Store, config: &Config, rng: &SystemRandom, now: i64) -> Result<(), StartError> {
@@ -137,8 +156,12 @@ async fn bootstrap_admin_key(store: &Store, config: &Config, rng: &SystemRandom,
 /// The whole API and its OpenAPI description, built from the same route table so the
 /// document cannot drift from the code.
 pub fn api() -> (Router<AppState>, OpenApi) {
-    let (router, mut openapi) =
-        OpenApiRouter::new().merge(ops::routes()).merge(registry::routes()).merge(admin::routes()).split_for_parts();
+    let (router, mut openapi) = OpenApiRouter::new()
+        .merge(ops::routes())
+        .merge(registry::routes())
+        .merge(admin::routes())
+        .merge(attest::routes())
+        .split_for_parts();
     openapi.info.title = "Vouch".into();
     openapi.info.version = env!("CARGO_PKG_VERSION").into();
     openapi.info.description = Some("Trust server for payment devices".into());

@@ -9,6 +9,7 @@
 //! Writes go through a [`Tx`]: a capability consumes its nonce, writes its records and
 //! appends its audit entry in one transaction, so a decision is never half-written.
 
+mod attest;
 mod audit;
 mod error;
 mod group_commit;
@@ -22,6 +23,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{Any, AnyPool, Executor};
 use tokio::sync::mpsc;
 
+pub use attest::{AttestationRecord, ChallengeRecord, ChallengeRejection, ReferenceValues};
 pub use audit::{AuditBreak, AuditEntry, AuditRecord, AuditReport, GENESIS_HASH, chain_hash};
 pub use error::StoreError;
 pub use group_commit::{BATCH_JOBS_MAX, BoxFuture, QUEUE_JOBS_MAX};
