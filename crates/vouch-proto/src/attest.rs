@@ -112,8 +112,9 @@ impl Observation {
     }
 }
 
+/// serde cannot combine `deny_unknown_fields` with `flatten`; the observation itself
+/// refuses unknown fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CommandResult {
     /// The id of the command this answers.
     pub id: String,
@@ -318,4 +319,72 @@ pub fn verify_ticket(
     let claims: TicketClaims = jwt::decode(&jws, &key)?;
     jwt::check_validity(claims.exp, None, clock.now_unix(), 0)?;
     Ok(claims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::FixedClock;
+    use crate::crypto::SystemRandom;
+
+    fn claims() -> EvidenceClaims {
+        EvidenceClaims {
+            attestation_id: "att_1".into(),
+            device_id: "dev_1".into(),
+            nonce: "n".into(),
+            iat: 1_000,
+            results: vec![
+                CommandResult { id: "c1".into(), observation: Observation::RootCheck { detected: false } },
+                CommandResult {
+                    id: "c2".into(),
+                    observation: Observation::Measure { region: "boot".into(), digest: "ab".into() },
+                },
+                CommandResult { id: "c3".into(), observation: Observation::Geo { lat: 52.5, lon: 13.4 } },
+            ],
+            state: DeviceState { firmware_version: "1.0.0".into(), app_version: "2".into(), uptime_secs: 9 },
+            prev_evidence_hash: Some("h".into()),
+            merchant_profile: MerchantProfile { merchant_id: "m".into(), mcc: Some("5812".into()) },
+        }
+    }
+
+    #[test]
+    fn evidence_round_trips_and_binds_to_the_key() {
+        let rng = SystemRandom::new();
+        let key = SigningKey::generate(&rng).unwrap();
+        let token = sign_evidence(&claims(), &key, &rng).unwrap();
+        let jws = UnverifiedJws::parse(&token).unwrap();
+        assert_eq!(verify_evidence(&jws, &key.verifying_key()).unwrap(), claims());
+        let other = SigningKey::generate(&rng).unwrap();
+        assert_eq!(verify_evidence(&jws, &other.verifying_key()).unwrap_err(), ProtoError::BadSignature);
+        assert_eq!(evidence_hash(&token).len(), 43);
+    }
+
+    #[test]
+    fn results_are_tagged_by_kind_and_refuse_unknown_fields() {
+        let json = serde_json::to_value(&claims().results[1]).unwrap();
+        assert_eq!(json, serde_json::json!({"id": "c2", "kind": "measure", "region": "boot", "digest": "ab"}));
+        let wrong: Result<CommandResult, _> =
+            serde_json::from_str(r#"{"id":"c1","kind":"root_check","detected":true,"x":1}"#);
+        assert!(wrong.is_err());
+        let unknown: Result<CommandResult, _> = serde_json::from_str(r#"{"id":"c1","kind":"telepathy"}"#);
+        assert!(unknown.is_err());
+    }
+
+    #[test]
+    fn challenge_requests_are_typed_and_fresh() {
+        let rng = SystemRandom::new();
+        let key = SigningKey::generate(&rng).unwrap();
+        let request = ChallengeRequestClaims { device_id: "dev_1".into(), iat: 1_000 };
+        let token = sign_challenge_request(&request, &key, &rng).unwrap();
+        let jws = UnverifiedJws::parse(&token).unwrap();
+        assert_eq!(peek_claims::<ChallengeRequestClaims>(&jws).unwrap(), request);
+        verify_challenge_request(&jws, &key.verifying_key(), &FixedClock(1_030), 60).unwrap();
+        assert!(verify_challenge_request(&jws, &key.verifying_key(), &FixedClock(2_000), 60).is_err());
+        let evidence = sign_evidence(&claims(), &key, &rng).unwrap();
+        let as_request = UnverifiedJws::parse(&evidence).unwrap();
+        assert!(matches!(
+            verify_challenge_request(&as_request, &key.verifying_key(), &FixedClock(1_000), 60),
+            Err(ProtoError::WrongType { .. })
+        ));
+    }
 }
