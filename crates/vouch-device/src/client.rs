@@ -6,11 +6,13 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use vouch_proto::attest::{EarStatus, Reason, TicketClaims};
 use vouch_proto::enrol::DeviceKind;
 use vouch_proto::{Jwk, JwkSet};
 use zeroize::Zeroizing;
 
 use crate::DeviceError;
+use crate::attest::{Challenge, ReferenceValues};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECTIONS_PER_HOST_MAX: usize = 256;
@@ -66,6 +68,46 @@ pub struct AuditVerification {
     pub intact: bool,
     pub first_break: Option<String>,
     pub first_broken_seq: Option<i64>,
+}
+
+/// The server's verdict on a device's evidence. A denial is a verdict too: status
+/// `contraindicated`, a signed ticket, and the reasons.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttestationOutcome {
+    pub attestation_id: String,
+    pub device_id: String,
+    pub status: EarStatus,
+    /// The signed ticket (JWT, `typ` `vouch-ticket+jwt`).
+    pub ticket: String,
+    pub ticket_id: String,
+    pub risk: u8,
+    #[serde(default)]
+    pub risk_signals: Vec<String>,
+    #[serde(default)]
+    pub reasons: Vec<Reason>,
+    pub expires_at: i64,
+}
+
+/// A relying party's check of a ticket (`POST /v1/tickets/verify`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TicketVerification {
+    pub valid: bool,
+    /// Why the ticket is not valid.
+    pub reason: Option<String>,
+    pub claims: Option<TicketClaims>,
+}
+
+/// One past attestation of a device, newest first in a history.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttestationRecord {
+    pub attestation_id: String,
+    pub status: EarStatus,
+    pub risk: u8,
+    #[serde(default)]
+    pub reasons: Vec<Reason>,
+    pub ticket_id: Option<String>,
+    pub issued_at: i64,
+    pub expires_at: i64,
 }
 
 #[derive(Deserialize)]
@@ -202,6 +244,40 @@ impl VouchClient {
 
     pub async fn verify_audit(&self) -> Result<AuditVerification, DeviceError> {
         self.send(reqwest::Method::GET, "/v1/audit/verify", None).await
+    }
+
+    /// Opens an attestation with a signed challenge request; needs no API key.
+    pub async fn request_attestation(&self, request: &str) -> Result<Challenge, DeviceError> {
+        self.send(reqwest::Method::POST, "/v1/attestations", Some(json!({ "request": request }))).await
+    }
+
+    /// Submits signed evidence for an open attestation; needs no API key.
+    pub async fn submit_evidence(
+        &self,
+        attestation_id: &str,
+        evidence: &str,
+    ) -> Result<AttestationOutcome, DeviceError> {
+        let path = format!("/v1/attestations/{}/evidence", path_segment(attestation_id));
+        self.send(reqwest::Method::POST, &path, Some(json!({ "evidence": evidence }))).await
+    }
+
+    /// Asks the server whether a ticket is good now, device status included.
+    pub async fn verify_ticket(&self, ticket: &str) -> Result<TicketVerification, DeviceError> {
+        self.send(reqwest::Method::POST, "/v1/tickets/verify", Some(json!({ "ticket": ticket }))).await
+    }
+
+    pub async fn attestations(&self, device_id: &str) -> Result<Vec<AttestationRecord>, DeviceError> {
+        let path = format!("/v1/devices/{}/attestations", path_segment(device_id));
+        self.send(reqwest::Method::GET, &path, None).await
+    }
+
+    /// Registers (or replaces) the known-good values for one model and firmware.
+    pub async fn put_reference_values(&self, values: &ReferenceValues) -> Result<ReferenceValues, DeviceError> {
+        self.send(reqwest::Method::PUT, "/v1/reference-values", Some(json!(values))).await
+    }
+
+    pub async fn reference_values(&self) -> Result<Vec<ReferenceValues>, DeviceError> {
+        self.send(reqwest::Method::GET, "/v1/reference-values", None).await
     }
 }
 

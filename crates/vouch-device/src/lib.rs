@@ -1,15 +1,18 @@
-//! The device SDK: an HTTP client for Vouch's API, device key handling, and
-//! simulators that behave like real devices so integrators can try every flow.
+//! The device SDK: an HTTP client for Vouch's API, device key handling, simulators
+//! that behave like real devices so integrators can try every flow, and the tamper
+//! monitoring component that answers attestation challenges (`attest`).
 //!
 //! It depends on the protocol core (`vouch-proto`) and never on the server crate.
 
+pub mod attest;
 mod client;
 mod error;
 pub mod identity;
 pub mod sim;
 
 pub use client::{
-    ApiKeyCreated, AuditVerification, DeviceRecord, EnrolledDevice, EnrolmentNonce, MerchantRecord, VouchClient,
+    ApiKeyCreated, AttestationOutcome, AttestationRecord, AuditVerification, DeviceRecord, EnrolledDevice,
+    EnrolmentNonce, MerchantRecord, TicketVerification, VouchClient,
 };
 pub use error::DeviceError;
 pub use identity::DeviceIdentity;

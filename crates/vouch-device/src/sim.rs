@@ -1,13 +1,17 @@
 //! Device simulators. A simulated device enrols the way a real one does: it fetches a
 //! nonce, signs the enrolment with its own key, and checks the credential it gets
-//! against the server's published keys before trusting it.
+//! against the server's published keys before trusting it. It attests the same way:
+//! its [`TamperMonitor`] answers the server's commands, and it checks the ticket it
+//! gets back before trusting it.
 
+use vouch_proto::attest::{TicketClaims, verify_ticket};
 use vouch_proto::crypto::SystemRandom;
 use vouch_proto::enrol::{DEVICE_CREDENTIAL_TYP, DeviceCredentialClaims, DeviceKind, EnrolmentClaims};
 use vouch_proto::jws::UnverifiedJws;
 use vouch_proto::{Clock, JwkSet, jwt};
 
-use crate::{DeviceError, DeviceIdentity, EnrolledDevice, VouchClient};
+use crate::attest::{Challenge, SignedEvidence, TamperMonitor};
+use crate::{AttestationOutcome, DeviceError, DeviceIdentity, EnrolledDevice, VouchClient};
 
 /// What a simulated device says about itself.
 #[derive(Debug, Clone)]
@@ -89,4 +93,55 @@ pub fn verify_device_credential(
     let claims: DeviceCredentialClaims = jwt::decode(&jws, &key)?;
     jwt::check_validity(claims.exp, None, clock.now_unix(), 0)?;
     Ok(claims)
+}
+
+/// One finished attestation: the challenge, the server's verdict, the ticket's claims as checked by the
+/// device, and the evidence that earned them.
+#[derive(Debug, Clone)]
+pub struct Attestation {
+    pub challenge: Challenge,
+    pub outcome: AttestationOutcome,
+    pub claims: TicketClaims,
+    pub evidence: SignedEvidence,
+}
+
+/// Runs one attestation: asks for a challenge, lets `monitor` run its commands, submits
+/// the signed evidence, and checks the returned ticket — approval or denial — against
+/// the published keys, bound to this device and this attestation. On a verdict the
+/// evidence becomes the monitor's previous state, whatever the verdict was.
+pub async fn attest(
+    client: &VouchClient,
+    identity: &DeviceIdentity,
+    device_id: &str,
+    monitor: &mut TamperMonitor,
+    clock: &dyn Clock,
+    rng: &SystemRandom,
+) -> Result<Attestation, DeviceError> {
+    let request = monitor.challenge_request(device_id, identity.key(), clock, rng)?;
+    let challenge = client.request_attestation(&request).await?;
+    let evidence = monitor.evidence(&challenge, device_id, identity.key(), clock, rng)?;
+    let outcome = client.submit_evidence(&challenge.attestation_id, &evidence.jws).await?;
+    monitor.record_accepted(&evidence);
+
+    let jwks = client.jwks().await?;
+    let claims = verify_ticket_with(&outcome.ticket, &jwks, clock)?;
+    if claims.sub != device_id || claims.cnf.jkt != identity.jwk().thumbprint() {
+        return Err(DeviceError::Untrusted("ticket is not bound to this device".into()));
+    }
+    if claims.attestation_id != challenge.attestation_id
+        || outcome.attestation_id != challenge.attestation_id
+        || outcome.device_id != device_id
+    {
+        return Err(DeviceError::Untrusted("ticket answers another attestation".into()));
+    }
+    if claims.ear_status != outcome.status || claims.jti != outcome.ticket_id {
+        return Err(DeviceError::Untrusted("ticket and verdict disagree".into()));
+    }
+    Ok(Attestation { challenge, outcome, claims, evidence })
+}
+
+/// Verifies a ticket's type, signature by a key of `jwks`, and expiry. Whether the
+/// device is still active is the server's to say (`VouchClient::verify_ticket`).
+pub fn verify_ticket_with(ticket: &str, jwks: &JwkSet, clock: &dyn Clock) -> Result<TicketClaims, DeviceError> {
+    Ok(verify_ticket(ticket, |kid| jwks.find(kid).and_then(|jwk| jwk.verifying_key().ok()), clock)?)
 }

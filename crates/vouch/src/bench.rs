@@ -11,10 +11,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
 use serde::Serialize;
+use vouch_device::attest::{SimulatedDeviceState, TamperMonitor};
 use vouch_device::sim::{self, DeviceProfile};
 use vouch_device::{DeviceIdentity, VouchClient};
 use vouch_proto::SigningKey;
 use vouch_proto::SystemClock;
+use vouch_proto::attest::EarStatus;
 use vouch_proto::crypto::SystemRandom;
 use vouch_proto::enrol::DeviceKind;
 
@@ -30,6 +32,9 @@ pub enum Scenario {
     Crypto,
     /// Device enrolment: nonce, then a signed proof (server: 1 verify + 1 sign + 2 commits).
     Enroll,
+    /// Attestation round trip: signed challenge request, signed evidence, ticket
+    /// (server: 2 verifies + 1 sign + 2 writes; the crypto bound counts 1 verify + 1 sign).
+    Attest,
 }
 
 #[derive(Debug, clap::Args)]
@@ -80,6 +85,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let report = match args.scenario {
         Scenario::Crypto => crypto(&args).await?,
         Scenario::Enroll => enroll(&args).await?,
+        Scenario::Attest => attest(&args).await?,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -158,16 +164,21 @@ async fn crypto(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     Ok(report("crypto", threads, duration, ops, &histogram, bound))
 }
 
-async fn enroll(args: &BenchArgs) -> anyhow::Result<BenchReport> {
-    let local;
-    let (url, api_key) = match &args.target {
-        Some(url) => (url.clone(), args.api_key.clone().context("--target needs --api-key (admin scope)")?),
+/// The server to drive: a running one (`--target`) or one started in-process, which
+/// lives as long as the returned handle.
+async fn bench_server(args: &BenchArgs) -> anyhow::Result<(VouchClient, Option<crate::demo::LocalServer>)> {
+    let (url, api_key, local) = match &args.target {
+        Some(url) => (url.clone(), args.api_key.clone().context("--target needs --api-key (admin scope)")?, None),
         None => {
-            local = crate::demo::start_local(args.database.as_deref(), 10_000_000).await?;
-            (local.url.clone(), local.admin_key.clone())
+            let local = crate::demo::start_local(args.database.as_deref(), 10_000_000).await?;
+            (local.url.clone(), local.admin_key.clone(), Some(local))
         }
     };
-    let admin = VouchClient::new(&url)?.with_api_key(&api_key);
+    Ok((VouchClient::new(&url)?.with_api_key(&api_key), local))
+}
+
+async fn enroll(args: &BenchArgs) -> anyhow::Result<BenchReport> {
+    let (admin, _local) = bench_server(args).await?;
     let merchant = admin.create_merchant("Bench merchant").await?;
     let bound = crypto_bound(CRYPTO_SAMPLE).await?;
 
@@ -208,6 +219,70 @@ async fn enroll(args: &BenchArgs) -> anyhow::Result<BenchReport> {
             })
         })
         .collect();
+    let (total, histogram) = gather(clients, &failures, "enrolments").await?;
+    Ok(report("enroll", args.clients, duration, total, &histogram, bound))
+}
+
+async fn attest(args: &BenchArgs) -> anyhow::Result<BenchReport> {
+    let (admin, _local) = bench_server(args).await?;
+    let merchant = admin.create_merchant("Bench merchant").await?;
+    let clean = SimulatedDeviceState::clean(DeviceKind::Terminal, &merchant.merchant_id);
+    admin.put_reference_values(&clean.reference_values()).await?;
+    let rng = SystemRandom::new();
+    let mut devices = Vec::with_capacity(args.clients);
+    for _ in 0..args.clients {
+        let identity = DeviceIdentity::generate(&rng)?;
+        let enrolled = sim::enrol(&admin, &identity, &clean.profile(), &SystemClock, &rng).await?;
+        devices.push((identity, enrolled.device_id, TamperMonitor::new(clean.clone())));
+    }
+    let bound = crypto_bound(CRYPTO_SAMPLE).await?;
+
+    let duration = Duration::from_secs(args.seconds);
+    let deadline = Instant::now() + duration;
+    let failures = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = devices
+        .into_iter()
+        .map(|(identity, device_id, mut monitor)| {
+            let client = admin.clone();
+            let failures = failures.clone();
+            tokio::spawn(async move {
+                let rng = SystemRandom::new();
+                let mut histogram = Histogram::<u64>::new_with_max(LATENCY_MAX_US, 3)?;
+                let mut ops = 0u64;
+                while Instant::now() < deadline {
+                    let started = Instant::now();
+                    let outcome = async {
+                        let request = monitor.challenge_request(&device_id, identity.key(), &SystemClock, &rng)?;
+                        let challenge = client.request_attestation(&request).await?;
+                        let evidence = monitor.evidence(&challenge, &device_id, identity.key(), &SystemClock, &rng)?;
+                        let verdict = client.submit_evidence(&challenge.attestation_id, &evidence.jws).await?;
+                        monitor.record_accepted(&evidence);
+                        anyhow::Ok(verdict.status)
+                    }
+                    .await;
+                    match outcome {
+                        Ok(EarStatus::Affirming) => {
+                            histogram.saturating_record(started.elapsed().as_micros() as u64);
+                            ops += 1;
+                        }
+                        other => {
+                            if failures.fetch_add(1, Ordering::Relaxed) == 0 {
+                                eprintln!("attestation did not affirm: {other:?}");
+                            }
+                        }
+                    }
+                }
+                anyhow::Ok((ops, histogram))
+            })
+        })
+        .collect();
+    let (total, histogram) = gather(clients, &failures, "attestations").await?;
+    Ok(report("attest", args.clients, duration, total, &histogram, bound))
+}
+
+type ClientRun = tokio::task::JoinHandle<anyhow::Result<(u64, Histogram<u64>)>>;
+
+async fn gather(clients: Vec<ClientRun>, failures: &AtomicU64, what: &str) -> anyhow::Result<(u64, Histogram<u64>)> {
     let mut total = 0;
     let mut histogram = Histogram::<u64>::new_with_max(LATENCY_MAX_US, 3)?;
     for client in clients {
@@ -217,9 +292,9 @@ async fn enroll(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     }
     let failed = failures.load(Ordering::Relaxed);
     if failed > 0 {
-        eprintln!("{failed} enrolments failed during the run");
+        eprintln!("{failed} {what} failed during the run");
     }
-    Ok(report("enroll", args.clients, duration, total, &histogram, bound))
+    Ok((total, histogram))
 }
 
 fn report(

@@ -4,9 +4,11 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
+use vouch_device::attest::{SimulatedDeviceState, Tamper, TamperMonitor};
 use vouch_device::sim::{self, DeviceProfile};
 use vouch_device::{DeviceIdentity, VouchClient};
 use vouch_proto::SystemClock;
+use vouch_proto::attest::EarStatus;
 use vouch_proto::crypto::SystemRandom;
 use vouch_proto::enrol::DeviceKind;
 
@@ -123,6 +125,8 @@ pub async fn run() -> anyhow::Result<ExitCode> {
         jwks.keys.len()
     ));
 
+    attestation_steps(&server, &admin, &factory, &merchant.merchant_id, &mut steps, &rng).await?;
+
     let audit = admin.verify_audit().await?;
     if !audit.intact {
         bail!("audit chain broken: {:?}", audit.first_break);
@@ -131,4 +135,85 @@ pub async fn run() -> anyhow::Result<ExitCode> {
 
     println!("demo complete: {} steps passed, 0 failed", steps.done);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Seed 002: a clean terminal is approved, a tampered one denied with its reasons, and
+/// an approval stops counting the moment its device is suspended.
+async fn attestation_steps(
+    server: &LocalServer,
+    admin: &VouchClient,
+    factory: &VouchClient,
+    merchant_id: &str,
+    steps: &mut Steps,
+    rng: &SystemRandom,
+) -> anyhow::Result<()> {
+    let clean_state = SimulatedDeviceState::clean(DeviceKind::Terminal, merchant_id);
+    let reference = admin.put_reference_values(&clean_state.reference_values()).await?;
+    steps.pass(&format!(
+        "reference values registered for {} firmware {}: {} measured regions, OS patch >= {}",
+        reference.model,
+        reference.firmware_version,
+        reference.measurements.len(),
+        reference.min_os_patch_level
+    ));
+
+    // Devices attest with their own signatures; they hold no API key.
+    let device_client = VouchClient::new(&server.url)?;
+    let clean_identity = DeviceIdentity::generate(rng)?;
+    let clean = sim::enrol(factory, &clean_identity, &clean_state.profile(), &SystemClock, rng).await?;
+    let mut monitor = TamperMonitor::new(clean_state);
+    let approved =
+        sim::attest(&device_client, &clean_identity, &clean.device_id, &mut monitor, &SystemClock, rng).await?;
+    if approved.outcome.status != EarStatus::Affirming {
+        bail!("the clean terminal was not approved: {:?}", approved.outcome);
+    }
+    steps.pass(&format!(
+        "clean terminal {} attested: {} after {} commands, risk {}, ticket {} verified (expires in {} s)",
+        clean.device_id,
+        approved.outcome.status.as_str(),
+        approved.challenge.commands.len(),
+        approved.outcome.risk,
+        approved.outcome.ticket_id,
+        approved.claims.exp - approved.claims.iat
+    ));
+
+    let tampers = [Tamper::Root, Tamper::TamperSwitch];
+    let tampered_state = SimulatedDeviceState::clean(DeviceKind::Terminal, merchant_id).with_tampers(&tampers);
+    let tampered_identity = DeviceIdentity::generate(rng)?;
+    let tampered = sim::enrol(factory, &tampered_identity, &tampered_state.profile(), &SystemClock, rng).await?;
+    let mut tampered_monitor = TamperMonitor::new(tampered_state);
+    let denied =
+        sim::attest(&device_client, &tampered_identity, &tampered.device_id, &mut tampered_monitor, &SystemClock, rng)
+            .await?;
+    let codes: Vec<&str> = denied.outcome.reasons.iter().map(|r| r.code.as_str()).collect();
+    if denied.outcome.status != EarStatus::Contraindicated || tampers.iter().any(|t| !codes.contains(&t.reason_code()))
+    {
+        bail!("the tampered terminal was not denied for its tampering: {:?}", denied.outcome);
+    }
+    steps.pass(&format!(
+        "rooted, opened terminal {} denied: {} with signed reasons {}",
+        tampered.device_id,
+        denied.outcome.status.as_str(),
+        codes.join(", ")
+    ));
+
+    let ticket = &approved.outcome.ticket;
+    let before = admin.verify_ticket(ticket).await?;
+    if !before.valid {
+        bail!("the clean terminal's ticket did not verify: {before:?}");
+    }
+    admin.change_device_status(&clean.device_id, "suspend", "reported stolen").await?;
+    let after = admin.verify_ticket(ticket).await?;
+    if after.valid {
+        bail!("a suspended device's ticket still verified: {after:?}");
+    }
+    steps.pass(&format!(
+        "clean ticket valid at /v1/tickets/verify; after suspending the terminal: refused ({})",
+        after.reason.as_deref().unwrap_or("no reason given")
+    ));
+
+    let history = admin.attestations(&clean.device_id).await?;
+    let latest = history.first().map_or("none", |a| a.status.as_str());
+    steps.pass(&format!("attestation history of {}: {} recorded, latest {latest}", clean.device_id, history.len()));
+    Ok(())
 }

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use vouch_device::attest::{ReferenceValues, SimulatedDeviceState, Tamper, TamperMonitor};
 use vouch_device::sim::{self, DeviceProfile};
-use vouch_device::{DeviceIdentity, VouchClient};
+use vouch_device::{DeviceError, DeviceIdentity, VouchClient};
 use vouch_proto::SystemClock;
 use vouch_proto::crypto::SystemRandom;
 use vouch_proto::enrol::DeviceKind;
@@ -114,6 +115,33 @@ pub enum SimCommand {
         #[command(flatten)]
         device: DeviceArgs,
     },
+    /// Run one attestation of a simulated device, enrolling it first if needed, and print
+    /// {device_id, status, ticket, reasons}. A denial is an answer, not a failure: the
+    /// exit status is 0 whatever the verdict.
+    Attest(AttestArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct AttestArgs {
+    #[command(flatten)]
+    remote: RemoteArgs,
+    /// PKCS#8 PEM P-256 device key, created when missing. The enrolment and the previous
+    /// evidence hash are kept beside it in KEY.vouch.json, so runs reuse one device.
+    /// Without it a new device is enrolled on every run.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Comma-separated tamper conditions to simulate: root, debugger, hook, emulator,
+    /// modified_code, tamper_switch, old_patch, unknown_firmware, reader_firmware. The
+    /// server decides which checks each kind faces (a terminal meets hook and emulator
+    /// checks only at random), so a condition it does not ask about goes unseen.
+    #[arg(long, value_delimiter = ',')]
+    tamper: Vec<Tamper>,
+    /// reader, pos, terminal or consumer.
+    #[arg(long, default_value = "terminal")]
+    kind: DeviceKind,
+    /// The owning merchant of a new device; a simulated merchant is registered when omitted.
+    #[arg(long)]
+    merchant_id: Option<String>,
 }
 
 pub async fn merchant(command: MerchantCommand) -> anyhow::Result<ExitCode> {
@@ -157,6 +185,7 @@ pub async fn device(command: DeviceCommand) -> anyhow::Result<ExitCode> {
 pub async fn sim(command: SimCommand) -> anyhow::Result<ExitCode> {
     match command {
         SimCommand::Enroll { remote, device } => enrol(&remote, &device).await,
+        SimCommand::Attest(args) => attest(&args).await,
     }
 }
 
@@ -194,6 +223,183 @@ async fn enrol(remote: &RemoteArgs, args: &DeviceArgs) -> anyhow::Result<ExitCod
     };
     remote.print(&output, |o| format!("enrolled {} {} for merchant {}", o.kind, o.device_id, o.merchant_id))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `sim attest --key` remembers between runs, beside the key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SimDeviceFile {
+    server: String,
+    device_id: String,
+    kind: DeviceKind,
+    merchant_id: String,
+    prev_evidence_hash: Option<String>,
+}
+
+/// The `sim attest` output. `device_id`, `status`, `ticket` and `reasons` are the
+/// stable contract; the rest is there for people and may grow.
+#[derive(Debug, Serialize)]
+struct AttestOutput {
+    device_id: String,
+    status: vouch_proto::attest::EarStatus,
+    ticket: String,
+    reasons: Vec<vouch_proto::attest::Reason>,
+    attestation_id: String,
+    ticket_id: String,
+    risk: u8,
+    risk_signals: Vec<String>,
+    expires_at: i64,
+    tampers: Vec<Tamper>,
+    enrolled: bool,
+}
+
+async fn attest(args: &AttestArgs) -> anyhow::Result<ExitCode> {
+    let remote = &args.remote;
+    let client = remote.client()?;
+    let rng = SystemRandom::new();
+    let (identity, state_path) = match &args.key {
+        Some(path) => (load_or_create_key(path, &rng)?, Some(state_file_path(path))),
+        None => (DeviceIdentity::generate(&rng)?, None),
+    };
+    let remembered = match &state_path {
+        Some(path) => read_state_file(path)?.filter(|f| f.server == client.base_url() && f.kind == args.kind),
+        None => None,
+    };
+    let remembered_prev = remembered.as_ref().and_then(|f| f.prev_evidence_hash.clone());
+    ensure_reference_values(&client, args.kind).await?;
+
+    let mut enrolment = match remembered {
+        Some(file) => Enrolment { device_id: file.device_id, merchant_id: file.merchant_id, fresh: false },
+        None => enrol_for_attestation(&client, &identity, args, &rng).await?,
+    };
+    let device_state =
+        |merchant_id: &str| SimulatedDeviceState::clean(args.kind, merchant_id).with_tampers(&args.tamper);
+    let mut monitor = TamperMonitor::resume(device_state(&enrolment.merchant_id), remembered_prev);
+    let outcome = sim::attest(&client, &identity, &enrolment.device_id, &mut monitor, &SystemClock, &rng).await;
+    let attestation = match outcome {
+        // The remembered enrolment belongs to a database that is gone (a fresh server
+        // on the same address): enrol again and start a new chain.
+        Err(e) if !enrolment.fresh && e.problem_reason() == Some("unknown-device") => {
+            enrolment = enrol_for_attestation(&client, &identity, args, &rng).await?;
+            monitor = TamperMonitor::new(device_state(&enrolment.merchant_id));
+            sim::attest(&client, &identity, &enrolment.device_id, &mut monitor, &SystemClock, &rng).await?
+        }
+        other => other?,
+    };
+    if let Some(path) = &state_path {
+        let file = SimDeviceFile {
+            server: client.base_url().to_owned(),
+            device_id: enrolment.device_id.clone(),
+            kind: args.kind,
+            merchant_id: enrolment.merchant_id.clone(),
+            prev_evidence_hash: monitor.prev_evidence_hash().map(str::to_owned),
+        };
+        write_state_file(path, &file)?;
+    }
+
+    let outcome = attestation.outcome;
+    let output = AttestOutput {
+        device_id: enrolment.device_id,
+        status: outcome.status,
+        ticket: outcome.ticket,
+        reasons: outcome.reasons,
+        attestation_id: outcome.attestation_id,
+        ticket_id: outcome.ticket_id,
+        risk: outcome.risk,
+        risk_signals: outcome.risk_signals,
+        expires_at: outcome.expires_at,
+        tampers: args.tamper.clone(),
+        enrolled: enrolment.fresh,
+    };
+    remote.print(&output, |o| {
+        let mut text = format!("{} {}: {} (risk {})", args.kind, o.device_id, o.status.as_str(), o.risk);
+        for reason in &o.reasons {
+            text.push_str(&format!("\n  {}: {}", reason.code, reason.text));
+        }
+        text.push_str(&format!("\nticket {} (the JWT is in --json)", o.ticket_id));
+        text
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+struct Enrolment {
+    device_id: String,
+    merchant_id: String,
+    /// Enrolled by this run.
+    fresh: bool,
+}
+
+/// Enrols the simulated device, under `--merchant-id` or a new simulated merchant.
+async fn enrol_for_attestation(
+    client: &VouchClient,
+    identity: &DeviceIdentity,
+    args: &AttestArgs,
+    rng: &SystemRandom,
+) -> anyhow::Result<Enrolment> {
+    let merchant_id = match &args.merchant_id {
+        Some(id) => id.clone(),
+        None => client.create_merchant("Simulated merchant").await.context("registering a merchant")?.merchant_id,
+    };
+    let profile = SimulatedDeviceState::clean(args.kind, &merchant_id).with_tampers(&args.tamper).profile();
+    match sim::enrol(client, identity, &profile, &SystemClock, rng).await {
+        Ok(device) => Ok(Enrolment { device_id: device.device_id, merchant_id, fresh: true }),
+        Err(e) if e.problem_reason() == Some("key-already-enrolled") => {
+            Err(e).context("the key is enrolled on this server but its .vouch.json state file is gone")
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Registers the clean model's reference values when the server has none for it, so
+/// the command works against a fresh server. Reading them needs the admin scope; with a
+/// narrower key the admin is assumed to have registered them.
+async fn ensure_reference_values(client: &VouchClient, kind: DeviceKind) -> anyhow::Result<()> {
+    let wanted = ReferenceValues::simulated(kind);
+    let existing = match client.reference_values().await {
+        Ok(existing) => existing,
+        Err(e @ DeviceError::Problem { status: 401 | 403, .. }) => {
+            eprintln!("note: cannot read reference values ({e}); assuming an admin registered them");
+            return Ok(());
+        }
+        Err(e) => return Err(e).context("reading reference values"),
+    };
+    if !existing.iter().any(|r| r.model == wanted.model && r.firmware_version == wanted.firmware_version) {
+        client.put_reference_values(&wanted).await.context("registering reference values")?;
+    }
+    Ok(())
+}
+
+fn state_file_path(key: &std::path::Path) -> PathBuf {
+    let mut name = key.as_os_str().to_owned();
+    name.push(".vouch.json");
+    PathBuf::from(name)
+}
+
+fn load_or_create_key(path: &std::path::Path, rng: &SystemRandom) -> anyhow::Result<DeviceIdentity> {
+    if path.exists() {
+        return Ok(DeviceIdentity::load_pem(path)?);
+    }
+    let identity = DeviceIdentity::generate(rng)?;
+    write_private_file(path, identity.to_pem()?.as_bytes())?;
+    Ok(identity)
+}
+
+fn read_state_file(path: &std::path::Path) -> anyhow::Result<Option<SimDeviceFile>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Written by rename, so an interrupted run leaves the previous file whole.
+fn write_state_file(path: &std::path::Path, file: &SimDeviceFile) -> anyhow::Result<()> {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let temporary = PathBuf::from(temporary);
+    std::fs::write(&temporary, serde_json::to_vec_pretty(file)?)
+        .with_context(|| format!("writing {}", temporary.display()))?;
+    std::fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }
 
 fn write_private_file(path: &std::path::Path, contents: &[u8]) -> anyhow::Result<()> {

@@ -1,5 +1,6 @@
 //! End-to-end flows: a real server on a free port, driven by the device SDK.
 
+mod attest;
 mod enrolment;
 mod instances;
 mod support;
