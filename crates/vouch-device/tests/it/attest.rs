@@ -285,3 +285,31 @@ async fn bad_evidence_is_refused_without_a_ticket() {
     let replayed = fx.device_client.submit_evidence(&issued.attestation_id, &good.jws).await.unwrap_err();
     assert!(matches!(replayed, DeviceError::Problem { status: 400..=499, .. }), "replay: {replayed}");
 }
+
+/// Tickets are standard EAR: the reference implementation's claim types parse them, and
+/// an independent JOSE library verifies them against the published JWK Set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tickets_parse_as_ear_and_verify_with_an_independent_jose_library() {
+    let fx = fixture().await;
+    let mut clean = fx.device(&[]).await;
+    let mut tampered = fx.device(&[Tamper::Root]).await;
+    for attestation in [fx.attest(&mut clean).await.unwrap(), fx.attest(&mut tampered).await.unwrap()] {
+        let ticket = &attestation.outcome.ticket;
+        let payload = ticket.split('.').nth(1).unwrap();
+        let claims = vouch_proto::b64::decode("ticket", payload).unwrap();
+        let ear: ear::Ear = serde_json::from_slice(&claims).unwrap();
+        ear.validate().unwrap();
+        assert_eq!(ear.profile, vouch_proto::attest::EAR_PROFILE);
+        let appraisal = ear.submods.get("terminal").expect("a terminal appraisal");
+        assert_eq!(appraisal.status.to_string(), attestation.outcome.status.as_str());
+
+        let jwks: jsonwebtoken::jwk::JwkSet =
+            serde_json::from_value(serde_json::to_value(fx.admin.jwks().await.unwrap()).unwrap()).unwrap();
+        let header = jsonwebtoken::decode_header(ticket).unwrap();
+        let key = jsonwebtoken::DecodingKey::from_jwk(jwks.find(header.kid.as_deref().unwrap()).unwrap()).unwrap();
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+        validation.set_issuer(&[fx.server.state.config.issuer.as_str()]);
+        let decoded = jsonwebtoken::decode::<serde_json::Value>(ticket, &key, &validation).unwrap();
+        assert_eq!(decoded.claims["ear_status"], attestation.outcome.status.as_str());
+    }
+}
