@@ -51,10 +51,12 @@ pub struct AttestationRecord {
     pub observations: String,
     pub issued_at: i64,
     pub expires_at: i64,
+    /// Sequence number of the audit entry recorded with it; orders a device's results.
+    pub audit_seq: i64,
 }
 
-const RESULT_COLUMNS: &str =
-    "id, device_id, status, risk, reasons, ticket_id, ticket, evidence_hash, observations, issued_at, expires_at";
+const RESULT_COLUMNS: &str = "id, device_id, status, risk, reasons, ticket_id, ticket, evidence_hash, observations, \
+     issued_at, expires_at, audit_seq";
 
 fn result_from_row(row: &AnyRow) -> Result<AttestationRecord, StoreError> {
     Ok(AttestationRecord {
@@ -69,6 +71,7 @@ fn result_from_row(row: &AnyRow) -> Result<AttestationRecord, StoreError> {
         observations: row.try_get("observations")?,
         issued_at: row.try_get("issued_at")?,
         expires_at: row.try_get("expires_at")?,
+        audit_seq: row.try_get("audit_seq")?,
     })
 }
 
@@ -155,7 +158,7 @@ impl Tx {
 
     pub async fn insert_attestation(&mut self, record: &AttestationRecord) -> Result<(), StoreError> {
         let sql = sqlx::AssertSqlSafe(format!(
-            "INSERT INTO attestation_results ({RESULT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+            "INSERT INTO attestation_results ({RESULT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
         ));
         sqlx::query(sql)
             .bind(&record.id)
@@ -169,10 +172,24 @@ impl Tx {
             .bind(&record.observations)
             .bind(record.issued_at)
             .bind(record.expires_at)
+            .bind(record.audit_seq)
             .execute(self.conn())
             .await
             .map_err(StoreError::on_insert("attestation", "challenge"))?;
         Ok(())
+    }
+}
+
+impl Tx {
+    /// The device's latest result as seen inside this transaction, so a writer can tell
+    /// whether another answer landed since it read the history.
+    pub async fn latest_attestation_id(&mut self, device_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM attestation_results WHERE device_id = $1 ORDER BY audit_seq DESC LIMIT 1",
+        )
+        .bind(device_id)
+        .fetch_optional(self.conn())
+        .await?)
     }
 }
 
@@ -217,7 +234,7 @@ impl Store {
     pub async fn attestations(&self, device_id: &str, limit: u32) -> Result<Vec<AttestationRecord>, StoreError> {
         let sql = sqlx::AssertSqlSafe(format!(
             "SELECT {RESULT_COLUMNS} FROM attestation_results WHERE device_id = $1 \
-             ORDER BY issued_at DESC, id DESC LIMIT $2"
+             ORDER BY audit_seq DESC LIMIT $2"
         ));
         let rows = sqlx::query(sql).bind(device_id).bind(i64::from(limit)).fetch_all(self.pool()).await?;
         rows.iter().map(result_from_row).collect()

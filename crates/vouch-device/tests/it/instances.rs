@@ -84,3 +84,92 @@ async fn a_nonce_is_used_once_across_instances() {
     let loser = outcomes.into_iter().find_map(Result::err).unwrap();
     assert_eq!(loser.problem_reason(), Some("replayed-enrolment"), "{loser}");
 }
+
+/// `POST` `body` to `url`; the status and the JSON answer.
+async fn post_json(http: &reqwest::Client, url: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let response = http.post(url).json(&body).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_evidence_sent_to_both_instances_at_once_is_accepted_exactly_once() {
+    use vouch_proto::Clock;
+    use vouch_proto::attest::{self, ChallengeRequestClaims, Command, CommandKind, CommandResult, Observation};
+
+    let Some((first, second)) = two_instances_on_postgres().await else { return };
+    let admin_key = if first.admin_key.is_empty() { &second.admin_key } else { &first.admin_key };
+    let admin = VouchClient::new(&first.url).unwrap().with_api_key(admin_key);
+    let merchant = admin.create_merchant("Shared Shop").await.unwrap();
+    let rng = SystemRandom::new();
+    let identity = DeviceIdentity::generate(&rng).unwrap();
+    let profile = DeviceProfile::simulated(DeviceKind::Terminal, &merchant.merchant_id);
+    let proof = sim::enrolment_proof(&admin, &identity, &profile, &SystemClock, &rng).await.unwrap();
+    let device_id = admin.enrol(&proof).await.unwrap().device_id;
+
+    // The challenge comes from instance one; the device answers it as the protocol says.
+    let http = reqwest::Client::new();
+    let request = ChallengeRequestClaims { device_id: device_id.clone(), iat: SystemClock.now_unix() };
+    let request = attest::sign_challenge_request(&request, identity.key(), &rng).unwrap();
+    let (status, challenge) =
+        post_json(&http, &format!("{}/v1/attestations", first.url), serde_json::json!({ "request": request })).await;
+    assert_eq!(status, 201, "{challenge}");
+    let attestation_id = challenge["attestation_id"].as_str().unwrap().to_owned();
+    let commands: Vec<Command> = serde_json::from_value(challenge["commands"].clone()).unwrap();
+    let results = commands
+        .iter()
+        .map(|command| CommandResult {
+            id: command.id.clone(),
+            observation: match command.kind {
+                CommandKind::Measure => {
+                    Observation::Measure { region: command.region.clone().unwrap_or_default(), digest: "00".repeat(32) }
+                }
+                CommandKind::RootCheck => Observation::RootCheck { detected: false },
+                CommandKind::DebuggerCheck => Observation::DebuggerCheck { detected: false },
+                CommandKind::HookCheck => Observation::HookCheck { detected: false },
+                CommandKind::EmulatorCheck => Observation::EmulatorCheck { detected: false },
+                CommandKind::TamperSwitch => Observation::TamperSwitch { open: false },
+                CommandKind::OsPatchLevel => Observation::OsPatchLevel { patch_level: "2026-03-01".into() },
+                CommandKind::Geo => Observation::Geo { lat: 48.86, lon: 2.35 },
+                CommandKind::ReaderFirmware => Observation::ReaderFirmware { version: "3.1.0".into() },
+            },
+        })
+        .collect();
+    let claims = attest::EvidenceClaims {
+        attestation_id: attestation_id.clone(),
+        device_id: device_id.clone(),
+        nonce: challenge["nonce"].as_str().unwrap().to_owned(),
+        iat: SystemClock.now_unix(),
+        results,
+        state: attest::DeviceState {
+            firmware_version: profile.firmware_version.clone(),
+            app_version: "1.0.0".into(),
+            uptime_secs: 60,
+        },
+        prev_evidence_hash: None,
+        merchant_profile: attest::MerchantProfile { merchant_id: merchant.merchant_id.clone(), mcc: None },
+    };
+    let evidence = attest::sign_evidence(&claims, identity.key(), &rng).unwrap();
+    let body = serde_json::json!({ "evidence": evidence });
+    let urls = [&first.url, &second.url].map(|base| format!("{base}/v1/attestations/{attestation_id}/evidence"));
+    let (a, b) = tokio::join!(post_json(&http, &urls[0], body.clone()), post_json(&http, &urls[1], body.clone()));
+    let mut statuses = [a.0, b.0];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 409], "{a:?} {b:?}");
+    let (accepted, refused) = if a.0 == 200 { (a.1, b.1) } else { (b.1, a.1) };
+    assert_eq!(accepted["attestation_id"].as_str(), Some(attestation_id.as_str()), "{accepted}");
+    assert_eq!(refused["type"], "urn:vouch:problem:replayed-evidence", "{refused}");
+
+    let history = first.state.store.attestations(&device_id, 10).await.unwrap();
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(history[0].ticket_id, accepted["ticket_id"].as_str().unwrap());
+    let audit = first.state.store.audit_records(0, 1000).await.unwrap();
+    let decisions: Vec<&str> = audit
+        .iter()
+        .filter(|r| r.entry.subject == device_id && r.entry.action.starts_with("attestation."))
+        .map(|r| r.entry.action.as_str())
+        .collect();
+    assert_eq!(decisions.len(), 2, "{decisions:?}");
+    assert!(decisions.contains(&"attestation.evidence_refused"), "{decisions:?}");
+    assert_eq!(first.state.store.verify_audit().await.unwrap().first_break, None);
+}

@@ -195,7 +195,7 @@ pub fn appraise(input: &AppraisalInput<'_>) -> Outcome {
             }
             Observation::OsPatchLevel { patch_level } => {
                 if let Some(minimum) = input.reference.and_then(|r| r.min_os_patch_level.as_deref())
-                    && (!is_iso_date(patch_level) || patch_level.as_str() < minimum)
+                    && (!is_calendar_date(patch_level) || patch_level.as_str() < minimum)
                 {
                     signal(
                         "os_patch_outdated",
@@ -282,10 +282,16 @@ pub fn appraise(input: &AppraisalInput<'_>) -> Outcome {
     Outcome { signals, risk, observations }
 }
 
-fn is_iso_date(text: &str) -> bool {
+/// `YYYY-MM-DD` with a month of 01-12 and a day of 01-31; patch levels compare as text,
+/// which is only sound for such dates.
+pub fn is_calendar_date(text: &str) -> bool {
     let bytes = text.as_bytes();
-    bytes.len() == 10
-        && bytes.iter().enumerate().all(|(i, b)| if i == 4 || i == 7 { *b == b'-' } else { b.is_ascii_digit() })
+    let shaped = bytes.len() == 10
+        && bytes.iter().enumerate().all(|(i, b)| if i == 4 || i == 7 { *b == b'-' } else { b.is_ascii_digit() });
+    let number = |range: std::ops::Range<usize>| text.get(range).and_then(|t| t.parse::<u8>().ok());
+    shaped
+        && number(5..7).is_some_and(|m| (1..=12).contains(&m))
+        && number(8..10).is_some_and(|d| (1..=31).contains(&d))
 }
 
 /// Dotted numeric versions; anything else is not compared.

@@ -87,7 +87,7 @@ async fn create_challenge(
         wire::peek_claims(&jws).map_err(|e| ApiError::bad_request("invalid-request", e.to_string()))?;
     let device = known_device(&state, &claims.device_id).await?;
     wire::verify_challenge_request(&jws, &device_key(&device)?, &*state.clock, state.config.proof_iat_window_secs)
-        .map_err(|e| signed_input_error("request", e))?;
+        .map_err(|e| signed_input_error("request", "invalid-request", e))?;
     require_active(&device)?;
     let reference = state.store.reference_values(&device.model, &device.firmware_version).await?;
     let regions: Vec<String> = match &reference {
@@ -193,7 +193,8 @@ async fn judge(
     require_active(&device)?;
     let device_key = device_key(&device)?;
     let jws = UnverifiedJws::parse(evidence).map_err(|e| ApiError::bad_request("invalid-evidence", e.to_string()))?;
-    let claims = wire::verify_evidence(&jws, &device_key).map_err(|e| signed_input_error("evidence", e))?;
+    let claims =
+        wire::verify_evidence(&jws, &device_key).map_err(|e| signed_input_error("evidence", "invalid-evidence", e))?;
     if claims.attestation_id != challenge.id || claims.device_id != device.id {
         return Err(ApiError::bad_request("evidence-mismatch", "the evidence names another attestation or device"));
     }
@@ -216,7 +217,9 @@ async fn judge(
         Some(values) => Some(parse_reference(&values)?),
         None => None,
     };
-    let history = match state.store.attestations(&device.id, 1).await?.into_iter().next() {
+    let last = state.store.attestations(&device.id, 1).await?.into_iter().next();
+    let last_id = last.as_ref().map(|l| l.id.clone());
+    let history = match last {
         Some(last) => Some(History {
             observations: serde_json::from_str::<Observations>(&last.observations).map_err(ApiError::internal)?,
             evidence_hash: last.evidence_hash,
@@ -279,7 +282,7 @@ async fn judge(
 
     let status = decision.status.as_str();
     let reasons_json = serde_json::to_string(&ticket_claims.reasons).map_err(ApiError::internal)?;
-    let record = AttestationRecord {
+    let mut record = AttestationRecord {
         id: challenge.id.clone(),
         device_id: device.id.clone(),
         status: status.to_owned(),
@@ -291,6 +294,7 @@ async fn judge(
         observations: serde_json::to_string(&outcome.observations).map_err(ApiError::internal)?,
         issued_at: now,
         expires_at: ticket_claims.exp,
+        audit_seq: 0,
     };
     let detail = json!({
         "attestation_id": challenge.id, "ticket_id": record.ticket_id, "risk": outcome.risk,
@@ -303,19 +307,30 @@ async fn judge(
         .write(move |tx| {
             Box::pin(async move {
                 if let Err(rejection) = tx.consume_challenge(&record.id, now).await? {
-                    return Ok(Err(rejection));
+                    return Ok(Err(Refusal::Challenge(rejection)));
                 }
+                // The appraisal judged the chain against `last_id`; another answer
+                // landing since then would make that judgement stale.
+                if tx.latest_attestation_id(&record.device_id).await? != last_id {
+                    return Ok(Err(Refusal::ChainMoved));
+                }
+                record.audit_seq = tx.append_audit(&entry).await?;
                 tx.insert_attestation(&record).await?;
-                tx.append_audit(&entry).await?;
                 Ok(Ok(()))
             })
         })
         .await?;
     match written {
         Ok(()) => {}
-        Err(ChallengeRejection::AlreadyAnswered) => return Err(replayed()),
-        Err(ChallengeRejection::Expired) => return Err(late()),
-        Err(ChallengeRejection::Unknown) => return Err(ApiError::not_found("attestation")),
+        Err(Refusal::Challenge(ChallengeRejection::AlreadyAnswered)) => return Err(replayed()),
+        Err(Refusal::Challenge(ChallengeRejection::Expired)) => return Err(late()),
+        Err(Refusal::Challenge(ChallengeRejection::Unknown)) => return Err(ApiError::not_found("attestation")),
+        Err(Refusal::ChainMoved) => {
+            return Err(ApiError::conflict(
+                "concurrent-attestation",
+                "another attestation of this device was answered meanwhile; request a new challenge",
+            ));
+        }
     }
     Ok(AttestationVerdict {
         attestation_id: challenge.id.clone(),
@@ -328,6 +343,12 @@ async fn judge(
         reasons: ticket_claims.reasons.into_iter().map(|r| ReasonView { code: r.code, text: r.text }).collect(),
         expires_at: ticket_claims.exp,
     })
+}
+
+/// Why the final write refused evidence the appraisal accepted.
+enum Refusal {
+    Challenge(ChallengeRejection),
+    ChainMoved,
 }
 
 fn decision_policy(claims: &TicketClaims) -> Option<&str> {
@@ -557,8 +578,8 @@ fn validate_reference(view: &ReferenceValuesView) -> ApiResult<()> {
             return invalid(format!("{name} must be 1 to {TEXT_CHARS_MAX} printable characters"));
         }
     }
-    if view.values.measurements.len() > REGIONS_MAX {
-        return invalid(format!("at most {REGIONS_MAX} measured regions"));
+    if view.values.measurements.is_empty() || view.values.measurements.len() > REGIONS_MAX {
+        return invalid(format!("measurements must name 1 to {REGIONS_MAX} regions"));
     }
     for (region, digest) in &view.values.measurements {
         if region.is_empty() || region.len() > TEXT_CHARS_MAX || !region.bytes().all(|b| b.is_ascii_graphic()) {
@@ -569,9 +590,9 @@ fn validate_reference(view: &ReferenceValuesView) -> ApiResult<()> {
         }
     }
     if let Some(level) = &view.values.min_os_patch_level
-        && (level.len() != 10 || level.as_bytes().get(4) != Some(&b'-') || level.as_bytes().get(7) != Some(&b'-'))
+        && !appraisal::is_calendar_date(level)
     {
-        return invalid("min_os_patch_level must be YYYY-MM-DD".into());
+        return invalid("min_os_patch_level must be a date, YYYY-MM-DD".into());
     }
     if view.values.reader_firmware.len() > REGIONS_MAX
         || view.values.reader_firmware.iter().any(|v| v.is_empty() || v.len() > TEXT_CHARS_MAX)
@@ -610,12 +631,12 @@ fn device_key(device: &Device) -> ApiResult<VerifyingKey> {
     jwk.verifying_key().map_err(ApiError::internal)
 }
 
-fn signed_input_error(what: &'static str, e: ProtoError) -> ApiError {
+fn signed_input_error(what: &'static str, invalid_reason: &'static str, e: ProtoError) -> ApiError {
     match e {
         ProtoError::BadSignature => {
             ApiError::bad_request("bad-signature", format!("the {what} is not signed by the device's enrolled key"))
         }
         ProtoError::StaleIssuedAt { .. } => ApiError::bad_request("stale-request", e.to_string()),
-        other => ApiError::bad_request("invalid-evidence", format!("{what}: {other}")),
+        other => ApiError::bad_request(invalid_reason, format!("{what}: {other}")),
     }
 }

@@ -1,6 +1,9 @@
 //! Endpoint tests: the router driven in-process with `tower::ServiceExt::oneshot`.
 
 mod admin;
+mod attest;
+mod attest_bad_input;
+mod attest_regressions;
 mod audit;
 mod auth_scheme;
 mod bad_input;

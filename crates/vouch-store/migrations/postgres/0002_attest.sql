@@ -27,6 +27,9 @@ CREATE TABLE attestation_results (
     evidence_hash     TEXT NOT NULL,
     observations      TEXT NOT NULL,
     issued_at         BIGINT NOT NULL,
-    expires_at        BIGINT NOT NULL
+    expires_at        BIGINT NOT NULL,
+    -- The audit entry written with this result: a total order of answers across
+    -- instances, which the previous-state chain follows.
+    audit_seq         BIGINT NOT NULL UNIQUE
 );
-CREATE INDEX attestation_results_by_device ON attestation_results (device_id, issued_at, id);
+CREATE INDEX attestation_results_by_device ON attestation_results (device_id, audit_seq);
