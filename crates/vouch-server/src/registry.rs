@@ -625,16 +625,7 @@ async fn suspend_device(
     ApiPath(device_id): ApiPath<String>,
     ApiJson(body): ApiJson<StatusChange>,
 ) -> ApiResult<Json<DeviceView>> {
-    change_status(
-        &state,
-        &caller,
-        &device_id,
-        &body,
-        &[DeviceStatus::Active],
-        DeviceStatus::Suspended,
-        "device.suspended",
-    )
-    .await
+    change_status(&state, &caller, &device_id, &body, Transition::Suspend).await
 }
 
 /// Returns a suspended device to service.
@@ -647,16 +638,7 @@ async fn reactivate_device(
     ApiPath(device_id): ApiPath<String>,
     ApiJson(body): ApiJson<StatusChange>,
 ) -> ApiResult<Json<DeviceView>> {
-    change_status(
-        &state,
-        &caller,
-        &device_id,
-        &body,
-        &[DeviceStatus::Suspended],
-        DeviceStatus::Active,
-        "device.reactivated",
-    )
-    .await
+    change_status(&state, &caller, &device_id, &body, Transition::Reactivate).await
 }
 
 /// Revokes a device for good.
@@ -669,8 +651,41 @@ async fn revoke_device(
     ApiPath(device_id): ApiPath<String>,
     ApiJson(body): ApiJson<StatusChange>,
 ) -> ApiResult<Json<DeviceView>> {
-    let from = [DeviceStatus::Active, DeviceStatus::Suspended];
-    change_status(&state, &caller, &device_id, &body, &from, DeviceStatus::Revoked, "device.revoked").await
+    change_status(&state, &caller, &device_id, &body, Transition::Revoke).await
+}
+
+/// The lifecycle moves an admin can make. Revocation is final: nothing leaves `revoked`.
+#[derive(Debug, Clone, Copy)]
+enum Transition {
+    Suspend,
+    Reactivate,
+    Revoke,
+}
+
+impl Transition {
+    fn from(self) -> &'static [DeviceStatus] {
+        match self {
+            Transition::Suspend => &[DeviceStatus::Active],
+            Transition::Reactivate => &[DeviceStatus::Suspended],
+            Transition::Revoke => &[DeviceStatus::Active, DeviceStatus::Suspended],
+        }
+    }
+
+    fn to(self) -> DeviceStatus {
+        match self {
+            Transition::Suspend => DeviceStatus::Suspended,
+            Transition::Reactivate => DeviceStatus::Active,
+            Transition::Revoke => DeviceStatus::Revoked,
+        }
+    }
+
+    fn audit_action(self) -> &'static str {
+        match self {
+            Transition::Suspend => "device.suspended",
+            Transition::Reactivate => "device.reactivated",
+            Transition::Revoke => "device.revoked",
+        }
+    }
 }
 
 async fn change_status(
@@ -678,20 +693,19 @@ async fn change_status(
     caller: &ApiCaller,
     device_id: &str,
     change: &StatusChange,
-    from: &[DeviceStatus],
-    to: DeviceStatus,
-    action: &str,
+    transition: Transition,
 ) -> ApiResult<Json<DeviceView>> {
     caller.require(Scope::Admin)?;
     check_text("reason", &change.reason, REASON_CHARS_MAX)?;
     let now = state.now();
-    let entry = audit::entry(now, &caller.actor(), action, device_id, json!({ "reason": change.reason }));
-    let (device_id, from) = (device_id.to_owned(), from.to_vec());
+    let detail = json!({ "reason": change.reason });
+    let entry = audit::entry(now, &caller.actor(), transition.audit_action(), device_id, detail);
+    let device_id = device_id.to_owned();
     let device = state
         .store
         .write(move |tx| {
             Box::pin(async move {
-                let device = tx.set_device_status(&device_id, &from, to, now).await?;
+                let device = tx.set_device_status(&device_id, transition.from(), transition.to(), now).await?;
                 tx.append_audit(&entry).await?;
                 Ok(device)
             })
