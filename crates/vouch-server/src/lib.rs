@@ -162,6 +162,7 @@ pub fn api() -> (Router<AppState>, OpenApi) {
         .merge(admin::routes())
         .merge(attest::routes())
         .split_for_parts();
+    describe_responses(&mut openapi);
     openapi.info.title = "Vouch".into();
     openapi.info.version = env!("CARGO_PKG_VERSION").into();
     openapi.info.description = Some("Trust server for payment devices".into());
@@ -171,6 +172,31 @@ pub fn api() -> (Router<AppState>, OpenApi) {
         SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("vouch API key").build()),
     );
     (router, openapi)
+}
+
+/// OpenAPI 3.1 requires a description on every response; the route macros leave the
+/// ones they derive from a status code empty.
+fn describe_responses(openapi: &mut OpenApi) {
+    use utoipa::openapi::RefOr;
+    for item in openapi.paths.paths.values_mut() {
+        let operations = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete];
+        for operation in operations.into_iter().flatten() {
+            for (status, response) in operation.responses.responses.iter_mut() {
+                if let RefOr::T(response) = response
+                    && response.description.is_empty()
+                {
+                    response.description = match status.as_str() {
+                        "4XX" => "Refused: a problem document (RFC 9457) naming the reason".to_owned(),
+                        code => StatusCode::from_bytes(code.as_bytes())
+                            .ok()
+                            .and_then(|s| s.canonical_reason())
+                            .unwrap_or("Response")
+                            .to_owned(),
+                    };
+                }
+            }
+        }
+    }
 }
 
 pub fn router(state: AppState) -> Router {

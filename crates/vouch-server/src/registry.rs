@@ -68,6 +68,7 @@ fn page_limit(limit: Option<u32>) -> ApiResult<u32> {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PageQuery {
     /// Return items whose id sorts after this one.
@@ -547,6 +548,7 @@ impl From<Device> for DeviceView {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceQuery {
     pub merchant_id: Option<String>,

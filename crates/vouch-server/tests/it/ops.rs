@@ -163,6 +163,20 @@ async fn openapi_document_describes_every_api_operation() {
                 r["content"].as_object().is_some_and(|c| c.values().any(|media| media.get("schema").is_some()))
             });
             assert!(with_schema.count() >= 1, "{context}: no response has a schema: {operation}");
+            // OpenAPI 3.1 requires a description on every response.
+            for (status, response) in responses {
+                assert!(
+                    response["description"].as_str().is_some_and(|d| !d.is_empty()),
+                    "{context} {status}: no description"
+                );
+            }
+            // Every path parameter must appear in the path template.
+            for parameter in operation["parameters"].as_array().into_iter().flatten() {
+                if parameter["in"] == "path" {
+                    let name = parameter["name"].as_str().unwrap();
+                    assert!(path.contains(&format!("{{{name}}}")), "{context}: path parameter {name} not in the path");
+                }
+            }
             if path.starts_with("/v1/") {
                 let problem = &responses.get("4XX").unwrap_or_else(|| panic!("{context}: no 4XX response"))["content"];
                 assert!(problem.get("application/problem+json").is_some(), "{context}: 4XX is not a problem document");
