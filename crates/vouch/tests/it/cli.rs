@@ -63,11 +63,25 @@ fn unknown_scope_and_bad_config_are_refused_with_reasons() {
     assert!(String::from_utf8_lossy(&bad_db.stderr).contains("database_url"));
 }
 
-#[test]
-fn sim_enroll_prints_the_documented_json() {
+/// A `vouch serve` child process on a free port, killed when dropped.
+struct ServeProcess {
+    child: std::process::Child,
+    url: String,
+    admin_key: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve() -> ServeProcess {
     let dir = tempfile::tempdir().unwrap();
     let listen = free_port();
-    let mut server = Command::new(env!("CARGO_BIN_EXE_vouch"))
+    let child = Command::new(env!("CARGO_BIN_EXE_vouch"))
         .args(["serve", "--listen", &listen])
         .env("VOUCH_DATA_DIR", dir.path())
         .env_remove("VOUCH_DATABASE_URL")
@@ -76,7 +90,6 @@ fn sim_enroll_prints_the_documented_json() {
         .spawn()
         .unwrap();
     let key_file = dir.path().join("admin.key");
-    let url = format!("http://{listen}");
     let mut admin_key = String::new();
     for _ in 0..100 {
         if let Ok(key) = std::fs::read_to_string(&key_file) {
@@ -87,16 +100,49 @@ fn sim_enroll_prints_the_documented_json() {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let out =
-        vouch(&["sim", "enroll", "--server", &url, "--api-key", &admin_key, "--kind", "reader", "--json"], dir.path());
-    let _ = server.kill();
-    let _ = server.wait();
+    ServeProcess { child, url: format!("http://{listen}"), admin_key, _dir: dir }
+}
+
+#[test]
+fn sim_enroll_prints_the_documented_json() {
+    let server = serve();
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["sim", "enroll", "--server", &server.url, "--api-key", &server.admin_key, "--kind", "reader", "--json"];
+    let out = vouch(&args, dir.path());
     assert!(out.status.success(), "{out:?}");
     let enrolled: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for key in ["device_id", "kind", "jwk", "device_credential"] {
         assert!(enrolled.get(key).is_some(), "missing {key} in {enrolled}");
     }
     assert_eq!(enrolled["kind"], "reader");
+}
+
+#[test]
+fn sim_attest_prints_the_documented_json_and_keeps_one_device_per_key() {
+    let server = serve();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("terminal.pem");
+    let key = key.to_str().unwrap();
+    let attest = |extra: &[&str]| {
+        let mut args = vec!["sim", "attest", "--server", &server.url, "--api-key", &server.admin_key, "--key", key];
+        args.extend_from_slice(extra);
+        args.push("--json");
+        let out = vouch(&args, dir.path());
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let clean = attest(&[]);
+    for field in ["device_id", "status", "ticket", "reasons"] {
+        assert!(clean.get(field).is_some(), "missing {field} in {clean}");
+    }
+    assert_eq!(clean["status"], "affirming", "{clean}");
+    assert_eq!(clean["reasons"], serde_json::json!([]));
+
+    let rooted = attest(&["--tamper", "root"]);
+    assert_eq!(rooted["device_id"], clean["device_id"], "the key file keeps one enrolment");
+    assert_eq!(rooted["status"], "contraindicated", "{rooted}");
+    let codes: Vec<&str> = rooted["reasons"].as_array().unwrap().iter().map(|r| r["code"].as_str().unwrap()).collect();
+    assert_eq!(codes, ["rooted"], "{rooted}");
 }
 
 fn free_port() -> String {
