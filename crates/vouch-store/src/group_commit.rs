@@ -52,18 +52,24 @@ where
 pub(crate) async fn run_writer(store: crate::Store, mut jobs: mpsc::Receiver<Job>) {
     let mut batch = Vec::with_capacity(BATCH_JOBS_MAX);
     while jobs.recv_many(&mut batch, BATCH_JOBS_MAX).await > 0 {
-        run_batch(&store, batch.drain(..)).await;
+        // Each batch runs as its own task so that a job that panics fails only its
+        // batch (whose callers see their write fail and whose transaction rolls back),
+        // not the writer every later write depends on.
+        let running = tokio::spawn(run_batch(store.clone(), std::mem::take(&mut batch)));
+        if let Err(e) = running.await {
+            tracing::error!(error = %e, "a group commit batch failed");
+        }
     }
 }
 
-async fn run_batch(store: &crate::Store, batch: impl Iterator<Item = Job>) {
+async fn run_batch(store: crate::Store, batch: Vec<Job>) {
     let mut tx = match store.begin().await {
         Ok(tx) => tx,
         Err(e) => {
             tracing::error!(error = %e, "group commit could not begin a transaction");
             // A job that is never run answers through its dropped sender, which its
             // caller sees as a failed write.
-            batch.for_each(drop);
+            drop(batch);
             return;
         }
     };

@@ -177,3 +177,23 @@ conformance! {
         assert_eq!((report.rows_checked, report.first_break), (51, None));
     }
 }
+
+/// SQLite only: there the writer is shared, so one panicking job must not take down
+/// every later write (on PostgreSQL the job runs in its caller's task).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_write_fails_alone_and_the_writer_goes_on() {
+    let t = crate::harness::sqlite().await;
+    let failed = t
+        .store
+        .write::<(), _>(|tx| {
+            Box::pin(async move {
+                tx.insert_merchant(&merchant("m0")).await?;
+                panic!("a job that panics mid-write");
+            })
+        })
+        .await;
+    assert!(matches!(failed, Err(StoreError::CommitFailed { .. })), "{failed:?}");
+    t.store.write(|tx| Box::pin(async move { tx.insert_merchant(&merchant("m1")).await })).await.unwrap();
+    assert!(matches!(t.store.merchant("m0").await, Err(StoreError::NotFound { .. })));
+    assert_eq!(t.store.merchant("m1").await.unwrap(), merchant("m1"));
+}
