@@ -173,3 +173,43 @@ async fn the_same_evidence_sent_to_both_instances_at_once_is_accepted_exactly_on
     assert!(decisions.contains(&"attestation.evidence_refused"), "{decisions:?}");
     assert_eq!(first.state.store.verify_audit().await.unwrap().first_break, None);
 }
+
+/// The whole attestation flow through the SDK on PostgreSQL, alternating instances: a
+/// clean terminal is approved on one, chains its next evidence through the other, and a
+/// tampered terminal is denied; every ticket is checked where it was not issued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attestation_works_end_to_end_across_instances() {
+    use vouch_device::attest::{SimulatedDeviceState, Tamper, TamperMonitor};
+    use vouch_proto::attest::EarStatus;
+
+    let Some((first, second)) = two_instances_on_postgres().await else { return };
+    let admin_key = if first.admin_key.is_empty() { &second.admin_key } else { &first.admin_key };
+    let clients = [&first, &second].map(|s| VouchClient::new(&s.url).unwrap().with_api_key(admin_key));
+    let merchant = clients[0].create_merchant("Shared Shop").await.unwrap();
+    let clean = SimulatedDeviceState::clean(DeviceKind::Terminal, &merchant.merchant_id);
+    clients[1].put_reference_values(&clean.reference_values()).await.unwrap();
+    let rng = SystemRandom::new();
+
+    let identity = DeviceIdentity::generate(&rng).unwrap();
+    let device = sim::enrol(&clients[0], &identity, &clean.profile(), &SystemClock, &rng).await.unwrap();
+    let mut monitor = TamperMonitor::new(clean.clone());
+    for round in 0..2 {
+        let (attesting, checking) = (&clients[round % 2], &clients[(round + 1) % 2]);
+        let attestation =
+            sim::attest(attesting, &identity, &device.device_id, &mut monitor, &SystemClock, &rng).await.unwrap();
+        assert_eq!(attestation.outcome.status, EarStatus::Affirming, "round {round}: {:?}", attestation.outcome);
+        assert!(checking.verify_ticket(&attestation.outcome.ticket).await.unwrap().valid);
+    }
+
+    let rooted_identity = DeviceIdentity::generate(&rng).unwrap();
+    let rooted_state = clean.with_tampers(&[Tamper::Root]);
+    let rooted = sim::enrol(&clients[1], &rooted_identity, &rooted_state.profile(), &SystemClock, &rng).await.unwrap();
+    let mut rooted_monitor = TamperMonitor::new(rooted_state);
+    let denial = sim::attest(&clients[1], &rooted_identity, &rooted.device_id, &mut rooted_monitor, &SystemClock, &rng)
+        .await
+        .unwrap();
+    assert_eq!(denial.outcome.status, EarStatus::Contraindicated);
+    assert_eq!(denial.outcome.reasons.iter().map(|r| r.code.as_str()).collect::<Vec<_>>(), ["rooted"]);
+    assert!(!clients[0].verify_ticket(&denial.outcome.ticket).await.unwrap().valid);
+    assert_eq!(first.state.store.verify_audit().await.unwrap().first_break, None);
+}
