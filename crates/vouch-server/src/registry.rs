@@ -574,18 +574,17 @@ async fn list_devices(
         .map(|k| k.parse::<DeviceKind>())
         .transpose()
         .map_err(|e| ApiError::bad_request("invalid-query", e.to_string()))?;
-    let status = match query.status.as_deref() {
-        None => None,
-        Some("active") => Some(DeviceStatus::Active),
-        Some("suspended") => Some(DeviceStatus::Suspended),
-        Some("revoked") => Some(DeviceStatus::Revoked),
-        Some(other) => {
-            return Err(ApiError::bad_request(
-                "invalid-query",
-                format!("status {other:?} is not one of active, suspended, revoked"),
-            ));
-        }
-    };
+    let status = query
+        .status
+        .map(|text| {
+            DeviceStatus::parse(&text).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid-query",
+                    format!("status {text:?} is not one of active, suspended, revoked"),
+                )
+            })
+        })
+        .transpose()?;
     let filter = DeviceFilter {
         merchant_id: query.merchant_id,
         kind,

@@ -14,7 +14,7 @@ use crate::{Store, StoreError, Tx};
 
 const HASH_DOMAIN: &[u8] = b"vouch-audit-v1";
 const VERIFY_PAGE_ROWS: i64 = 1_000;
-pub const GENESIS_HASH: [u8; 32] = [0; 32];
+const GENESIS_HASH: [u8; 32] = [0; 32];
 
 /// What a caller records; the chain fields are added by [`Tx::append_audit`].
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,7 +24,7 @@ use sqlx::{Any, AnyPool, Executor};
 use tokio::sync::mpsc;
 
 pub use attest::{AttestationRecord, ChallengeRecord, ChallengeRejection, ReferenceValues};
-pub use audit::{AuditBreak, AuditEntry, AuditRecord, AuditReport, GENESIS_HASH, chain_hash};
+pub use audit::{AuditBreak, AuditEntry, AuditRecord, AuditReport, chain_hash};
 pub use error::StoreError;
 pub use group_commit::{BATCH_JOBS_MAX, BoxFuture, QUEUE_JOBS_MAX};
 pub use registry::{Account, Device, DeviceFilter, DeviceStatus, Merchant, ServiceProvider};

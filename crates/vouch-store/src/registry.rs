@@ -38,13 +38,11 @@ impl DeviceStatus {
         }
     }
 
-    fn parse(text: &str) -> Result<Self, StoreError> {
-        match text {
-            "active" => Ok(DeviceStatus::Active),
-            "suspended" => Ok(DeviceStatus::Suspended),
-            "revoked" => Ok(DeviceStatus::Revoked),
-            other => Err(StoreError::Corrupt { what: "device status", detail: other.to_owned() }),
-        }
+    pub const ALL: [DeviceStatus; 3] = [DeviceStatus::Active, DeviceStatus::Suspended, DeviceStatus::Revoked];
+
+    /// `None` for anything but `active`, `suspended` or `revoked`.
+    pub fn parse(text: &str) -> Option<Self> {
+        DeviceStatus::ALL.into_iter().find(|status| status.as_str() == text)
     }
 }
 
@@ -97,7 +95,8 @@ fn device_from_row(row: &AnyRow) -> Result<Device, StoreError> {
         firmware_version: row.try_get("firmware_version")?,
         public_jwk: row.try_get("public_jwk")?,
         key_thumbprint: row.try_get("key_thumbprint")?,
-        status: DeviceStatus::parse(&status)?,
+        status: DeviceStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt { what: "device status", detail: status.clone() })?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
     })
