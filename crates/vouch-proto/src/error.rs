@@ -19,8 +19,6 @@ pub enum ProtoError {
     InvalidKey(String),
     #[error("expired at {exp}, now {now}")]
     Expired { exp: i64, now: i64 },
-    #[error("not valid before {nbf}, now {now}")]
-    NotYetValid { nbf: i64, now: i64 },
     #[error("issued at {iat}, outside the accepted window around {now} (±{window_secs} s)")]
     StaleIssuedAt { iat: i64, now: i64, window_secs: i64 },
     #[error("claim {claim} is {found:?}, expected {expected:?}")]

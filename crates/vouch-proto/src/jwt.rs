@@ -25,15 +25,11 @@ pub fn parse_claims<C: DeserializeOwned>(payload: &[u8]) -> Result<C, ProtoError
     serde_json::from_slice(payload).map_err(|e| ProtoError::malformed("JWT claims", e))
 }
 
-/// `exp` and `nbf` against `now`, allowing `leeway_secs` of clock skew either way.
-pub fn check_validity(exp: i64, nbf: Option<i64>, now: i64, leeway_secs: i64) -> Result<(), ProtoError> {
+/// `exp` against `now`, allowing `leeway_secs` of clock skew. Vouch signs no token
+/// that starts later than it is issued, so there is no `nbf` to check.
+pub fn check_expiry(exp: i64, now: i64, leeway_secs: i64) -> Result<(), ProtoError> {
     if now > exp.saturating_add(leeway_secs) {
         return Err(ProtoError::Expired { exp, now });
-    }
-    if let Some(nbf) = nbf
-        && now.saturating_add(leeway_secs) < nbf
-    {
-        return Err(ProtoError::NotYetValid { nbf, now });
     }
     Ok(())
 }
@@ -52,10 +48,11 @@ mod tests {
 
     #[test]
     fn validity_window() {
-        check_validity(100, Some(50), 100, 0).unwrap();
-        check_validity(100, None, 105, 5).unwrap();
-        assert_eq!(check_validity(100, None, 106, 5), Err(ProtoError::Expired { exp: 100, now: 106 }));
-        assert_eq!(check_validity(100, Some(50), 40, 5), Err(ProtoError::NotYetValid { nbf: 50, now: 40 }));
+        check_expiry(100, 100, 0).unwrap();
+        check_expiry(100, 105, 5).unwrap();
+        assert_eq!(check_expiry(100, 101, 0), Err(ProtoError::Expired { exp: 100, now: 101 }));
+        assert_eq!(check_expiry(100, 106, 5), Err(ProtoError::Expired { exp: 100, now: 106 }));
+        assert_eq!(check_expiry(i64::MAX, i64::MAX, 5), Ok(()));
         check_issued_at(1000, 1030, 60).unwrap();
         check_issued_at(1000, 940, 60).unwrap();
         assert!(check_issued_at(1000, 1061, 60).is_err());
