@@ -206,7 +206,7 @@ async fn enrol(remote: &RemoteArgs, args: &DeviceArgs) -> anyhow::Result<ExitCod
         None => DeviceIdentity::generate(&rng)?,
     };
     if let Some(path) = &args.save_key {
-        write_private_file(path, identity.to_pem()?.as_bytes())?;
+        identity.save_pem(path)?;
     }
     let merchant_id = match &args.merchant_id {
         Some(id) => id.clone(),
@@ -379,7 +379,7 @@ fn load_or_create_key(path: &std::path::Path, rng: &SystemRandom) -> anyhow::Res
         return Ok(DeviceIdentity::load_pem(path)?);
     }
     let identity = DeviceIdentity::generate(rng)?;
-    write_private_file(path, identity.to_pem()?.as_bytes())?;
+    identity.save_pem(path)?;
     Ok(identity)
 }
 
@@ -399,16 +399,5 @@ fn write_state_file(path: &std::path::Path, file: &SimDeviceFile) -> anyhow::Res
     std::fs::write(&temporary, serde_json::to_vec_pretty(file)?)
         .with_context(|| format!("writing {}", temporary.display()))?;
     std::fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
-}
-
-fn write_private_file(path: &std::path::Path, contents: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path).with_context(|| format!("creating {}", path.display()))?;
-    file.write_all(contents)?;
     Ok(())
 }
