@@ -13,7 +13,15 @@ use crate::support::{RunningServer, start_with};
 const POSTGRES_URL_VAR: &str = "VOUCH_TEST_DATABASE_URL";
 const MASTER_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 
-async fn two_instances_on_postgres() -> Option<(RunningServer, RunningServer)> {
+/// Two server instances on one PostgreSQL schema, and an admin client for each. A
+/// server stops when its handle is dropped, so tests keep both bound.
+struct Instances {
+    first: RunningServer,
+    second: RunningServer,
+    clients: [VouchClient; 2],
+}
+
+async fn two_instances_on_postgres() -> Option<Instances> {
     let Ok(base) = std::env::var(POSTGRES_URL_VAR) else {
         eprintln!("skipping PostgreSQL case: {POSTGRES_URL_VAR} is not set");
         return None;
@@ -27,7 +35,11 @@ async fn two_instances_on_postgres() -> Option<(RunningServer, RunningServer)> {
         instances.push(start_with(config, Some(MASTER_KEY), Some(dir)).await);
     }
     let second = instances.pop()?;
-    Some((instances.pop()?, second))
+    let first = instances.pop()?;
+    // Only one instance bootstrapped the admin key; it works on both.
+    let admin_key = if first.admin_key.is_empty() { second.admin_key.clone() } else { first.admin_key.clone() };
+    let clients = [&first, &second].map(|s| VouchClient::new(&s.url).unwrap().with_api_key(&admin_key));
+    Some(Instances { first, second, clients })
 }
 
 /// A private schema per test, so runs never see each other's rows.
@@ -43,10 +55,7 @@ async fn vouch_store_schema(base: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_device_enrolling_on_two_instances_at_once_succeeds_once() {
-    let Some((first, second)) = two_instances_on_postgres().await else { return };
-    // Only one instance bootstrapped the admin key; it works on both.
-    let admin_key = if first.admin_key.is_empty() { &second.admin_key } else { &first.admin_key };
-    let clients = [&first, &second].map(|s| VouchClient::new(&s.url).unwrap().with_api_key(admin_key));
+    let Some(Instances { first, second: _running, clients }) = two_instances_on_postgres().await else { return };
     let merchant = clients[0].create_merchant("Shared Shop").await.unwrap();
     let rng = SystemRandom::new();
     let identity = DeviceIdentity::generate(&rng).unwrap();
@@ -70,9 +79,7 @@ async fn same_device_enrolling_on_two_instances_at_once_succeeds_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nonce_is_used_once_across_instances() {
-    let Some((first, second)) = two_instances_on_postgres().await else { return };
-    let admin_key = if first.admin_key.is_empty() { &second.admin_key } else { &first.admin_key };
-    let clients = [&first, &second].map(|s| VouchClient::new(&s.url).unwrap().with_api_key(admin_key));
+    let Some(Instances { first: _first, second: _second, clients }) = two_instances_on_postgres().await else { return };
     let merchant = clients[0].create_merchant("Shared Shop").await.unwrap();
     let rng = SystemRandom::new();
     let identity = DeviceIdentity::generate(&rng).unwrap();
@@ -97,9 +104,7 @@ async fn the_same_evidence_sent_to_both_instances_at_once_is_accepted_exactly_on
     use vouch_proto::Clock;
     use vouch_proto::attest::{self, ChallengeRequestClaims, Command, CommandKind, CommandResult, Observation};
 
-    let Some((first, second)) = two_instances_on_postgres().await else { return };
-    let admin_key = if first.admin_key.is_empty() { &second.admin_key } else { &first.admin_key };
-    let admin = VouchClient::new(&first.url).unwrap().with_api_key(admin_key);
+    let Some(Instances { first, second, clients: [admin, _] }) = two_instances_on_postgres().await else { return };
     let merchant = admin.create_merchant("Shared Shop").await.unwrap();
     let rng = SystemRandom::new();
     let identity = DeviceIdentity::generate(&rng).unwrap();
@@ -182,9 +187,7 @@ async fn attestation_works_end_to_end_across_instances() {
     use vouch_device::attest::{SimulatedDeviceState, Tamper, TamperMonitor};
     use vouch_proto::attest::EarStatus;
 
-    let Some((first, second)) = two_instances_on_postgres().await else { return };
-    let admin_key = if first.admin_key.is_empty() { &second.admin_key } else { &first.admin_key };
-    let clients = [&first, &second].map(|s| VouchClient::new(&s.url).unwrap().with_api_key(admin_key));
+    let Some(Instances { first, second: _running, clients }) = two_instances_on_postgres().await else { return };
     let merchant = clients[0].create_merchant("Shared Shop").await.unwrap();
     let clean = SimulatedDeviceState::clean(DeviceKind::Terminal, &merchant.merchant_id);
     clients[1].put_reference_values(&clean.reference_values()).await.unwrap();
