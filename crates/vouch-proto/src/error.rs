@@ -23,6 +23,8 @@ pub enum ProtoError {
     StaleIssuedAt { iat: i64, now: i64, window_secs: i64 },
     #[error("claim {claim} is {found:?}, expected {expected:?}")]
     ClaimMismatch { claim: &'static str, found: String, expected: String },
+    #[error("DPoP proof refused ({}): {detail}", check.as_str())]
+    InvalidDpopProof { check: crate::dpop::DpopCheck, detail: String },
     #[error("random number generator failed")]
     Rng,
 }

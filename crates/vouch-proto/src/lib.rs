@@ -6,12 +6,14 @@ pub mod attest;
 pub mod b64;
 pub mod clock;
 pub mod crypto;
+pub mod dpop;
 pub mod enrol;
 mod error;
 pub mod jwk;
 pub mod jws;
 pub mod jwt;
 pub mod pem;
+pub mod token;
 
 pub use clock::{Clock, FixedClock, SystemClock};
 pub use crypto::{SigningKey, VerifyingKey};

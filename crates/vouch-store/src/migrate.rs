@@ -22,6 +22,11 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/sqlite/0002_attest.sql"),
         postgres: include_str!("../migrations/postgres/0002_attest.sql"),
     },
+    Migration {
+        version: 3,
+        sqlite: include_str!("../migrations/sqlite/0003_token.sql"),
+        postgres: include_str!("../migrations/postgres/0003_token.sql"),
+    },
 ];
 
 /// Serialises concurrent starts of several instances on one PostgreSQL.

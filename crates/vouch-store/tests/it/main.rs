@@ -5,3 +5,4 @@ mod audit;
 mod harness;
 mod registry;
 mod secrets;
+mod token;
