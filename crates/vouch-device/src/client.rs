@@ -115,6 +115,66 @@ struct ProblemBody {
     #[serde(rename = "type")]
     problem_type: String,
     detail: String,
+    /// RFC 6749 error code, on OAuth and DPoP-protected endpoints.
+    #[serde(default)]
+    error: Option<String>,
+}
+
+/// How a request proves who sends it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Auth<'a> {
+    /// The client's API key, if it has one (`Authorization: Bearer`).
+    ApiKey,
+    /// A DPoP proof (RFC 9449), with the access token it is bound to on protected
+    /// requests (`Authorization: DPoP`). The API key is never sent alongside.
+    Dpop { proof: &'a str, access_token: Option<&'a str> },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Body<'a> {
+    Empty,
+    Json(&'a serde_json::Value),
+    /// `application/x-www-form-urlencoded`, as OAuth endpoints take.
+    Form(&'a [(&'a str, &'a str)]),
+}
+
+/// A whole answer: status, headers and body.
+#[derive(Debug)]
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) headers: reqwest::header::HeaderMap,
+    pub(crate) body: Vec<u8>,
+}
+
+impl Reply {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The RFC 6749 `error` member of a problem document.
+    pub(crate) fn oauth_error(&self) -> Option<String> {
+        serde_json::from_slice::<ProblemBody>(&self.body).ok().and_then(|p| p.error)
+    }
+
+    /// A success as `T` (an empty body reads as JSON `null`); a refusal as
+    /// [`DeviceError::Problem`].
+    pub(crate) fn json<T: DeserializeOwned>(self) -> Result<T, DeviceError> {
+        let Reply { status, body, .. } = self;
+        if (200..300).contains(&status) {
+            let json: &[u8] = if body.is_empty() { b"null" } else { &body };
+            return serde_json::from_slice(json)
+                .map_err(|e| DeviceError::UnexpectedResponse { status, body: format!("{e}: {}", truncate(&body)) });
+        }
+        match serde_json::from_slice::<ProblemBody>(&body) {
+            Ok(problem) => Err(DeviceError::Problem {
+                status,
+                problem_type: problem.problem_type,
+                detail: problem.detail,
+                oauth_error: problem.error,
+            }),
+            Err(_) => Err(DeviceError::UnexpectedResponse { status, body: truncate(&body) }),
+        }
+    }
 }
 
 /// A connection to one Vouch server. Cheap to clone; clones share the connection pool.
@@ -150,37 +210,53 @@ impl VouchClient {
         &self.base_url
     }
 
+    /// The absolute URL of `path` on this server.
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
     async fn send<T: DeserializeOwned>(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<T, DeviceError> {
-        let mut request = self.http.request(method, format!("{}{path}", self.base_url));
-        if let Some(key) = &self.api_key {
-            request = request.bearer_auth(key.as_str());
+        let body = body.as_ref().map_or(Body::Empty, Body::Json);
+        self.execute(method, path, Auth::ApiKey, body).await?.json()
+    }
+
+    /// One request, answered whole, whatever its status.
+    pub(crate) async fn execute(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        auth: Auth<'_>,
+        body: Body<'_>,
+    ) -> Result<Reply, DeviceError> {
+        let mut request = self.http.request(method, self.url(path));
+        match auth {
+            Auth::ApiKey => {
+                if let Some(key) = &self.api_key {
+                    request = request.bearer_auth(key.as_str());
+                }
+            }
+            Auth::Dpop { proof, access_token } => {
+                request = request.header("DPoP", proof);
+                if let Some(token) = access_token {
+                    request = request.header(reqwest::header::AUTHORIZATION, format!("DPoP {token}"));
+                }
+            }
         }
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await?;
-        let status = response.status();
-        let bytes = response.bytes().await?;
-        if status.is_success() {
-            let body: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
-            return serde_json::from_slice(body).map_err(|e| DeviceError::UnexpectedResponse {
-                status: status.as_u16(),
-                body: format!("{e}: {}", truncate(&bytes)),
-            });
-        }
-        match serde_json::from_slice::<ProblemBody>(&bytes) {
-            Ok(problem) => Err(DeviceError::Problem {
-                status: status.as_u16(),
-                problem_type: problem.problem_type,
-                detail: problem.detail,
-            }),
-            Err(_) => Err(DeviceError::UnexpectedResponse { status: status.as_u16(), body: truncate(&bytes) }),
-        }
+        request = match body {
+            Body::Empty => request,
+            Body::Json(json) => request.json(json),
+            Body::Form(fields) => request.form(fields),
+        };
+        let mut response = request.send().await?;
+        let status = response.status().as_u16();
+        let headers = std::mem::take(response.headers_mut());
+        let body = response.bytes().await?.to_vec();
+        Ok(Reply { status, headers, body })
     }
 
     pub async fn health(&self) -> Result<(), DeviceError> {
@@ -283,7 +359,7 @@ impl VouchClient {
 
 /// Ids are opaque to the client; anything outside the URL-safe set is refused rather
 /// than spliced into a path.
-fn path_segment(id: &str) -> String {
+pub(crate) fn path_segment(id: &str) -> String {
     id.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')).collect()
 }
 

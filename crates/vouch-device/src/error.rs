@@ -5,7 +5,14 @@ use thiserror::Error;
 pub enum DeviceError {
     /// The server refused the request with an RFC 9457 problem document.
     #[error("server refused ({status}, {problem_type}): {detail}")]
-    Problem { status: u16, problem_type: String, detail: String },
+    Problem {
+        status: u16,
+        problem_type: String,
+        detail: String,
+        /// The RFC 6749 error code (`invalid_grant`, `invalid_token`, …) that OAuth
+        /// endpoints and DPoP-protected requests add.
+        oauth_error: Option<String>,
+    },
     #[error("unexpected response {status}: {body}")]
     UnexpectedResponse { status: u16, body: String },
     #[error("cannot reach the server: {0}")]
@@ -16,6 +23,10 @@ pub enum DeviceError {
     Untrusted(String),
     #[error("{path}: {source}")]
     File { path: String, source: std::io::Error },
+    /// The attestation ticket a session was opened with has expired, so no new token
+    /// can be had with it: attest again and open a new session.
+    #[error("the attestation ticket expired at {expired_at}; attest again")]
+    TicketExpired { expired_at: i64 },
 }
 
 impl DeviceError {
@@ -23,6 +34,14 @@ impl DeviceError {
     pub fn problem_reason(&self) -> Option<&str> {
         match self {
             DeviceError::Problem { problem_type, .. } => problem_type.rsplit(':').next(),
+            _ => None,
+        }
+    }
+
+    /// The RFC 6749 error code of a refusal, e.g. `invalid_token`.
+    pub fn oauth_error(&self) -> Option<&str> {
+        match self {
+            DeviceError::Problem { oauth_error, .. } => oauth_error.as_deref(),
             _ => None,
         }
     }

@@ -1,6 +1,7 @@
-//! The device SDK: an HTTP client for Vouch's API, device key handling, simulators
-//! that behave like real devices so integrators can try every flow, and the tamper
-//! monitoring component that answers attestation challenges (`attest`).
+//! The device SDK: an HTTP client for Vouch's API, device key handling, the tamper
+//! monitoring component that answers attestation challenges (`attest`), the token
+//! client through which a device uses its sessions (`token`), and simulators that
+//! behave like real devices so integrators can try every flow.
 //!
 //! It depends on the protocol core (`vouch-proto`) and never on the server crate.
 
@@ -9,6 +10,7 @@ mod client;
 mod error;
 pub mod identity;
 pub mod sim;
+pub mod token;
 
 pub use client::{
     ApiKeyCreated, AttestationOutcome, AttestationRecord, AuditVerification, DeviceRecord, EnrolledDevice,
@@ -16,3 +18,4 @@ pub use client::{
 };
 pub use error::DeviceError;
 pub use identity::DeviceIdentity;
+pub use token::TokenSession;
