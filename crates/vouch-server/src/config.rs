@@ -54,6 +54,11 @@ pub struct ConfigLayer {
     pub attest_ticket_ttl_secs: Option<i64>,
     pub attest_spot_check_share: Option<f64>,
     pub attest_policy_file: Option<PathBuf>,
+    pub public_url: Option<String>,
+    pub access_token_ttl_secs: Option<i64>,
+    pub dpop_iat_window_secs: Option<i64>,
+    pub dpop_nonce_required: Option<bool>,
+    pub dpop_nonce_window_secs: Option<i64>,
 }
 
 macro_rules! overlay {
@@ -114,6 +119,11 @@ impl ConfigLayer {
             attest_ticket_ttl_secs: get(&lookup, "attest_ticket_ttl_secs", "seconds")?,
             attest_spot_check_share: get(&lookup, "attest_spot_check_share", "a share from 0 to 1")?,
             attest_policy_file: get(&lookup, "attest_policy_file", "a Rego file path")?,
+            public_url: get(&lookup, "public_url", "an http(s) URL")?,
+            access_token_ttl_secs: get(&lookup, "access_token_ttl_secs", "seconds")?,
+            dpop_iat_window_secs: get(&lookup, "dpop_iat_window_secs", "seconds")?,
+            dpop_nonce_required: get(&lookup, "dpop_nonce_required", "true or false")?,
+            dpop_nonce_window_secs: get(&lookup, "dpop_nonce_window_secs", "seconds")?,
         })
     }
 
@@ -139,7 +149,12 @@ impl ConfigLayer {
             attest_challenge_ttl_secs,
             attest_ticket_ttl_secs,
             attest_spot_check_share,
-            attest_policy_file
+            attest_policy_file,
+            public_url,
+            access_token_ttl_secs,
+            dpop_iat_window_secs,
+            dpop_nonce_required,
+            dpop_nonce_window_secs
         )
     }
 }
@@ -174,6 +189,20 @@ pub struct Config {
     pub attest_spot_check_share: f64,
     /// A Rego appraisal policy replacing the default one.
     pub attest_policy_file: Option<PathBuf>,
+    /// The URL clients reach this server at (scheme, host, port), against which DPoP
+    /// proofs' `htu` is checked. Unset, it is `http://` plus the request's `Host`;
+    /// behind a TLS-terminating proxy, set it.
+    pub public_url: Option<String>,
+    /// Longest life of an access token; never beyond its attestation ticket.
+    pub access_token_ttl_secs: i64,
+    /// How far a DPoP proof's `iat` may lie from the server's clock.
+    pub dpop_iat_window_secs: i64,
+    /// Require a server-issued `DPoP-Nonce` in every proof (RFC 9449 section 8), which
+    /// bounds how long a proof made in advance is good for.
+    pub dpop_nonce_required: bool,
+    /// How long each nonce window lasts; a nonce is accepted in its window and the
+    /// ones either side.
+    pub dpop_nonce_window_secs: i64,
 }
 
 impl Config {
@@ -206,6 +235,11 @@ impl Config {
             attest_ticket_ttl_secs: layer.attest_ticket_ttl_secs.unwrap_or(900),
             attest_spot_check_share: layer.attest_spot_check_share.unwrap_or(0.25),
             attest_policy_file: layer.attest_policy_file,
+            public_url: layer.public_url.map(|url| url.trim_end_matches('/').to_owned()),
+            access_token_ttl_secs: layer.access_token_ttl_secs.unwrap_or(600),
+            dpop_iat_window_secs: layer.dpop_iat_window_secs.unwrap_or(60),
+            dpop_nonce_required: layer.dpop_nonce_required.unwrap_or(true),
+            dpop_nonce_window_secs: layer.dpop_nonce_window_secs.unwrap_or(60),
         };
         config.validate()?;
         Ok(config)
@@ -231,6 +265,9 @@ impl Config {
             ("device_credential_ttl_secs", self.device_credential_ttl_secs),
             ("attest_challenge_ttl_secs", self.attest_challenge_ttl_secs),
             ("attest_ticket_ttl_secs", self.attest_ticket_ttl_secs),
+            ("access_token_ttl_secs", self.access_token_ttl_secs),
+            ("dpop_iat_window_secs", self.dpop_iat_window_secs),
+            ("dpop_nonce_window_secs", self.dpop_nonce_window_secs),
         ] {
             if !(1..=10 * 365 * 24 * 3600).contains(&secs) {
                 return Err(invalid(name, secs, "1 second to 10 years"));
@@ -241,6 +278,11 @@ impl Config {
         }
         if self.key_refresh_secs == 0 {
             return Err(invalid("key_refresh_secs", 0, "at least 1"));
+        }
+        if let Some(url) = &self.public_url
+            && (vouch_proto::dpop::normalize_uri(url).is_none() || url.contains(['?', '#']))
+        {
+            return Err(invalid("public_url", url, "an absolute http(s) URL without query or fragment"));
         }
         vouch_store::Backend::from_url(&self.database_url)
             .map_err(|_| invalid("database_url", &self.database_url, "a sqlite: or postgres:// URL"))?;

@@ -2,7 +2,7 @@
 //! a specific, safe message; 5xx answers are opaque and their cause is logged.
 
 use axum::Json;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -20,6 +20,13 @@ pub struct Problem {
     pub title: String,
     pub status: u16,
     pub detail: String,
+    /// On the OAuth endpoints and DPoP-protected requests: the RFC 6749 section 5.2
+    /// error code (`invalid_grant`, `invalid_dpop_proof`, `use_dpop_nonce`, …), so an
+    /// off-the-shelf OAuth client reads the refusal as it expects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_description: Option<String>,
 }
 
 #[derive(Debug)]
@@ -27,12 +34,24 @@ pub struct ApiError {
     status: StatusCode,
     reason: &'static str,
     detail: String,
-    retry_after_secs: Option<u64>,
+    oauth_error: Option<&'static str>,
+    headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, reason: &'static str, detail: impl Into<String>) -> Self {
-        ApiError { status, reason, detail: detail.into(), retry_after_secs: None }
+        ApiError { status, reason, detail: detail.into(), oauth_error: None, headers: Vec::new() }
+    }
+
+    /// A refusal that also carries an RFC 6749 error code; the detail becomes its
+    /// `error_description`.
+    pub fn oauth(status: StatusCode, error: &'static str, reason: &'static str, detail: impl Into<String>) -> Self {
+        ApiError { oauth_error: Some(error), ..Self::new(status, reason, detail) }
+    }
+
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
     }
 
     pub fn bad_request(reason: &'static str, detail: impl Into<String>) -> Self {
@@ -60,10 +79,8 @@ impl ApiError {
     }
 
     pub fn rate_limited(retry_after_secs: u64) -> Self {
-        ApiError {
-            retry_after_secs: Some(retry_after_secs),
-            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate-limited", "too many requests for this API key")
-        }
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "rate-limited", "too many requests for this API key")
+            .with_header(header::RETRY_AFTER, HeaderValue::from(retry_after_secs))
     }
 
     /// An internal failure: the cause goes to the log, the caller sees nothing of it.
@@ -87,6 +104,10 @@ impl ApiError {
 
     pub fn detail(&self) -> &str {
         &self.detail
+    }
+
+    pub fn oauth_error(&self) -> Option<&'static str> {
+        self.oauth_error
     }
 }
 
@@ -119,13 +140,15 @@ impl IntoResponse for ApiError {
             problem_type: format!("{PROBLEM_TYPE_PREFIX}{}", self.reason),
             title,
             status: self.status.as_u16(),
+            error: self.oauth_error.map(str::to_owned),
+            error_description: self.oauth_error.map(|_| self.detail.clone()),
             detail: self.detail,
         };
         let mut response = (self.status, Json(problem)).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_CONTENT_TYPE));
-        if let Some(secs) = self.retry_after_secs {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        for (name, value) in self.headers {
+            headers.insert(name, value);
         }
         response
     }

@@ -2,7 +2,7 @@
 //! path or query gets the same RFC 9457 answer as every other error.
 
 use axum::body::Bytes;
-use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::rejection::{FormRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
@@ -86,5 +86,34 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
             .await
             .map(|axum::extract::Query(value)| ApiQuery(value))
             .map_err(|e: QueryRejection| ApiError::bad_request("invalid-query", e.body_text()))
+    }
+}
+
+/// An `application/x-www-form-urlencoded` body, as OAuth endpoints take (RFC 6749
+/// section 3.2). Rejections are problem documents carrying the OAuth error code
+/// `invalid_request`.
+#[derive(Debug)]
+pub struct ApiForm<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiForm<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let invalid = |status, reason, detail: String| ApiError::oauth(status, "invalid_request", reason, detail);
+        axum::Form::<T>::from_request(req, state).await.map(|axum::Form(value)| ApiForm(value)).map_err(
+            |rejection: FormRejection| match rejection {
+                FormRejection::InvalidFormContentType(_) => invalid(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported-media-type",
+                    "expected Content-Type: application/x-www-form-urlencoded".into(),
+                ),
+                other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => invalid(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body-too-large",
+                    "request body is over the size limit".into(),
+                ),
+                other => invalid(StatusCode::BAD_REQUEST, "invalid-form", other.body_text()),
+            },
+        )
     }
 }

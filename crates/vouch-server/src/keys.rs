@@ -65,6 +65,15 @@ impl MasterKey {
         Ok(MasterKey(Zeroizing::new(random_bytes(rng)?)))
     }
 
+    /// A key for another purpose, bound to `label` (HMAC-SHA256 of the label under the
+    /// master key), so every instance given the same master key derives the same one.
+    pub fn derive(&self, label: &str) -> Zeroizing<[u8; 32]> {
+        let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &*self.0);
+        let mut out = Zeroizing::new([0u8; 32]);
+        out.copy_from_slice(aws_lc_rs::hmac::sign(&key, label.as_bytes()).as_ref());
+        out
+    }
+
     fn to_hex(&self) -> Zeroizing<String> {
         Zeroizing::new(self.0.iter().map(|b| format!("{b:02x}")).collect())
     }
@@ -297,5 +306,15 @@ mod tests {
         assert!(MasterKey::from_hex("abc").is_err());
         assert!(MasterKey::from_hex(&"zz".repeat(32)).is_err());
         assert_eq!(format!("{key:?}"), "MasterKey(..)");
+    }
+
+    #[test]
+    fn derived_keys_depend_on_label_and_master() {
+        let rng = SystemRandom::new();
+        let key = MasterKey::generate(&rng).unwrap();
+        let same = MasterKey::from_hex(&key.to_hex()).unwrap();
+        assert_eq!(*key.derive("a"), *same.derive("a"));
+        assert_ne!(*key.derive("a"), *key.derive("b"));
+        assert_ne!(*key.derive("a"), *MasterKey::generate(&rng).unwrap().derive("a"));
     }
 }

@@ -17,6 +17,7 @@ pub mod keys;
 mod metrics;
 mod ops;
 pub mod registry;
+pub mod token;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use utoipa::openapi::OpenApi;
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
 use vouch_proto::crypto::SystemRandom;
 use vouch_proto::{Clock, SystemClock};
@@ -37,7 +38,7 @@ use error::ApiError;
 use keys::{DatabaseKeyStore, KeyStore, MasterKey};
 
 pub const ADMIN_KEY_FILE: &str = "admin.key";
-/// Expired enrolment nonces are purged this often.
+/// Expired enrolment nonces and DPoP proof records are purged this often.
 const NONCE_PURGE_EVERY: Duration = Duration::from_secs(300);
 
 /// What every handler shares. Cheap to clone.
@@ -50,6 +51,7 @@ pub struct AppState {
     pub rng: Arc<SystemRandom>,
     pub rate_limiter: Arc<auth::RateLimiter>,
     pub attest_policy: Arc<attest::Policy>,
+    pub dpop: Arc<token::DpopState>,
     metrics: Arc<metrics::Metrics>,
 }
 
@@ -98,11 +100,14 @@ pub async fn build_state_with_clock(
     let store =
         Store::open(&config.database_url, StoreOptions { max_connections: config.database_connections_max }).await?;
     let master = MasterKey::load_or_create(master_key_env, &config.data_dir, &rng)?;
+    let dpop = token::DpopState::new(&master, config.dpop_nonce_required, config.dpop_nonce_window_secs)
+        .map_err(keys::KeyError::from)?;
     let keys = DatabaseKeyStore::open(store.clone(), master, rng.clone(), clock.now_unix()).await?;
     bootstrap_admin_key(&store, &config, &rng, clock.now_unix()).await?;
     Ok(AppState {
         rate_limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_sec, config.rate_limit_burst)),
         attest_policy,
+        dpop: Arc::new(dpop),
         store,
         keys: Arc::new(keys),
         config: Arc::new(config),
@@ -161,6 +166,7 @@ pub fn api() -> (Router<AppState>, OpenApi) {
         .merge(registry::routes())
         .merge(admin::routes())
         .merge(attest::routes())
+        .merge(token::routes())
         .split_for_parts();
     describe_responses(&mut openapi);
     openapi.info.title = "Vouch".into();
@@ -170,6 +176,14 @@ pub fn api() -> (Router<AppState>, OpenApi) {
     components.add_security_scheme(
         "api_key",
         SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("vouch API key").build()),
+    );
+    components.add_security_scheme(
+        "dpop",
+        SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+            "Authorization",
+            "`Authorization: DPoP <access token>` together with a `DPoP` proof header (RFC 9449): \
+             the proof carries `ath` and the latest `DPoP-Nonce`",
+        ))),
     );
     (router, openapi)
 }
@@ -220,6 +234,7 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), token::attach_nonce))
         .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::observe))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
             axum::response::IntoResponse::into_response(ApiError::internal("handler panicked"))
@@ -243,11 +258,12 @@ pub fn spawn_upkeep(state: AppState) -> tokio::task::JoinHandle<()> {
                 _ = nonce_purge.tick() => {
                     let purged = async {
                         let mut tx = state.store.begin().await?;
-                        let purged = tx.purge_enrolment_nonces(state.now()).await?;
+                        let purged = tx.purge_enrolment_nonces(state.now()).await?
+                            + tx.purge_dpop_proofs(state.now()).await?;
                         tx.commit().await.map(|()| purged)
                     }.await;
                     match purged {
-                        Ok(n) if n > 0 => tracing::debug!(purged = n, "purged expired enrolment nonces"),
+                        Ok(n) if n > 0 => tracing::debug!(purged = n, "purged expired enrolment nonces and DPoP proofs"),
                         Ok(_) => {}
                         Err(e) => tracing::error!(error = %e, "nonce purge failed"),
                     }

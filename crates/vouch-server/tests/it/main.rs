@@ -13,3 +13,4 @@ mod foundation;
 mod ops;
 mod registry;
 mod support;
+mod token;

@@ -39,10 +39,16 @@ const OPERATIONS: &[(&str, &str)] = &[
     ("get", "/v1/devices/{}/attestations"),
     ("put", "/v1/reference-values"),
     ("get", "/v1/reference-values"),
+    ("post", "/v1/token"),
+    ("post", "/v1/revoke"),
+    ("post", "/v1/sessions/{}/end"),
+    ("post", "/v1/sign"),
 ];
 
-/// Authenticated by the device's signature inside the body, not by an API key.
-const DEVICE_SIGNED: &[&str] = &["/v1/attestations", "/v1/attestations/{attestation_id}/evidence"];
+/// Authenticated by the device's signature inside the body or its DPoP proof alone,
+/// not by an API key or an access token.
+const DEVICE_SIGNED: &[&str] =
+    &["/v1/attestations", "/v1/attestations/{attestation_id}/evidence", "/v1/token", "/v1/revoke"];
 
 /// Served outside the generated document: the document itself.
 const SELF_DESCRIBING: &str = "/openapi.json";
@@ -187,6 +193,7 @@ async fn openapi_document_describes_every_api_operation() {
         }
     }
     assert!(doc["components"]["securitySchemes"]["api_key"].is_object(), "no api_key security scheme");
+    assert!(doc["components"]["securitySchemes"]["dpop"].is_object(), "no dpop security scheme");
     assert!(doc["components"]["schemas"]["Problem"].is_object(), "no Problem schema");
 }
 
