@@ -6,55 +6,9 @@ use vouch_device::sim::{self, Attestation};
 use vouch_device::{DeviceError, DeviceIdentity, VouchClient};
 use vouch_proto::SystemClock;
 use vouch_proto::attest::{Command, CommandKind, EarStatus};
-use vouch_proto::crypto::SystemRandom;
 use vouch_proto::enrol::DeviceKind;
 
-use crate::support::{RunningServer, start};
-
-/// A server with one merchant and the clean reference values of one device kind.
-struct Fixture {
-    server: RunningServer,
-    admin: VouchClient,
-    /// Devices call the attestation endpoints with no API key.
-    device_client: VouchClient,
-    kind: DeviceKind,
-    merchant_id: String,
-    rng: SystemRandom,
-}
-
-struct Device {
-    identity: DeviceIdentity,
-    device_id: String,
-    monitor: TamperMonitor,
-}
-
-async fn fixture() -> Fixture {
-    fixture_for(DeviceKind::Terminal).await
-}
-
-async fn fixture_for(kind: DeviceKind) -> Fixture {
-    let server = start().await;
-    let admin = server.admin();
-    let merchant_id = admin.create_merchant("Corner Coffee").await.unwrap().merchant_id;
-    let reference = SimulatedDeviceState::clean(kind, &merchant_id).reference_values();
-    assert_eq!(admin.put_reference_values(&reference).await.unwrap(), reference);
-    let device_client = VouchClient::new(&server.url).unwrap();
-    Fixture { server, admin, device_client, kind, merchant_id, rng: SystemRandom::new() }
-}
-
-impl Fixture {
-    async fn device(&self, tampers: &[Tamper]) -> Device {
-        let state = SimulatedDeviceState::clean(self.kind, &self.merchant_id).with_tampers(tampers);
-        let identity = DeviceIdentity::generate(&self.rng).unwrap();
-        let enrolled = sim::enrol(&self.admin, &identity, &state.profile(), &SystemClock, &self.rng).await.unwrap();
-        Device { identity, device_id: enrolled.device_id, monitor: TamperMonitor::new(state) }
-    }
-
-    async fn attest(&self, device: &mut Device) -> Result<Attestation, DeviceError> {
-        let Device { identity, device_id, monitor } = device;
-        sim::attest(&self.device_client, identity, device_id, monitor, &SystemClock, &self.rng).await
-    }
-}
+use crate::support::{Device, fixture, fixture_for};
 
 fn reason_codes(attestation: &Attestation) -> Vec<&str> {
     attestation.outcome.reasons.iter().map(|r| r.code.as_str()).collect()
@@ -230,7 +184,7 @@ async fn an_unknown_device_gets_no_challenge() {
     let fx = fixture().await;
     let identity = DeviceIdentity::generate(&fx.rng).unwrap();
     let mut stranger = Device {
-        identity,
+        identity: identity.into(),
         device_id: "dev_never_enrolled".into(),
         monitor: TamperMonitor::new(SimulatedDeviceState::clean(DeviceKind::Terminal, &fx.merchant_id)),
     };

@@ -216,3 +216,56 @@ async fn attestation_works_end_to_end_across_instances() {
     assert!(!clients[0].verify_ticket(&denial.outcome.ticket).await.unwrap().valid);
     assert_eq!(first.state.store.verify_audit().await.unwrap().first_break, None);
 }
+
+/// A DPoP proof is single-use across instances: one proof sent to both at once, the
+/// second reached under the first's host name as behind a load balancer, is accepted
+/// once and refused once as a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dpop_proof_is_used_once_across_instances() {
+    use std::sync::Arc;
+
+    use vouch_device::TokenSession;
+    use vouch_device::attest::{SimulatedDeviceState, TamperMonitor};
+    use vouch_device::token::{Method, SIGN_PATH};
+
+    let Some(Instances { first, second, clients }) = two_instances_on_postgres().await else { return };
+    let merchant = clients[0].create_merchant("Shared Shop").await.unwrap();
+    let clean = SimulatedDeviceState::clean(DeviceKind::Terminal, &merchant.merchant_id);
+    clients[0].put_reference_values(&clean.reference_values()).await.unwrap();
+    let rng = SystemRandom::new();
+    let identity = Arc::new(DeviceIdentity::generate(&rng).unwrap());
+    let device = sim::enrol(&clients[0], &identity, &clean.profile(), &SystemClock, &rng).await.unwrap();
+    let mut monitor = TamperMonitor::new(clean);
+    let attestation =
+        sim::attest(&clients[1], &identity, &device.device_id, &mut monitor, &SystemClock, &rng).await.unwrap();
+    let ticket = &attestation.outcome.ticket;
+    let session = TokenSession::open(&clients[0], identity, ticket, Arc::new(SystemClock), &rng).await.unwrap();
+
+    let proof = session.proof(&Method::POST, SIGN_PATH).unwrap();
+    let host = first.url.trim_start_matches("http://");
+    let authorization = format!("DPoP {}", session.access_token());
+    let body = serde_json::json!({ "digest": vouch_proto::b64::encode([7u8; 32]) });
+    let http = reqwest::Client::new();
+    let send = |base: &str| {
+        http.post(format!("{base}{SIGN_PATH}"))
+            .header(reqwest::header::HOST, host)
+            .header(reqwest::header::AUTHORIZATION, &authorization)
+            .header("DPoP", &proof)
+            .json(&body)
+            .send()
+    };
+    let (a, b) = tokio::join!(send(&first.url), send(&second.url));
+    let mut answers = Vec::new();
+    for response in [a.unwrap(), b.unwrap()] {
+        answers.push((response.status().as_u16(), response.json::<serde_json::Value>().await.unwrap()));
+    }
+    answers.sort_by_key(|(status, _)| *status);
+    let [(200, signed), (401, refused)] = &answers[..] else { panic!("expected one 200 and one 401: {answers:?}") };
+    assert!(signed["signature"].is_string(), "{signed}");
+    assert_eq!(refused["type"], "urn:vouch:problem:dpop-replayed", "{refused}");
+    assert_eq!(refused["error"], "invalid_dpop_proof", "{refused}");
+
+    // Only the proof was spent: the session goes on with fresh ones.
+    session.sign_digest(&[8u8; 32]).await.unwrap();
+    assert_eq!(second.state.store.verify_audit().await.unwrap().first_break, None);
+}

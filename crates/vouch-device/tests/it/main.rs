@@ -4,3 +4,4 @@ mod attest;
 mod enrolment;
 mod instances;
 mod support;
+mod token;

@@ -1,9 +1,15 @@
-//! Starts real Vouch servers on free ports.
+//! Starts real Vouch servers on free ports, and sets them up for attesting devices.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::sync::oneshot;
-use vouch_device::VouchClient;
+use vouch_device::attest::{SimulatedDeviceState, Tamper, TamperMonitor};
+use vouch_device::sim::{self, Attestation};
+use vouch_device::{DeviceError, DeviceIdentity, VouchClient};
+use vouch_proto::SystemClock;
+use vouch_proto::crypto::SystemRandom;
+use vouch_proto::enrol::DeviceKind;
 use vouch_server::{AppState, Config, build_state, serve_on};
 
 pub struct RunningServer {
@@ -30,8 +36,14 @@ impl RunningServer {
 
 /// A server on a temporary SQLite database.
 pub async fn start() -> RunningServer {
+    start_configured(|_| {}).await
+}
+
+/// A server on a temporary SQLite database, with `configure` applied to its defaults.
+pub async fn start_configured(configure: impl FnOnce(&mut Config)) -> RunningServer {
     let dir = tempfile::tempdir().unwrap();
-    let config = Config::for_data_dir(dir.path());
+    let mut config = Config::for_data_dir(dir.path());
+    configure(&mut config);
     start_with(config, None, Some(dir)).await
 }
 
@@ -52,4 +64,52 @@ pub async fn start_with(mut config: Config, master_key: Option<&str>, dir: Optio
         let _ = stopped.await;
     }));
     RunningServer { url: format!("http://{addr}"), state, admin_key, stop: Some(stop), _dir: dir }
+}
+
+/// A server with one merchant and the clean reference values of one device kind.
+pub struct Fixture {
+    pub server: RunningServer,
+    pub admin: VouchClient,
+    /// Devices call the attestation and token endpoints with no API key.
+    pub device_client: VouchClient,
+    pub kind: DeviceKind,
+    pub merchant_id: String,
+    pub rng: SystemRandom,
+}
+
+pub struct Device {
+    pub identity: Arc<DeviceIdentity>,
+    pub device_id: String,
+    pub monitor: TamperMonitor,
+}
+
+pub async fn fixture() -> Fixture {
+    fixture_for(DeviceKind::Terminal).await
+}
+
+pub async fn fixture_for(kind: DeviceKind) -> Fixture {
+    fixture_on(start().await, kind).await
+}
+
+pub async fn fixture_on(server: RunningServer, kind: DeviceKind) -> Fixture {
+    let admin = server.admin();
+    let merchant_id = admin.create_merchant("Corner Coffee").await.unwrap().merchant_id;
+    let reference = SimulatedDeviceState::clean(kind, &merchant_id).reference_values();
+    assert_eq!(admin.put_reference_values(&reference).await.unwrap(), reference);
+    let device_client = VouchClient::new(&server.url).unwrap();
+    Fixture { server, admin, device_client, kind, merchant_id, rng: SystemRandom::new() }
+}
+
+impl Fixture {
+    pub async fn device(&self, tampers: &[Tamper]) -> Device {
+        let state = SimulatedDeviceState::clean(self.kind, &self.merchant_id).with_tampers(tampers);
+        let identity = DeviceIdentity::generate(&self.rng).unwrap();
+        let enrolled = sim::enrol(&self.admin, &identity, &state.profile(), &SystemClock, &self.rng).await.unwrap();
+        Device { identity: Arc::new(identity), device_id: enrolled.device_id, monitor: TamperMonitor::new(state) }
+    }
+
+    pub async fn attest(&self, device: &mut Device) -> Result<Attestation, DeviceError> {
+        let Device { identity, device_id, monitor } = device;
+        sim::attest(&self.device_client, identity, device_id, monitor, &SystemClock, &self.rng).await
+    }
 }
