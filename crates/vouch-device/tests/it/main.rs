@@ -3,5 +3,6 @@
 mod attest;
 mod enrolment;
 mod instances;
+mod interop;
 mod support;
 mod token;
