@@ -2,15 +2,17 @@
 //! database and walks through Vouch's flows with the device SDK, printing each step.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use vouch_device::attest::{SimulatedDeviceState, Tamper, TamperMonitor};
 use vouch_device::sim::{self, DeviceProfile};
-use vouch_device::{DeviceIdentity, VouchClient};
-use vouch_proto::SystemClock;
+use vouch_device::token::{Method, SIGN_PATH};
+use vouch_device::{DeviceIdentity, TokenSession, VouchClient};
 use vouch_proto::attest::EarStatus;
-use vouch_proto::crypto::SystemRandom;
+use vouch_proto::crypto::{SystemRandom, sha256};
 use vouch_proto::enrol::DeviceKind;
+use vouch_proto::{SystemClock, b64};
 
 /// An in-process server on a free port, stopped when dropped.
 pub struct LocalServer {
@@ -126,6 +128,7 @@ pub async fn run() -> anyhow::Result<ExitCode> {
     ));
 
     attestation_steps(&server, &admin, &factory, &merchant.merchant_id, &mut steps, &rng).await?;
+    token_steps(&server, &factory, &merchant.merchant_id, &mut steps, &rng).await?;
 
     let audit = admin.verify_audit().await?;
     if !audit.intact {
@@ -215,5 +218,71 @@ async fn attestation_steps(
     let history = admin.attestations(&clean.device_id).await?;
     let latest = history.first().map_or("none", |a| a.status.as_str());
     steps.pass(&format!("attestation history of {}: {} recorded, latest {latest}", clean.device_id, history.len()));
+    Ok(())
+}
+
+/// Seed 003: a clean terminal trades its ticket for a DPoP-bound session, derives a
+/// sub-session and has a receipt signed; a replayed proof is refused, and once the
+/// session ends neither its token nor the sub-session's works.
+async fn token_steps(
+    server: &LocalServer,
+    factory: &VouchClient,
+    merchant_id: &str,
+    steps: &mut Steps,
+    rng: &SystemRandom,
+) -> anyhow::Result<()> {
+    let device_client = VouchClient::new(&server.url)?;
+    let state = SimulatedDeviceState::clean(DeviceKind::Terminal, merchant_id);
+    let identity = Arc::new(DeviceIdentity::generate(rng)?);
+    let terminal = sim::enrol(factory, &identity, &state.profile(), &SystemClock, rng).await?;
+    let mut monitor = TamperMonitor::new(state);
+    let attestation =
+        sim::attest(&device_client, &identity, &terminal.device_id, &mut monitor, &SystemClock, rng).await?;
+    let ticket = &attestation.outcome.ticket;
+    let session = TokenSession::open(&device_client, identity, ticket, Arc::new(SystemClock), rng).await?;
+    let claims = session.claims();
+    steps.pass(&format!(
+        "terminal {} traded its ticket for session {}: token bound to its key {} (DPoP), expires in {} s",
+        terminal.device_id,
+        claims.sid,
+        &claims.cnf.jkt[..12],
+        claims.exp - claims.iat
+    ));
+
+    let subsession = session.subsession().await?;
+    steps.pass(&format!(
+        "sub-session {} derived by token exchange: same key, same session",
+        subsession.subsession_id().unwrap_or_default()
+    ));
+
+    let receipt = sha256(b"receipt 0001: 1 flat white, 3.40 EUR");
+    let signed = subsession.sign_digest(&receipt).await?;
+    steps.pass(&format!(
+        "receipt digest signed for sub-session {} ({}), signature verified against /.well-known/jwks.json",
+        signed.claims.subsession_id.as_deref().unwrap_or_default(),
+        signed.claims.jti
+    ));
+
+    let body = serde_json::json!({ "digest": b64::encode(receipt) });
+    let proof = session.proof(&Method::POST, SIGN_PATH)?;
+    session.send_with_proof::<serde_json::Value>(Method::POST, SIGN_PATH, Some(&body), &proof).await?;
+    match session.send_with_proof::<serde_json::Value>(Method::POST, SIGN_PATH, Some(&body), &proof).await {
+        Err(e) if e.problem_reason() == Some("dpop-replayed") => {
+            steps.pass("replayed DPoP proof refused: dpop-replayed")
+        }
+        other => bail!("a replayed DPoP proof was not refused: {other:?}"),
+    }
+
+    let ended = session.end().await?;
+    for (what, handle) in [("session", &session), ("sub-session", &subsession)] {
+        match handle.sign_digest(&receipt).await {
+            Err(e) if e.oauth_error() == Some("invalid_token") => {}
+            other => bail!("the {what} token still worked after its session ended: {other:?}"),
+        }
+    }
+    steps.pass(&format!(
+        "session {} ended ({} sessions): session and sub-session tokens refused with invalid_token",
+        ended.sid, ended.sessions_ended
+    ));
     Ok(())
 }

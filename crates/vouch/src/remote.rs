@@ -3,15 +3,16 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use vouch_device::attest::{ReferenceValues, SimulatedDeviceState, Tamper, TamperMonitor};
 use vouch_device::sim::{self, DeviceProfile};
-use vouch_device::{DeviceError, DeviceIdentity, VouchClient};
-use vouch_proto::SystemClock;
+use vouch_device::{DeviceError, DeviceIdentity, TokenSession, VouchClient};
 use vouch_proto::crypto::SystemRandom;
 use vouch_proto::enrol::DeviceKind;
+use vouch_proto::{Clock, SystemClock};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RemoteArgs {
@@ -119,6 +120,10 @@ pub enum SimCommand {
     /// {device_id, status, ticket, reasons}. A denial is an answer, not a failure: the
     /// exit status is 0 whatever the verdict.
     Attest(AttestArgs),
+    /// Attest a simulated device as `sim attest` does, open a session with its ticket
+    /// and derive one sub-session; print {device_id, access_token, sid,
+    /// subsession_token}. The tokens are DPoP-bound to the device key.
+    Token(AttestArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -186,6 +191,7 @@ pub async fn sim(command: SimCommand) -> anyhow::Result<ExitCode> {
     match command {
         SimCommand::Enroll { remote, device } => enrol(&remote, &device).await,
         SimCommand::Attest(args) => attest(&args).await,
+        SimCommand::Token(args) => token(&args).await,
     }
 }
 
@@ -252,36 +258,42 @@ struct AttestOutput {
     enrolled: bool,
 }
 
-async fn attest(args: &AttestArgs) -> anyhow::Result<ExitCode> {
-    let remote = &args.remote;
-    let client = remote.client()?;
-    let rng = SystemRandom::new();
+/// A simulated device after one attestation, as `sim attest` and `sim token` run it.
+struct AttestedDevice {
+    identity: DeviceIdentity,
+    enrolment: Enrolment,
+    attestation: sim::Attestation,
+}
+
+/// Loads or creates the device key, enrols the device unless its state file says it
+/// is enrolled on this server, attests it, and remembers the evidence chain.
+async fn attest_device(client: &VouchClient, args: &AttestArgs, rng: &SystemRandom) -> anyhow::Result<AttestedDevice> {
     let (identity, state_path) = match &args.key {
-        Some(path) => (load_or_create_key(path, &rng)?, Some(state_file_path(path))),
-        None => (DeviceIdentity::generate(&rng)?, None),
+        Some(path) => (load_or_create_key(path, rng)?, Some(state_file_path(path))),
+        None => (DeviceIdentity::generate(rng)?, None),
     };
     let remembered = match &state_path {
         Some(path) => read_state_file(path)?.filter(|f| f.server == client.base_url() && f.kind == args.kind),
         None => None,
     };
     let remembered_prev = remembered.as_ref().and_then(|f| f.prev_evidence_hash.clone());
-    ensure_reference_values(&client, args.kind).await?;
+    ensure_reference_values(client, args.kind).await?;
 
     let mut enrolment = match remembered {
         Some(file) => Enrolment { device_id: file.device_id, merchant_id: file.merchant_id, fresh: false },
-        None => enrol_for_attestation(&client, &identity, args, &rng).await?,
+        None => enrol_for_attestation(client, &identity, args, rng).await?,
     };
     let device_state =
         |merchant_id: &str| SimulatedDeviceState::clean(args.kind, merchant_id).with_tampers(&args.tamper);
     let mut monitor = TamperMonitor::resume(device_state(&enrolment.merchant_id), remembered_prev);
-    let outcome = sim::attest(&client, &identity, &enrolment.device_id, &mut monitor, &SystemClock, &rng).await;
+    let outcome = sim::attest(client, &identity, &enrolment.device_id, &mut monitor, &SystemClock, rng).await;
     let attestation = match outcome {
         // The remembered enrolment belongs to a database that is gone (a fresh server
         // on the same address): enrol again and start a new chain.
         Err(e) if !enrolment.fresh && e.problem_reason() == Some("unknown-device") => {
-            enrolment = enrol_for_attestation(&client, &identity, args, &rng).await?;
+            enrolment = enrol_for_attestation(client, &identity, args, rng).await?;
             monitor = TamperMonitor::new(device_state(&enrolment.merchant_id));
-            sim::attest(&client, &identity, &enrolment.device_id, &mut monitor, &SystemClock, &rng).await?
+            sim::attest(client, &identity, &enrolment.device_id, &mut monitor, &SystemClock, rng).await?
         }
         other => other?,
     };
@@ -295,7 +307,13 @@ async fn attest(args: &AttestArgs) -> anyhow::Result<ExitCode> {
         };
         write_state_file(path, &file)?;
     }
+    Ok(AttestedDevice { identity, enrolment, attestation })
+}
 
+async fn attest(args: &AttestArgs) -> anyhow::Result<ExitCode> {
+    let remote = &args.remote;
+    let client = remote.client()?;
+    let AttestedDevice { enrolment, attestation, .. } = attest_device(&client, args, &SystemRandom::new()).await?;
     let outcome = attestation.outcome;
     let output = AttestOutput {
         device_id: enrolment.device_id,
@@ -317,6 +335,59 @@ async fn attest(args: &AttestArgs) -> anyhow::Result<ExitCode> {
         }
         text.push_str(&format!("\nticket {} (the JWT is in --json)", o.ticket_id));
         text
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The `sim token` output. `device_id`, `access_token`, `sid` and `subsession_token`
+/// are the stable contract; the rest is there for people and may grow.
+#[derive(Debug, Serialize)]
+struct TokenOutput {
+    device_id: String,
+    access_token: String,
+    sid: String,
+    subsession_token: String,
+    subsession_id: Option<String>,
+    /// Always `DPoP`: the tokens are only good with proofs made by the device key.
+    token_type: &'static str,
+    expires_at: i64,
+    ticket_id: String,
+    status: vouch_proto::attest::EarStatus,
+    enrolled: bool,
+}
+
+async fn token(args: &AttestArgs) -> anyhow::Result<ExitCode> {
+    let remote = &args.remote;
+    let client = remote.client()?;
+    let rng = SystemRandom::new();
+    let AttestedDevice { identity, enrolment, attestation } = attest_device(&client, args, &rng).await?;
+    let outcome = attestation.outcome;
+    let session = TokenSession::open(&client, Arc::new(identity), &outcome.ticket, Arc::new(SystemClock), &rng)
+        .await
+        .with_context(|| format!("opening a session with a {} ticket", outcome.status.as_str()))?;
+    let subsession = session.subsession().await.context("deriving a sub-session")?;
+    let claims = session.claims();
+    let output = TokenOutput {
+        device_id: enrolment.device_id,
+        access_token: session.access_token(),
+        sid: claims.sid,
+        subsession_token: subsession.access_token(),
+        subsession_id: subsession.subsession_id(),
+        token_type: vouch_proto::token::TOKEN_TYPE_DPOP,
+        expires_at: claims.exp,
+        ticket_id: outcome.ticket_id,
+        status: outcome.status,
+        enrolled: enrolment.fresh,
+    };
+    remote.print(&output, |o| {
+        format!(
+            "{} {}: session {} (expires in {} s), sub-session {}\nDPoP-bound tokens (in --json): only the device key can use them",
+            args.kind,
+            o.device_id,
+            o.sid,
+            o.expires_at - SystemClock.now_unix(),
+            o.subsession_id.as_deref().unwrap_or("none"),
+        )
     })?;
     Ok(ExitCode::SUCCESS)
 }

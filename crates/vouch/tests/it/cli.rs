@@ -145,6 +145,50 @@ fn sim_attest_prints_the_documented_json_and_keeps_one_device_per_key() {
     assert_eq!(codes, ["rooted"], "{rooted}");
 }
 
+#[test]
+fn sim_token_prints_the_documented_json_and_keeps_one_device_per_key() {
+    let server = serve();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("terminal.pem");
+    let key = key.to_str().unwrap();
+    let token = |extra: &[&str]| {
+        let mut args = vec!["sim", "token", "--server", &server.url, "--api-key", &server.admin_key];
+        args.extend_from_slice(extra);
+        args.push("--json");
+        vouch(&args, dir.path())
+    };
+    let out = token(&["--key", key]);
+    assert!(out.status.success(), "{out:?}");
+    let text = stdout(&out);
+    let positions: Vec<usize> = ["device_id", "access_token", "sid", "subsession_token"]
+        .iter()
+        .map(|field| text.find(&format!("\"{field}\":")).unwrap_or_else(|| panic!("missing {field} in {text}")))
+        .collect();
+    assert!(text.starts_with("{\"device_id\":") && positions.is_sorted(), "keys out of order: {text}");
+    let first: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let claims = |token: &serde_json::Value| {
+        let payload = token.as_str().unwrap().split('.').nth(1).unwrap();
+        serde_json::from_slice::<serde_json::Value>(&vouch_proto::b64::decode("token", payload).unwrap()).unwrap()
+    };
+    let (session, subsession) = (claims(&first["access_token"]), claims(&first["subsession_token"]));
+    let jkt = vouch_device::DeviceIdentity::load_pem(Path::new(key)).unwrap().jwk().thumbprint();
+    assert_eq!(session["cnf"]["jkt"], jkt.as_str(), "{session}");
+    assert_eq!(session["sub"], first["device_id"]);
+    assert_eq!(session["sid"], first["sid"]);
+    assert_eq!(subsession["sid"], first["sid"]);
+    assert_eq!(subsession["cnf"], session["cnf"]);
+    assert!(subsession["subsession_id"].is_string(), "{subsession}");
+
+    let again: serde_json::Value = serde_json::from_slice(&token(&["--key", key]).stdout).unwrap();
+    assert_eq!(again["device_id"], first["device_id"], "the key file keeps one enrolment");
+    assert_ne!(again["sid"], first["sid"], "each run opens a new session");
+
+    let denied = token(&["--tamper", "root"]);
+    assert_eq!(denied.status.code(), Some(2), "{denied:?}");
+    let stderr = String::from_utf8_lossy(&denied.stderr);
+    assert!(stderr.contains("contraindicated") && stderr.contains("ticket-denied"), "{stderr}");
+}
+
 fn free_port() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().to_string()
