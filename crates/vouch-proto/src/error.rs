@@ -25,6 +25,10 @@ pub enum ProtoError {
     ClaimMismatch { claim: &'static str, found: String, expected: String },
     #[error("DPoP proof refused ({}): {detail}", check.as_str())]
     InvalidDpopProof { check: crate::dpop::DpopCheck, detail: String },
+    #[error("secure channel: {0}")]
+    Channel(String),
+    #[error("the secure channel is closed after a refused record")]
+    ChannelClosed,
     #[error("random number generator failed")]
     Rng,
 }

@@ -13,6 +13,7 @@ pub mod jwk;
 pub mod jws;
 pub mod jwt;
 pub mod pem;
+pub mod session;
 pub mod token;
 
 pub use clock::{Clock, FixedClock, SystemClock};
