@@ -46,8 +46,8 @@ pub struct TamperState {
 #[serde(deny_unknown_fields)]
 pub struct ReaderHelloClaims {
     pub reader_id: String,
-    /// base64url of the reader's static X25519 key for the channel.
-    pub noise_key: String,
+    /// base64url of the reader's static X25519 key for the channel, signed here by its identity key.
+    pub static_key: String,
     pub firmware_version: String,
     pub tamper: TamperState,
     /// base64url of 16 to 64 fresh random bytes; single use at the server.
@@ -59,7 +59,7 @@ impl ReaderHelloClaims {
     /// A hello with a fresh 32-byte nonce.
     pub fn new(
         reader_id: &str,
-        noise_key: &[u8; NOISE_KEY_BYTES],
+        static_key: &[u8; NOISE_KEY_BYTES],
         firmware_version: &str,
         tamper: TamperState,
         iat: i64,
@@ -67,7 +67,7 @@ impl ReaderHelloClaims {
     ) -> Result<Self, ProtoError> {
         Ok(ReaderHelloClaims {
             reader_id: reader_id.to_owned(),
-            noise_key: b64::encode(noise_key),
+            static_key: b64::encode(static_key),
             firmware_version: firmware_version.to_owned(),
             tamper,
             nonce: b64::encode(crate::crypto::random_bytes::<32>(rng)?),
@@ -79,8 +79,8 @@ impl ReaderHelloClaims {
         jwt::encode(&Header::es256(READER_HELLO_TYP), self, key, rng)
     }
 
-    pub fn noise_key_bytes(&self) -> Result<[u8; NOISE_KEY_BYTES], ProtoError> {
-        noise_key("reader noise_key", &self.noise_key)
+    pub fn static_key_bytes(&self) -> Result<[u8; NOISE_KEY_BYTES], ProtoError> {
+        decode_static_key("reader static_key", &self.static_key)
     }
 }
 
@@ -106,7 +106,7 @@ pub fn verify_reader_hello(
     jws.header().expect_typ(READER_HELLO_TYP)?;
     let claims: ReaderHelloClaims = jwt::decode(jws, key)?;
     jwt::check_issued_at(claims.iat, clock.now_unix(), window_secs)?;
-    claims.noise_key_bytes()?;
+    claims.static_key_bytes()?;
     let nonce = b64::decode("reader nonce", &claims.nonce)?;
     if !(NONCE_BYTES_MIN..=NONCE_BYTES_MAX).contains(&nonce.len()) {
         return Err(ProtoError::malformed(
@@ -126,7 +126,7 @@ pub fn verify_reader_hello(
 }
 
 /// Decodes a base64url X25519 public key.
-pub fn noise_key(what: &'static str, text: &str) -> Result<[u8; NOISE_KEY_BYTES], ProtoError> {
+pub fn decode_static_key(what: &'static str, text: &str) -> Result<[u8; NOISE_KEY_BYTES], ProtoError> {
     b64::decode(what, text)?.try_into().map_err(|bytes: Vec<u8>| {
         ProtoError::InvalidKey(format!("{what} is {} bytes, expected {NOISE_KEY_BYTES} (X25519)", bytes.len()))
     })
@@ -141,10 +141,10 @@ pub struct GrantClaims {
     /// The nonce of the hello this grant answers.
     pub reader_nonce: String,
     /// base64url of the reader's static X25519 key, as its hello named it.
-    pub reader_noise_key: String,
+    pub reader_static_key: String,
     pub pos_device_id: String,
     /// base64url of the POS app's static X25519 key: the only key the reader accepts.
-    pub pos_noise_key: String,
+    pub pos_static_key: String,
     pub iat: i64,
     pub exp: i64,
 }
@@ -179,7 +179,7 @@ pub fn verify_grant(
             expected: reader_nonce.to_owned(),
         });
     }
-    let pos_key = noise_key("grant pos_noise_key", &claims.pos_noise_key)?;
+    let pos_key = decode_static_key("grant pos_static_key", &claims.pos_static_key)?;
     Ok((claims, pos_key))
 }
 
@@ -528,7 +528,7 @@ mod tests {
             Err(ProtoError::StaleIssuedAt { .. })
         ));
         let mut short_key = claims.clone();
-        short_key.noise_key = b64::encode([1u8; 31]);
+        short_key.static_key = b64::encode([1u8; 31]);
         let mut short_nonce = claims.clone();
         short_nonce.nonce = b64::encode([1u8; 8]);
         let mut empty_firmware = claims;
@@ -549,9 +549,9 @@ mod tests {
             session_id: "rs_1".into(),
             reader_id: "dev_r1".into(),
             reader_nonce: "n1".into(),
-            reader_noise_key: b64::encode([9u8; 32]),
+            reader_static_key: b64::encode([9u8; 32]),
             pos_device_id: "dev_p1".into(),
-            pos_noise_key: b64::encode([7u8; 32]),
+            pos_static_key: b64::encode([7u8; 32]),
             iat: 1_000,
             exp: 1_060,
         };

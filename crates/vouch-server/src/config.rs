@@ -59,6 +59,7 @@ pub struct ConfigLayer {
     pub dpop_iat_window_secs: Option<i64>,
     pub dpop_nonce_required: Option<bool>,
     pub dpop_nonce_window_secs: Option<i64>,
+    pub reader_grant_ttl_secs: Option<i64>,
 }
 
 macro_rules! overlay {
@@ -124,6 +125,7 @@ impl ConfigLayer {
             dpop_iat_window_secs: get(&lookup, "dpop_iat_window_secs", "seconds")?,
             dpop_nonce_required: get(&lookup, "dpop_nonce_required", "true or false")?,
             dpop_nonce_window_secs: get(&lookup, "dpop_nonce_window_secs", "seconds")?,
+            reader_grant_ttl_secs: get(&lookup, "reader_grant_ttl_secs", "seconds")?,
         })
     }
 
@@ -154,7 +156,8 @@ impl ConfigLayer {
             access_token_ttl_secs,
             dpop_iat_window_secs,
             dpop_nonce_required,
-            dpop_nonce_window_secs
+            dpop_nonce_window_secs,
+            reader_grant_ttl_secs
         )
     }
 }
@@ -203,6 +206,8 @@ pub struct Config {
     /// How long each nonce window lasts; a nonce is accepted in its window and the
     /// ones either side.
     pub dpop_nonce_window_secs: i64,
+    /// How long a reader has to accept a session grant.
+    pub reader_grant_ttl_secs: i64,
 }
 
 impl Config {
@@ -240,6 +245,7 @@ impl Config {
             dpop_iat_window_secs: layer.dpop_iat_window_secs.unwrap_or(60),
             dpop_nonce_required: layer.dpop_nonce_required.unwrap_or(true),
             dpop_nonce_window_secs: layer.dpop_nonce_window_secs.unwrap_or(60),
+            reader_grant_ttl_secs: layer.reader_grant_ttl_secs.unwrap_or(120),
         };
         config.validate()?;
         Ok(config)
@@ -268,6 +274,7 @@ impl Config {
             ("access_token_ttl_secs", self.access_token_ttl_secs),
             ("dpop_iat_window_secs", self.dpop_iat_window_secs),
             ("dpop_nonce_window_secs", self.dpop_nonce_window_secs),
+            ("reader_grant_ttl_secs", self.reader_grant_ttl_secs),
         ] {
             if !(1..=10 * 365 * 24 * 3600).contains(&secs) {
                 return Err(invalid(name, secs, "1 second to 10 years"));

@@ -17,6 +17,7 @@ pub mod keys;
 mod metrics;
 mod ops;
 pub mod registry;
+pub mod session;
 pub mod token;
 
 use std::future::Future;
@@ -167,6 +168,7 @@ pub fn api() -> (Router<AppState>, OpenApi) {
         .merge(admin::routes())
         .merge(attest::routes())
         .merge(token::routes())
+        .merge(session::routes())
         .split_for_parts();
     describe_responses(&mut openapi);
     openapi.info.title = "Vouch".into();

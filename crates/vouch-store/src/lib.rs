@@ -30,7 +30,7 @@ pub use error::StoreError;
 pub use group_commit::{BATCH_JOBS_MAX, BoxFuture, QUEUE_JOBS_MAX};
 pub use registry::{Account, Device, DeviceFilter, DeviceStatus, Merchant, ServiceProvider};
 pub use secrets::{ApiKeyRecord, NonceRejection, SigningKeyRecord};
-pub use token::{TokenSession, TokenSessionState};
+pub use token::{ReaderSession, TokenSession, TokenSessionState};
 
 /// Limits of the connection pool.
 pub const SQLITE_CONNECTIONS_MAX: u32 = 8;

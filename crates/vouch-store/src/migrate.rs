@@ -27,6 +27,11 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/sqlite/0003_token.sql"),
         postgres: include_str!("../migrations/postgres/0003_token.sql"),
     },
+    Migration {
+        version: 4,
+        sqlite: include_str!("../migrations/sqlite/0004_session.sql"),
+        postgres: include_str!("../migrations/postgres/0004_session.sql"),
+    },
 ];
 
 /// Serialises concurrent starts of several instances on one PostgreSQL.

@@ -1,4 +1,5 @@
-//! Token sessions and sub-sessions, and the single-use record of DPoP proofs.
+//! Token sessions and sub-sessions, the single-use record of DPoP proofs, and the
+//! grants that let a POS app open a channel with a card reader.
 
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -148,5 +149,41 @@ impl Store {
         let sql = sqlx::AssertSqlSafe(format!("SELECT {SESSION_COLUMNS} FROM token_sessions WHERE id = $1"));
         let row = sqlx::query(sql).bind(id).fetch_optional(self.pool()).await?;
         row.as_ref().map(session_from_row).transpose()?.ok_or(StoreError::NotFound { what: "session" })
+    }
+}
+
+/// A grant for a POS app and a card reader to open a channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReaderSession {
+    pub id: String,
+    pub reader_id: String,
+    /// The nonce of the reader hello the grant answers; one grant per nonce.
+    pub reader_nonce: String,
+    pub pos_device_id: String,
+    /// The POS app's token session the grant was asked in.
+    pub token_sid: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+}
+
+impl Tx {
+    /// Records a grant. [`StoreError::Conflict`] if the reader's nonce was granted
+    /// before, on any instance.
+    pub async fn insert_reader_session(&mut self, session: &ReaderSession) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO reader_sessions (id, reader_id, reader_nonce, pos_device_id, token_sid, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&session.id)
+        .bind(&session.reader_id)
+        .bind(&session.reader_nonce)
+        .bind(&session.pos_device_id)
+        .bind(&session.token_sid)
+        .bind(session.created_at)
+        .bind(session.expires_at)
+        .execute(self.conn())
+        .await
+        .map_err(StoreError::on_insert("reader session", "device"))?;
+        Ok(())
     }
 }

@@ -627,7 +627,7 @@ fn require_active(device: &Device) -> ApiResult<()> {
     }
 }
 
-fn device_key(device: &Device) -> ApiResult<VerifyingKey> {
+pub(crate) fn device_key(device: &Device) -> ApiResult<VerifyingKey> {
     let jwk: Jwk = serde_json::from_str(&device.public_jwk).map_err(ApiError::internal)?;
     jwk.verifying_key().map_err(ApiError::internal)
 }

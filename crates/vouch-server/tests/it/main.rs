@@ -12,5 +12,6 @@ mod enrolment;
 mod foundation;
 mod ops;
 mod registry;
+mod session;
 mod support;
 mod token;

@@ -43,6 +43,7 @@ const OPERATIONS: &[(&str, &str)] = &[
     ("post", "/v1/revoke"),
     ("post", "/v1/sessions/{}/end"),
     ("post", "/v1/sign"),
+    ("post", "/v1/reader-sessions"),
 ];
 
 /// Authenticated by the device's signature inside the body or its DPoP proof alone,

@@ -21,18 +21,18 @@ const HOST: &str = "vouch.test";
 const FORM: &str = "application/x-www-form-urlencoded";
 
 /// An attested device, its ticket, and the latest nonce the server gave it.
-struct Holder {
-    fx: Attest,
-    device: Enrolled,
-    ticket: String,
-    nonce: String,
-    rng: SystemRandom,
+pub struct Holder {
+    pub fx: Attest,
+    pub device: Enrolled,
+    pub ticket: String,
+    pub nonce: String,
+    pub rng: SystemRandom,
 }
 
 /// A session token and what came with it.
-struct Session {
-    token: String,
-    claims: AccessTokenClaims,
+pub struct Session {
+    pub token: String,
+    pub claims: AccessTokenClaims,
 }
 
 fn form(pairs: &[(&str, &str)]) -> String {
@@ -49,8 +49,12 @@ impl Holder {
     }
 
     async fn with_health(health: &DeviceHealth) -> Holder {
-        let fx = fixture().await;
-        let mut device = fx.enrol(DeviceKind::Pos).await;
+        Self::on(fixture().await, DeviceKind::Pos, health).await
+    }
+
+    /// A device of `kind` in `health`, enrolled and attested on `fx`.
+    pub async fn on(fx: Attest, kind: DeviceKind, health: &DeviceHealth) -> Holder {
+        let mut device = fx.enrol(kind).await;
         let verdict = fx.attest(&mut device, health).await;
         let ticket = verdict["ticket"].as_str().unwrap().to_owned();
         let nonce = fx.server.state.dpop.current_nonce(fx.clock.now_unix()).expect("nonces are required by default");
@@ -59,25 +63,25 @@ impl Holder {
 
     /// Moves the clock; the device then holds a nonce of the new time, as it would after
     /// any answer from the server.
-    fn advance(&mut self, secs: i64) {
+    pub fn advance(&mut self, secs: i64) {
         self.fx.clock.advance(secs);
         self.nonce = self.fx.server.state.dpop.current_nonce(self.fx.clock.now_unix()).unwrap();
     }
 
-    fn key(&self) -> &SigningKey {
+    pub fn key(&self) -> &SigningKey {
         &self.device.device.key
     }
 
-    fn proof_claims(&self, method: &str, path: &str, token: Option<&str>) -> ProofClaims {
+    pub fn proof_claims(&self, method: &str, path: &str, token: Option<&str>) -> ProofClaims {
         let uri = format!("http://{HOST}{path}");
         ProofClaims::for_request(method, &uri, self.fx.clock.now_unix(), token, Some(&self.nonce), &self.rng).unwrap()
     }
 
-    fn proof(&self, method: &str, path: &str, token: Option<&str>) -> String {
+    pub fn proof(&self, method: &str, path: &str, token: Option<&str>) -> String {
         sign_proof(&self.proof_claims(method, path, token), self.key(), &self.rng).unwrap()
     }
 
-    async fn send(&mut self, request: Request<Body>) -> Reply {
+    pub async fn send(&mut self, request: Request<Body>) -> Reply {
         let reply = self.fx.server.send(request).await;
         if let Some(nonce) = reply.headers.get("dpop-nonce") {
             self.nonce = nonce.to_str().unwrap().to_owned();
@@ -85,7 +89,7 @@ impl Holder {
         reply
     }
 
-    async fn token_request(&mut self, proofs: &[&str], body: String) -> Reply {
+    pub async fn token_request(&mut self, proofs: &[&str], body: String) -> Reply {
         let mut request = Request::post("/v1/token").header("host", HOST).header("content-type", FORM);
         for proof in proofs {
             request = request.header("dpop", *proof);
@@ -93,7 +97,7 @@ impl Holder {
         self.send(request.body(Body::from(body)).unwrap()).await
     }
 
-    async fn grant(&mut self, ticket: &str) -> Reply {
+    pub async fn grant(&mut self, ticket: &str) -> Reply {
         let proof = self.proof("POST", "/v1/token", None);
         self.token_request(&[&proof], form(&[("grant_type", GRANT_JWT_BEARER), ("assertion", ticket)])).await
     }
@@ -113,7 +117,7 @@ impl Holder {
         verify_access_token(token, |kid| jwks.find(kid).and_then(|k| k.verifying_key().ok()), &self.fx.clock).unwrap()
     }
 
-    async fn session(&mut self) -> Session {
+    pub async fn session(&mut self) -> Session {
         let ticket = self.ticket.clone();
         let reply = self.grant(&ticket).await;
         assert_eq!(reply.status.as_u16(), 200, "grant: {}", reply.json);
@@ -129,7 +133,13 @@ impl Holder {
     }
 
     /// A protected request with exactly these headers.
-    async fn protected(&mut self, path: &str, authorization: Option<String>, proofs: &[String], body: Value) -> Reply {
+    pub async fn protected(
+        &mut self,
+        path: &str,
+        authorization: Option<String>,
+        proofs: &[String],
+        body: Value,
+    ) -> Reply {
         let mut request = Request::post(path).header("host", HOST).header("content-type", "application/json");
         if let Some(authorization) = authorization {
             request = request.header("authorization", authorization);
@@ -140,11 +150,11 @@ impl Holder {
         self.send(request.body(Body::from(body.to_string())).unwrap()).await
     }
 
-    fn digest_body() -> Value {
+    pub fn digest_body() -> Value {
         json!({ "digest": b64::encode(sha256(b"receipt 0042: 12.50 EUR")) })
     }
 
-    async fn sign(&mut self, token: &str) -> Reply {
+    pub async fn sign(&mut self, token: &str) -> Reply {
         let proof = self.proof("POST", "/v1/sign", Some(token));
         self.protected("/v1/sign", Some(format!("DPoP {token}")), &[proof], Self::digest_body()).await
     }
@@ -704,5 +714,11 @@ async fn malformed_and_oversized_bodies_are_problem_documents() {
     );
     let proof = holder.proof("POST", "/v1/token", None);
     let twice = format!("grant_type={GRANT_JWT_BEARER}&grant_type=password");
-    assert_oauth("a parameter twice", &holder.token_request(&[&proof], twice).await, 400, "invalid_request", "invalid-form");
+    assert_oauth(
+        "a parameter twice",
+        &holder.token_request(&[&proof], twice).await,
+        400,
+        "invalid_request",
+        "invalid-form",
+    );
 }

@@ -1,4 +1,4 @@
-use vouch_store::{DeviceStatus, StoreError, TokenSession, TokenSessionState};
+use vouch_store::{DeviceStatus, ReaderSession, StoreError, TokenSession, TokenSessionState};
 
 use crate::conformance;
 use crate::harness::TestStore;
@@ -101,5 +101,22 @@ conformance! {
         let mut tx = t.store.begin().await.unwrap();
         let orphan = tx.insert_token_session(&session("s1", None, "ghost")).await;
         assert!(matches!(orphan, Err(StoreError::MissingReference { .. })), "{orphan:?}");
+    }
+
+    async fn a_reader_nonce_is_granted_once(t: TestStore) {
+        with_device(&t).await;
+        let grant = |id: &str, nonce: &str| ReaderSession {
+            id: id.into(),
+            reader_id: "d1".into(),
+            reader_nonce: nonce.into(),
+            pos_device_id: "d1".into(),
+            token_sid: "ses_1".into(),
+            created_at: 100,
+            expires_at: 220,
+        };
+        t.store.write(move |tx| Box::pin(async move { tx.insert_reader_session(&grant("rs1", "n1")).await })).await.unwrap();
+        let again = t.store.write(move |tx| Box::pin(async move { tx.insert_reader_session(&grant("rs2", "n1")).await })).await;
+        assert!(matches!(again, Err(StoreError::Conflict { .. })), "{again:?}");
+        t.store.write(move |tx| Box::pin(async move { tx.insert_reader_session(&grant("rs3", "n2")).await })).await.unwrap();
     }
 }
