@@ -41,7 +41,14 @@ pub enum Endpoint {
 /// access tokens, by SHA-256 of the token.
 pub struct DpopState {
     nonces: Option<NonceKey>,
-    verified_tokens: Mutex<HashMap<[u8; 32], Arc<AccessTokenClaims>>>,
+    verified_tokens: Mutex<HashMap<[u8; 32], VerifiedToken>>,
+}
+
+/// An access token whose signature verified, and the key that signed it.
+#[derive(Debug, Clone)]
+struct VerifiedToken {
+    claims: Arc<AccessTokenClaims>,
+    kid: String,
 }
 
 impl std::fmt::Debug for DpopState {
@@ -69,7 +76,7 @@ impl DpopState {
     }
 
     /// The token's signature is checked once and remembered by the token's hash; its
-    /// expiry is checked on every call.
+    /// expiry, and that its signing key is still published, on every call.
     fn verified_token(
         &self,
         state: &AppState,
@@ -78,20 +85,34 @@ impl DpopState {
     ) -> Result<Arc<AccessTokenClaims>, ProtoError> {
         let now = state.now();
         let cached = self.verified_tokens.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&hash).cloned();
-        if let Some(claims) = cached {
-            vouch_proto::jwt::check_expiry(claims.exp, now, 0)?;
-            return Ok(claims);
+        if let Some(verified) = cached {
+            if state.keys.verifying_key(&verified.kid).is_none() {
+                return Err(ProtoError::InvalidKey(format!("signing key {} is no longer published", verified.kid)));
+            }
+            vouch_proto::jwt::check_expiry(verified.claims.exp, now, 0)?;
+            return Ok(verified.claims);
         }
-        let claims = Arc::new(verify_access_token(token, |kid| state.keys.verifying_key(kid), &*state.clock)?);
+        let kid = std::cell::OnceCell::new();
+        let claims = verify_access_token(
+            token,
+            |k| {
+                let _ = kid.set(k.to_owned());
+                state.keys.verifying_key(k)
+            },
+            &*state.clock,
+        )?;
+        let kid =
+            kid.into_inner().ok_or_else(|| ProtoError::InvalidKey("the access token names no signing key".into()))?;
+        let verified = VerifiedToken { claims: Arc::new(claims), kid };
         let mut cache = self.verified_tokens.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if cache.len() >= TOKEN_CACHE_ENTRIES_MAX {
-            cache.retain(|_, c| c.exp >= now);
+            cache.retain(|_, c| c.claims.exp >= now);
             if cache.len() >= TOKEN_CACHE_ENTRIES_MAX {
                 cache.clear();
             }
         }
-        cache.insert(hash, claims.clone());
-        Ok(claims)
+        cache.insert(hash, verified.clone());
+        Ok(verified.claims)
     }
 }
 

@@ -138,19 +138,27 @@ fn no_store() -> HeaderMap {
     HeaderMap::from_iter([(CACHE_CONTROL, HeaderValue::from_static("no-store"))])
 }
 
-/// Refuses a grant with `invalid_grant`, naming the reason, and audits the refusal.
-async fn refuse_grant(state: &AppState, device_id: &str, reason: &'static str, detail: String) -> ApiError {
-    let entry = audit::entry(
-        state.now(),
-        &format!("device:{device_id}"),
-        "token.grant_refused",
-        device_id,
-        json!({ "reason": reason, "detail": detail }),
-    );
+/// Refuses a grant with `invalid_grant`, naming the reason, and audits the refusal
+/// under `actor` and `subject`.
+async fn refuse_grant(state: &AppState, actor: &str, subject: &str, reason: &'static str, detail: String) -> ApiError {
+    let entry =
+        audit::entry(state.now(), actor, "token.grant_refused", subject, json!({ "reason": reason, "detail": detail }));
     if let Err(e) = state.store.write(move |tx| Box::pin(async move { tx.append_audit(&entry).await })).await {
         tracing::error!(error = %e, "could not audit a refused grant");
     }
     ApiError::oauth(StatusCode::BAD_REQUEST, "invalid_grant", reason, detail)
+}
+
+/// The device a refused ticket claims to be for, to file the refusal under; the claim
+/// is unverified, so it is only ever a label.
+fn claimed_subject(ticket: &str) -> String {
+    const SUBJECT_CHARS_MAX: usize = 64;
+    vouch_proto::jws::UnverifiedJws::parse(ticket)
+        .ok()
+        .and_then(|jws| serde_json::from_slice::<serde_json::Value>(jws.payload_unverified()).ok())
+        .and_then(|claims| claims["sub"].as_str().map(str::to_owned))
+        .filter(|sub| sub.len() <= SUBJECT_CHARS_MAX && sub.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+        .map_or_else(|| "unknown".to_owned(), |sub| format!("claimed:{sub}"))
 }
 
 async fn open_session(state: &AppState, proof: VerifiedProof, ticket: &str) -> ApiResult<TokenResponse> {
@@ -164,16 +172,18 @@ async fn open_session(state: &AppState, proof: VerifiedProof, ticket: &str) -> A
                 "key-mismatch" => ("ticket-key-mismatch", "the ticket names a key the device no longer holds"),
                 _ => ("invalid-ticket", "the assertion is not an attestation ticket signed by this server"),
             };
-            return Err(refuse_grant(state, "unknown", reason, detail.to_owned()).await);
+            let subject = claimed_subject(ticket);
+            return Err(refuse_grant(state, "unauthenticated", &subject, reason, detail.to_owned()).await);
         }
     };
     if claims.ear_status == EarStatus::Contraindicated {
         let detail = "the ticket is a denial (contraindicated); no token is issued on it".to_owned();
-        return Err(refuse_grant(state, &claims.sub, "ticket-denied", detail).await);
+        return Err(refuse_grant(state, &format!("device:{}", claims.sub), &claims.sub, "ticket-denied", detail).await);
     }
     if !constant_time_eq(claims.cnf.jkt.as_bytes(), proof.jkt.as_bytes()) {
         let detail = "the DPoP proof is made by another key than the one the ticket is bound to".to_owned();
-        return Err(refuse_grant(state, &claims.sub, "ticket-bound-to-another-key", detail).await);
+        let reason = "ticket-bound-to-another-key";
+        return Err(refuse_grant(state, &format!("proof-key:{}", proof.jkt), &claims.sub, reason, detail).await);
     }
     let now = state.now();
     let session = TokenSession {
@@ -400,19 +410,20 @@ async fn end_session(
     if !constant_time_eq(caller.token.sid.as_bytes(), sid.as_bytes()) {
         return Err(ApiError::forbidden("not-your-session", "a session is ended with a token of that session"));
     }
-    let sessions_ended = end(&state, &caller.token, &sid, "token.session_ended", None).await?;
-    Ok(Json(SessionEnded { sid, ended_at: state.now(), sessions_ended }))
+    let (sessions_ended, ended_at) = end(&state, &caller.token, &sid, "token.session_ended", None).await?;
+    Ok(Json(SessionEnded { sid, ended_at, sessions_ended }))
 }
 
 /// Ends `session_id` (and its sub-sessions) and audits it; `unrecorded_proof`, when
 /// the caller's proof is not yet recorded as used, is recorded in the same write.
+/// Returns how many were still open, and when they ended.
 async fn end(
     state: &AppState,
     token: &AccessTokenClaims,
     session_id: &str,
     action: &'static str,
     unrecorded_proof: Option<&VerifiedProof>,
-) -> ApiResult<u64> {
+) -> ApiResult<(u64, i64)> {
     let now = state.now();
     let entry = audit::entry(
         now,
@@ -438,7 +449,7 @@ async fn end(
             })
         })
         .await?;
-    ended.ok_or_else(|| replayed(Endpoint::Token))
+    ended.map(|count| (count, now)).ok_or_else(|| replayed(Endpoint::Token))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

@@ -722,3 +722,28 @@ async fn malformed_and_oversized_bodies_are_problem_documents() {
         "invalid-form",
     );
 }
+
+/// The verification cache never outlives the key: once the signing key is withdrawn
+/// from the JWK Set, its tokens fail even though they verified before.
+#[tokio::test]
+async fn a_cached_token_fails_once_its_signing_key_is_withdrawn() {
+    let mut holder = Holder::new().await;
+    let session = holder.session().await;
+    assert_eq!(holder.sign(&session.token).await.status.as_u16(), 200);
+    let keys = holder.fx.server.state.keys.clone();
+    keys.rotate(holder.fx.clock.now_unix(), 0, "test").await.unwrap();
+    holder.advance(1);
+    keys.refresh(holder.fx.clock.now_unix()).await.unwrap();
+    assert_oauth("withdrawn key", &holder.sign(&session.token).await, 401, "invalid_token", "invalid-token");
+    assert_oauth(
+        "ticket of the withdrawn key",
+        &holder.grant(&holder.ticket.clone()).await,
+        400,
+        "invalid_grant",
+        "invalid-ticket",
+    );
+    let verdict = holder.fx.attest(&mut holder.device, &DeviceHealth::clean()).await;
+    holder.ticket = verdict["ticket"].as_str().unwrap().to_owned();
+    let fresh = holder.session().await;
+    assert_eq!(holder.sign(&fresh.token).await.status.as_u16(), 200, "tokens of the new key work");
+}
