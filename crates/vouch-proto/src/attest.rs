@@ -312,11 +312,7 @@ pub fn verify_ticket(
     key_for_kid: impl Fn(&str) -> Option<VerifyingKey>,
     clock: &dyn Clock,
 ) -> Result<TicketClaims, ProtoError> {
-    let jws = UnverifiedJws::parse(token)?;
-    jws.header().expect_typ(TICKET_TYP)?;
-    let kid = jws.header().kid.as_deref().ok_or_else(|| ProtoError::malformed("ticket", "no kid"))?;
-    let key = key_for_kid(kid).ok_or_else(|| ProtoError::InvalidKey(format!("unknown signing key {kid}")))?;
-    let claims: TicketClaims = jwt::decode(&jws, &key)?;
+    let claims: TicketClaims = jwt::verify_by_kid(token, TICKET_TYP, key_for_kid)?;
     jwt::check_expiry(claims.exp, clock.now_unix(), 0)?;
     Ok(claims)
 }

@@ -159,11 +159,7 @@ pub fn verify_grant(
     reader_nonce: &str,
     clock: &dyn Clock,
 ) -> Result<(GrantClaims, [u8; NOISE_KEY_BYTES]), ProtoError> {
-    let jws = UnverifiedJws::parse(token)?;
-    jws.header().expect_typ(GRANT_TYP)?;
-    let kid = jws.header().kid.as_deref().ok_or_else(|| ProtoError::malformed("grant", "no kid"))?;
-    let key = pinned_key(kid).ok_or_else(|| ProtoError::InvalidKey(format!("grant signed by unpinned key {kid}")))?;
-    let claims: GrantClaims = jwt::decode(&jws, &key)?;
+    let claims: GrantClaims = jwt::verify_by_kid(token, GRANT_TYP, pinned_key)?;
     jwt::check_expiry(claims.exp, clock.now_unix(), 0)?;
     if claims.reader_id != reader_id {
         return Err(ProtoError::ClaimMismatch {

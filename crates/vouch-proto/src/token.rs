@@ -10,7 +10,6 @@
 use serde::{Deserialize, Serialize};
 
 use crate::attest::EarStatus;
-use crate::jws::UnverifiedJws;
 use crate::{Clock, ProtoError, VerifyingKey, jwt};
 
 pub const ACCESS_TOKEN_TYP: &str = "at+jwt";
@@ -61,7 +60,7 @@ pub fn verify_access_token(
     key_for_kid: impl Fn(&str) -> Option<VerifyingKey>,
     clock: &dyn Clock,
 ) -> Result<AccessTokenClaims, ProtoError> {
-    let claims: AccessTokenClaims = verify_server_jwt(token, ACCESS_TOKEN_TYP, key_for_kid)?;
+    let claims: AccessTokenClaims = jwt::verify_by_kid(token, ACCESS_TOKEN_TYP, key_for_kid)?;
     jwt::check_expiry(claims.exp, clock.now_unix(), 0)?;
     Ok(claims)
 }
@@ -92,22 +91,7 @@ pub fn verify_signed_digest(
     token: &str,
     key_for_kid: impl Fn(&str) -> Option<VerifyingKey>,
 ) -> Result<SignedDigestClaims, ProtoError> {
-    verify_server_jwt(token, SIGNED_DIGEST_TYP, key_for_kid)
-}
-
-fn verify_server_jwt<C: serde::de::DeserializeOwned>(
-    token: &str,
-    typ: &'static str,
-    key_for_kid: impl Fn(&str) -> Option<VerifyingKey>,
-) -> Result<C, ProtoError> {
-    let jws = UnverifiedJws::parse(token)?;
-    jws.header().expect_typ(typ)?;
-    let kid = jws.header().kid.as_deref().ok_or_else(|| ProtoError::Malformed {
-        what: "server token",
-        detail: "no kid, expected the id of a published signing key".into(),
-    })?;
-    let key = key_for_kid(kid).ok_or_else(|| ProtoError::InvalidKey(format!("unknown signing key {kid}")))?;
-    jwt::decode(&jws, &key)
+    jwt::verify_by_kid(token, SIGNED_DIGEST_TYP, key_for_kid)
 }
 
 #[cfg(test)]
