@@ -221,7 +221,7 @@ async fn attestation_steps(
     Ok(())
 }
 
-/// Seed 003: a clean terminal trades its ticket for a DPoP-bound session, derives a
+/// Seed 001 (first part): a clean terminal trades its ticket for a DPoP-bound session, derives a
 /// sub-session and has a receipt signed; a replayed proof is refused, and once the
 /// session ends neither its token nor the sub-session's works.
 async fn token_steps(
