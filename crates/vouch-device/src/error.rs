@@ -27,6 +27,16 @@ pub enum DeviceError {
     /// can be had with it: attest again and open a new session.
     #[error("the attestation ticket expired at {expired_at}; attest again")]
     TicketExpired { expired_at: i64 },
+    /// A card reader refused a grant, or one side of a reader session refused what the
+    /// other sent: the session is over.
+    #[error("session refused ({refusal}): {detail}")]
+    Session { refusal: crate::session::SessionRefusal, detail: String },
+    /// The byte pipe between a reader and a POS app failed.
+    #[error(transparent)]
+    Pipe(#[from] crate::session::PipeError),
+    /// Card data that is not the BER-TLV it should be.
+    #[error("card data: {0}")]
+    CardData(#[from] crate::session::tlv::TlvError),
 }
 
 impl DeviceError {
@@ -34,6 +44,14 @@ impl DeviceError {
     pub fn problem_reason(&self) -> Option<&str> {
         match self {
             DeviceError::Problem { problem_type, .. } => problem_type.rsplit(':').next(),
+            _ => None,
+        }
+    }
+
+    /// Why a reader or a channel refused, for [`DeviceError::Session`].
+    pub fn session_refusal(&self) -> Option<crate::session::SessionRefusal> {
+        match self {
+            DeviceError::Session { refusal, .. } => Some(*refusal),
             _ => None,
         }
     }

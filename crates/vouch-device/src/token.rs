@@ -309,6 +309,19 @@ impl TokenSession {
         lock(&self.shared.nonce).clone()
     }
 
+    pub(crate) fn clock(&self) -> &dyn Clock {
+        &*self.shared.clock
+    }
+
+    /// Checks an object the server signed against the published keys this session
+    /// holds, fetching them again when it names a key published since.
+    pub(crate) async fn check_signed<T>(
+        &self,
+        check: impl Fn(&dyn Fn(&str) -> Option<VerifyingKey>) -> Result<T, ProtoError>,
+    ) -> Result<T, DeviceError> {
+        self.shared.with_published_keys(|jwks| check(&key_lookup(jwks))).await
+    }
+
     /// The token to use now, renewed if it is about to expire.
     async fn current(&self) -> Result<Grant, DeviceError> {
         let (grant, ended) = {

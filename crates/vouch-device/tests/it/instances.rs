@@ -269,3 +269,34 @@ async fn a_dpop_proof_is_used_once_across_instances() {
     session.sign_digest(&[8u8; 32]).await.unwrap();
     assert_eq!(second.state.store.verify_audit().await.unwrap().first_break, None);
 }
+
+/// A reader's hello is granted once across instances: a POS app with a session on each
+/// instance gets the grant from the first, and the same hello sent to the second is
+/// refused; the reader takes the grant with the keys it pinned from the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_hello_is_granted_once_across_instances() {
+    use crate::session::{attested_pos, pos_app, provisioned_reader, register_reference_values};
+
+    let Some(Instances { first, second, clients }) = two_instances_on_postgres().await else { return };
+    let merchant = clients[0].create_merchant("Shared Shop").await.unwrap();
+    register_reference_values(&clients[0]).await;
+    let rng = SystemRandom::new();
+    let (identity, ticket) = attested_pos(&clients[0], &merchant.merchant_id, &rng).await;
+    let pos_on_first = pos_app(&VouchClient::new(&first.url).unwrap(), &identity, &ticket, &rng).await;
+    let pos_on_second = pos_app(&VouchClient::new(&second.url).unwrap(), &identity, &ticket, &rng).await;
+    let mut reader = provisioned_reader(&clients[1], &merchant.merchant_id, &rng).await;
+
+    let hello = reader.hello(&SystemClock, &rng).unwrap();
+    let granted = pos_on_first.request_session(&hello).await.unwrap();
+    let refused = pos_on_second.request_session(&hello).await.unwrap_err();
+    assert!(matches!(refused, vouch_device::DeviceError::Problem { status: 409, .. }), "{refused}");
+    assert_eq!(refused.problem_reason(), Some("reader-nonce-reused"), "{refused}");
+    let accepted = reader.accept_grant(&granted.grant, &SystemClock).unwrap();
+    assert_eq!(accepted.session_id(), granted.session_id);
+
+    // A fresh hello is granted on the second instance.
+    let hello = reader.hello(&SystemClock, &rng).unwrap();
+    let again = pos_on_second.request_session(&hello).await.unwrap();
+    assert_ne!(again.session_id, granted.session_id);
+    assert_eq!(first.state.store.verify_audit().await.unwrap().first_break, None);
+}

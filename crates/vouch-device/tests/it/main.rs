@@ -4,5 +4,6 @@ mod attest;
 mod enrolment;
 mod instances;
 mod interop;
+mod session;
 mod support;
 mod token;
