@@ -2,17 +2,20 @@
 //! would: merchants, devices, and the device simulators (`vouch sim`).
 
 use std::path::PathBuf;
-use std::process::ExitCode;
+use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use vouch_device::attest::{ReferenceValues, SimulatedDeviceState, Tamper, TamperMonitor};
+use vouch_device::session::{CardReader, FramedPipe, PosApp, SimulatedCard};
 use vouch_device::sim::{self, DeviceProfile};
 use vouch_device::{DeviceError, DeviceIdentity, TokenSession, VouchClient};
 use vouch_proto::crypto::SystemRandom;
 use vouch_proto::enrol::DeviceKind;
-use vouch_proto::{Clock, SystemClock};
+use vouch_proto::session::TamperState;
+use vouch_proto::{Clock, JwkSet, SystemClock};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RemoteArgs {
@@ -124,6 +127,44 @@ pub enum SimCommand {
     /// and derive one sub-session; print {device_id, access_token, sid,
     /// subsession_token}. The tokens are DPoP-bound to the device key.
     Token(AttestArgs),
+    /// Run a card reader and a POS app as two processes that talk only through a byte
+    /// pipe: enrol both, attest the POS app, have the server grant the session, and
+    /// carry one encrypted card read; print {session_id, status, reasons,
+    /// records_exchanged}. A refusal is an answer, not a failure: the exit status is 0.
+    Session(SessionArgs),
+    /// The card reader's side of `sim session`, speaking frames over stdin and stdout.
+    #[command(hide = true)]
+    ReaderProcess(ReaderProcessArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SessionArgs {
+    #[command(flatten)]
+    remote: RemoteArgs,
+    /// The reader reports its enclosure open; the server refuses the session.
+    #[arg(long)]
+    tamper_reader: bool,
+    /// The amount of the simulated card read, in minor units of EUR.
+    #[arg(long, default_value_t = 340)]
+    amount_minor: u64,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReaderProcessArgs {
+    /// The reader's identity key, PKCS#8 PEM.
+    #[arg(long)]
+    key: PathBuf,
+    #[arg(long)]
+    device_id: String,
+    #[arg(long)]
+    firmware_version: String,
+    /// The JWK Set of server keys the reader pinned when it was provisioned.
+    #[arg(long)]
+    pinned_keys: PathBuf,
+    #[arg(long)]
+    tamper_switch_open: bool,
+    #[arg(long)]
+    amount_minor: u64,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -192,6 +233,8 @@ pub async fn sim(command: SimCommand) -> anyhow::Result<ExitCode> {
         SimCommand::Enroll { remote, device } => enrol(&remote, &device).await,
         SimCommand::Attest(args) => attest(&args).await,
         SimCommand::Token(args) => token(&args).await,
+        SimCommand::Session(args) => session(&args).await,
+        SimCommand::ReaderProcess(args) => reader_process(&args).await,
     }
 }
 
@@ -389,6 +432,161 @@ async fn token(args: &AttestArgs) -> anyhow::Result<ExitCode> {
             o.subsession_id.as_deref().unwrap_or("none"),
         )
     })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The `sim session` output: exactly these keys.
+#[derive(Debug, Serialize)]
+struct SessionOutput {
+    /// `None` when the server refused.
+    session_id: Option<String>,
+    /// `granted` or `refused`.
+    status: &'static str,
+    /// The server's problem reasons, e.g. `reader-tampered`.
+    reasons: Vec<String>,
+    /// Channel records, both ways.
+    records_exchanged: u64,
+}
+
+/// How long the reader and the POS app may take to finish a session.
+const SESSION_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the reader process may take to exit once the POS app has hung up.
+const READER_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sets up a merchant with a reader and an attested POS app, starts the reader as a
+/// child process of this binary on a byte pipe (its stdin and stdout), and runs the
+/// POS app here.
+async fn session(args: &SessionArgs) -> anyhow::Result<ExitCode> {
+    let remote = &args.remote;
+    let client = remote.client()?;
+    let rng = SystemRandom::new();
+    let merchant_id = client.create_merchant("Simulated merchant").await.context("registering a merchant")?.merchant_id;
+    let device = |kind| AttestArgs {
+        remote: remote.clone(),
+        key: None,
+        tamper: Vec::new(),
+        kind,
+        merchant_id: Some(merchant_id.clone()),
+    };
+    let AttestedDevice { identity, attestation, .. } = attest_device(&client, &device(DeviceKind::Pos), &rng).await?;
+    let ticket = attestation.outcome.ticket;
+    let token_session =
+        TokenSession::open(&client, Arc::new(identity), &ticket, Arc::new(SystemClock), &rng).await.with_context(
+            || format!("opening the POS app's session with a {} ticket", attestation.outcome.status.as_str()),
+        )?;
+    let pos = PosApp::new(token_session, &ticket)?;
+
+    ensure_reference_values(&client, DeviceKind::Reader).await?;
+    let reader_identity = DeviceIdentity::generate(&rng)?;
+    let reader = enrol_for_attestation(&client, &reader_identity, &device(DeviceKind::Reader), &rng).await?;
+    // What the reader is provisioned with: its key and the server keys it pins.
+    let provisioning = tempfile::tempdir()?;
+    let key_path = provisioning.path().join("reader.pem");
+    reader_identity.save_pem(&key_path)?;
+    let pinned_path = provisioning.path().join("pinned-keys.json");
+    std::fs::write(&pinned_path, serde_json::to_vec(&client.jwks().await?)?)?;
+
+    let firmware_version = DeviceProfile::simulated(DeviceKind::Reader, &merchant_id).firmware_version;
+    let mut command = tokio::process::Command::new(std::env::current_exe().context("finding this binary")?);
+    command
+        .args(["sim", "reader-process", "--device-id", &reader.device_id, "--firmware-version", &firmware_version])
+        .arg("--key")
+        .arg(&key_path)
+        .arg("--pinned-keys")
+        .arg(&pinned_path)
+        .args(["--amount-minor", &args.amount_minor.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if args.tamper_reader {
+        command.arg("--tamper-switch-open");
+    }
+    let mut child = command.spawn().context("starting the reader process")?;
+    let (to_reader, from_reader) = child.stdin.take().zip(child.stdout.take()).context("the reader's pipe")?;
+    let mut pipe = FramedPipe::new(from_reader, to_reader);
+    let outcome = tokio::time::timeout(SESSION_TIMEOUT, pos.run_session(&mut pipe)).await;
+    // Hanging up closes the reader's stdin, so it ends too.
+    drop(pipe);
+    let reader_exit = tokio::time::timeout(READER_EXIT_TIMEOUT, child.wait_with_output())
+        .await
+        .context("the reader process did not exit")??;
+    let reader_log = String::from_utf8_lossy(&reader_exit.stderr).trim().to_owned();
+    let outcome =
+        outcome.map_err(|_| anyhow::anyhow!("no session within {SESSION_TIMEOUT:?}; reader: {reader_log}"))?;
+    if !reader_exit.status.success() {
+        bail!("the reader process failed ({}): {reader_log}", reader_exit.status);
+    }
+    let (output, card_read) = match outcome {
+        Ok(session) => {
+            let output = SessionOutput {
+                session_id: Some(session.session_id.clone()),
+                status: "granted",
+                reasons: Vec::new(),
+                records_exchanged: session.records_exchanged(),
+            };
+            (output, session.card_reads.into_iter().next())
+        }
+        Err(e) => match e.problem_reason() {
+            Some(reason) => {
+                let output = SessionOutput {
+                    session_id: None,
+                    status: "refused",
+                    reasons: vec![reason.to_owned()],
+                    records_exchanged: 0,
+                };
+                (output, None)
+            }
+            None => return Err(e).context(format!("the POS app's side of the session; reader: {reader_log}")),
+        },
+    };
+    remote.print(&output, |o| {
+        let mut text = match &o.session_id {
+            Some(id) => {
+                format!("reader {} and POS app {}: session {id} {}", reader.device_id, pos.device_id(), o.status)
+            }
+            None => format!(
+                "reader {} and POS app {}: {} ({})",
+                reader.device_id,
+                pos.device_id(),
+                o.status,
+                o.reasons.join(", ")
+            ),
+        };
+        if let Some(read) = &card_read {
+            text.push_str(&format!(
+                "\nencrypted card read: card {}, {}.{:02} EUR, ATC {}; {} records over Noise KK",
+                read.masked_pan(),
+                read.amount_minor / 100,
+                read.amount_minor % 100,
+                read.atc,
+                o.records_exchanged
+            ));
+        }
+        text
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The reader of `sim session`: frames on stdin and stdout, a line for people on stderr.
+async fn reader_process(args: &ReaderProcessArgs) -> anyhow::Result<ExitCode> {
+    let identity = DeviceIdentity::load_pem(&args.key)?;
+    let pinned: JwkSet = serde_json::from_slice(
+        &std::fs::read(&args.pinned_keys).with_context(|| format!("reading {}", args.pinned_keys.display()))?,
+    )
+    .context("the pinned keys are not a JWK Set")?;
+    let mut reader = CardReader::new(identity, &args.device_id, &args.firmware_version, pinned)?;
+    reader.set_tamper(TamperState { switch_open: args.tamper_switch_open });
+    let mut pipe = FramedPipe::new(tokio::io::stdin(), tokio::io::stdout());
+    let mut card = SimulatedCard::test_card();
+    let rng = SystemRandom::new();
+    match reader.run_session(&mut pipe, &mut card, &[args.amount_minor], &SystemClock, &rng).await? {
+        Some(session) => eprintln!(
+            "reader {}: session {} with POS app {}: {} records sent, {} received",
+            args.device_id, session.session_id, session.pos_device_id, session.records_sent, session.records_received
+        ),
+        None => eprintln!("reader {}: the POS app hung up before any grant", args.device_id),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

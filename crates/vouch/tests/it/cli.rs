@@ -189,6 +189,42 @@ fn sim_token_prints_the_documented_json_and_keeps_one_device_per_key() {
     assert!(stderr.contains("contraindicated") && stderr.contains("ticket-denied"), "{stderr}");
 }
 
+/// `sim session` runs the reader as a second process on a byte pipe: a granted
+/// session carries one card read each way, a tampered reader is refused with the
+/// server's reason, and both are answers (exit 0).
+#[test]
+fn sim_session_runs_the_reader_as_a_second_process_and_prints_the_documented_json() {
+    let server = serve();
+    let dir = tempfile::tempdir().unwrap();
+    let session = |extra: &[&str]| {
+        let mut args = vec!["sim", "session", "--server", &server.url, "--api-key", &server.admin_key];
+        args.extend_from_slice(extra);
+        args.push("--json");
+        let out = vouch(&args, dir.path());
+        assert!(out.status.success(), "{out:?}");
+        let text = stdout(&out);
+        let positions: Vec<usize> = ["session_id", "status", "reasons", "records_exchanged"]
+            .iter()
+            .map(|key| text.find(&format!("\"{key}\":")).unwrap_or_else(|| panic!("missing {key} in {text}")))
+            .collect();
+        assert!(text.starts_with("{\"session_id\":") && positions.is_sorted(), "keys out of order: {text}");
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json.as_object().unwrap().len(), 4, "exactly the documented keys: {json}");
+        json
+    };
+    let granted = session(&[]);
+    assert_eq!(granted["status"], "granted", "{granted}");
+    assert!(granted["session_id"].as_str().unwrap().starts_with("rs_"), "{granted}");
+    assert_eq!(granted["reasons"], serde_json::json!([]));
+    assert_eq!(granted["records_exchanged"], 2, "one card read and its acknowledgement");
+
+    let refused = session(&["--tamper-reader"]);
+    assert_eq!(refused["status"], "refused", "{refused}");
+    assert_eq!(refused["session_id"], serde_json::Value::Null);
+    assert_eq!(refused["reasons"], serde_json::json!(["reader-tampered"]));
+    assert_eq!(refused["records_exchanged"], 0);
+}
+
 fn free_port() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().to_string()
