@@ -5,13 +5,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use vouch_device::attest::{SimulatedDeviceState, Tamper, TamperMonitor};
+use vouch_device::attest::{ReferenceValues, SimulatedDeviceState, Tamper, TamperMonitor};
+use vouch_device::session::{CardReader, FramedPipe, PosApp, PosSession, ReaderSession, SimulatedCard};
 use vouch_device::sim::{self, DeviceProfile};
 use vouch_device::token::{Method, SIGN_PATH};
-use vouch_device::{DeviceIdentity, TokenSession, VouchClient};
+use vouch_device::{DeviceError, DeviceIdentity, TokenSession, VouchClient};
 use vouch_proto::attest::EarStatus;
 use vouch_proto::crypto::{SystemRandom, sha256};
 use vouch_proto::enrol::DeviceKind;
+use vouch_proto::session::{NOISE_PARAMS, TamperState};
 use vouch_proto::{SystemClock, b64};
 
 /// An in-process server on a free port, stopped when dropped.
@@ -129,6 +131,7 @@ pub async fn run() -> anyhow::Result<ExitCode> {
 
     attestation_steps(&server, &admin, &factory, &merchant.merchant_id, &mut steps, &rng).await?;
     token_steps(&server, &factory, &merchant.merchant_id, &mut steps, &rng).await?;
+    session_steps(&server, &admin, &factory, &merchant.merchant_id, &mut steps, &rng).await?;
 
     let audit = admin.verify_audit().await?;
     if !audit.intact {
@@ -231,19 +234,11 @@ async fn token_steps(
     steps: &mut Steps,
     rng: &SystemRandom,
 ) -> anyhow::Result<()> {
-    let device_client = VouchClient::new(&server.url)?;
-    let state = SimulatedDeviceState::clean(DeviceKind::Terminal, merchant_id);
-    let identity = Arc::new(DeviceIdentity::generate(rng)?);
-    let terminal = sim::enrol(factory, &identity, &state.profile(), &SystemClock, rng).await?;
-    let mut monitor = TamperMonitor::new(state);
-    let attestation =
-        sim::attest(&device_client, &identity, &terminal.device_id, &mut monitor, &SystemClock, rng).await?;
-    let ticket = &attestation.outcome.ticket;
-    let session = TokenSession::open(&device_client, identity, ticket, Arc::new(SystemClock), rng).await?;
+    let (terminal_id, _, session) = attested_session(server, factory, DeviceKind::Terminal, merchant_id, rng).await?;
     let claims = session.claims();
     steps.pass(&format!(
         "terminal {} traded its ticket for session {}: token bound to its key {} (DPoP), expires in {} s",
-        terminal.device_id,
+        terminal_id,
         claims.sid,
         &claims.cnf.jkt[..12],
         claims.exp - claims.iat
@@ -285,4 +280,108 @@ async fn token_steps(
         ended.sid, ended.sessions_ended
     ));
     Ok(())
+}
+
+/// A clean device of `kind` enrolled by the factory, attested, and holding a token
+/// session opened with its ticket: its id, its attestation and the session.
+async fn attested_session(
+    server: &LocalServer,
+    factory: &VouchClient,
+    kind: DeviceKind,
+    merchant_id: &str,
+    rng: &SystemRandom,
+) -> anyhow::Result<(String, sim::Attestation, TokenSession)> {
+    // Devices attest and use their tokens with their own signatures; they hold no API key.
+    let device_client = VouchClient::new(&server.url)?;
+    let state = SimulatedDeviceState::clean(kind, merchant_id);
+    let identity = Arc::new(DeviceIdentity::generate(rng)?);
+    let device = sim::enrol(factory, &identity, &state.profile(), &SystemClock, rng).await?;
+    let mut monitor = TamperMonitor::new(state);
+    let attestation =
+        sim::attest(&device_client, &identity, &device.device_id, &mut monitor, &SystemClock, rng).await?;
+    let ticket = &attestation.outcome.ticket;
+    let session = TokenSession::open(&device_client, identity, ticket, Arc::new(SystemClock), rng).await?;
+    Ok((device.device_id, attestation, session))
+}
+
+/// Seed 000: a card reader and a POS app that share only a byte pipe get a channel once
+/// the server has validated both, and carry an encrypted card read over it; a reader
+/// whose enclosure is open gets no grant.
+async fn session_steps(
+    server: &LocalServer,
+    admin: &VouchClient,
+    factory: &VouchClient,
+    merchant_id: &str,
+    steps: &mut Steps,
+    rng: &SystemRandom,
+) -> anyhow::Result<()> {
+    for kind in [DeviceKind::Reader, DeviceKind::Pos] {
+        admin.put_reference_values(&ReferenceValues::simulated(kind)).await?;
+    }
+    let (_, attestation, session) = attested_session(server, factory, DeviceKind::Pos, merchant_id, rng).await?;
+    let pos = PosApp::new(session, &attestation.outcome.ticket)?;
+    let reader_profile = DeviceProfile::simulated(DeviceKind::Reader, merchant_id);
+    let reader =
+        CardReader::provision(factory, DeviceIdentity::generate(rng)?, &reader_profile, &SystemClock, rng).await?;
+    let reader_id = reader.device_id().to_owned();
+    steps.pass(&format!(
+        "POS app {} attested {}; card reader {reader_id} provisioned with {} pinned server keys",
+        pos.device_id(),
+        attestation.outcome.status.as_str(),
+        reader.pinned_keys().keys.len()
+    ));
+
+    let (reader_outcome, pos_outcome) = run_pair(reader, &pos).await?;
+    let (reader_session, pos_session) = match (reader_outcome, pos_outcome) {
+        (Ok(Some(reader_session)), Ok(pos_session)) => (reader_session, pos_session),
+        other => bail!("the clean reader and POS app got no session: {other:?}"),
+    };
+    if reader_session.session_id != pos_session.session_id {
+        bail!("the reader and the POS app ran different sessions: {reader_session:?} {pos_session:?}");
+    }
+    steps.pass(&format!(
+        "reader hello and POS ticket validated: grant {} checked by the reader against its pinned keys",
+        pos_session.session_id
+    ));
+    let Some(read) = pos_session.card_reads.first() else { bail!("no card read arrived: {pos_session:?}") };
+    steps.pass(&format!(
+        "{NOISE_PARAMS} over the byte pipe: encrypted card read ({} bytes of TLV: card {}, {}.{:02} EUR, ATC {}) \
+         decoded by the POS app and acknowledged, {} records",
+        read.to_tlv()?.len(),
+        read.masked_pan(),
+        read.amount_minor / 100,
+        read.amount_minor % 100,
+        read.atc,
+        pos_session.records_exchanged()
+    ));
+
+    let mut opened =
+        CardReader::provision(factory, DeviceIdentity::generate(rng)?, &reader_profile, &SystemClock, rng).await?;
+    opened.set_tamper(TamperState { switch_open: true });
+    let opened_id = opened.device_id().to_owned();
+    match run_pair(opened, &pos).await? {
+        (Ok(None), Err(e)) if e.problem_reason() == Some("reader-tampered") => steps.pass(&format!(
+            "reader {opened_id} with its enclosure open refused by the server: reader-tampered; it got no grant"
+        )),
+        other => bail!("the opened reader was not refused: {other:?}"),
+    }
+    Ok(())
+}
+
+/// Runs `reader` and `pos` against each other over an in-memory byte pipe, one card
+/// read of 3.40 EUR.
+async fn run_pair(
+    mut reader: CardReader,
+    pos: &PosApp,
+) -> anyhow::Result<(Result<Option<ReaderSession>, DeviceError>, Result<PosSession, DeviceError>)> {
+    let (reader_end, pos_end) = tokio::io::duplex(64 * 1024);
+    let (reader_read, reader_write) = tokio::io::split(reader_end);
+    let (pos_read, pos_write) = tokio::io::split(pos_end);
+    let reader_task = tokio::spawn(async move {
+        let mut pipe = FramedPipe::new(reader_read, reader_write);
+        let mut card = SimulatedCard::test_card();
+        reader.run_session(&mut pipe, &mut card, &[340], &SystemClock, &SystemRandom::new()).await
+    });
+    let pos_outcome = pos.run_session(&mut FramedPipe::new(pos_read, pos_write)).await;
+    Ok((reader_task.await?, pos_outcome))
 }
