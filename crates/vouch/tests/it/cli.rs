@@ -79,10 +79,19 @@ impl Drop for ServeProcess {
 }
 
 fn serve() -> ServeProcess {
+    serve_on(None)
+}
+
+/// `vouch serve` on `database`, or on SQLite in its data directory.
+fn serve_on(database: Option<&str>) -> ServeProcess {
     let dir = tempfile::tempdir().unwrap();
     let listen = free_port();
+    let mut args = vec!["serve", "--listen", &listen];
+    if let Some(url) = database {
+        args.extend(["--database", url]);
+    }
     let child = Command::new(env!("CARGO_BIN_EXE_vouch"))
-        .args(["serve", "--listen", &listen])
+        .args(args)
         .env("VOUCH_DATA_DIR", dir.path())
         .env_remove("VOUCH_DATABASE_URL")
         .env_remove("VOUCH_MASTER_KEY")
@@ -192,9 +201,7 @@ fn sim_token_prints_the_documented_json_and_keeps_one_device_per_key() {
 /// `sim session` runs the reader as a second process on a byte pipe: a granted
 /// session carries one card read each way, a tampered reader is refused with the
 /// server's reason, and both are answers (exit 0).
-#[test]
-fn sim_session_runs_the_reader_as_a_second_process_and_prints_the_documented_json() {
-    let server = serve();
+fn check_sim_session(server: &ServeProcess) {
     let dir = tempfile::tempdir().unwrap();
     let session = |extra: &[&str]| {
         let mut args = vec!["sim", "session", "--server", &server.url, "--api-key", &server.admin_key];
@@ -223,6 +230,32 @@ fn sim_session_runs_the_reader_as_a_second_process_and_prints_the_documented_jso
     assert_eq!(refused["session_id"], serde_json::Value::Null);
     assert_eq!(refused["reasons"], serde_json::json!(["reader-tampered"]));
     assert_eq!(refused["records_exchanged"], 0);
+}
+
+#[test]
+fn sim_session_runs_the_reader_as_a_second_process_and_prints_the_documented_json() {
+    check_sim_session(&serve());
+}
+
+/// The same two processes against a server on PostgreSQL, in a schema of its own.
+#[test]
+fn sim_session_runs_the_reader_as_a_second_process_on_postgres() {
+    let Ok(base) = std::env::var("VOUCH_TEST_DATABASE_URL") else {
+        eprintln!("skipping PostgreSQL case: VOUCH_TEST_DATABASE_URL is not set");
+        return;
+    };
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let schema = format!("cli_{}_{nanos}", std::process::id());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        use sqlx::Executor;
+        sqlx::any::install_default_drivers();
+        let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&base).await.unwrap();
+        conn.execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).await.unwrap();
+    });
+    let separator = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
+    check_sim_session(&serve_on(Some(&url)));
 }
 
 fn free_port() -> String {
