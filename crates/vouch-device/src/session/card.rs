@@ -217,6 +217,8 @@ fn parse_digits(tag: Tag, digits: &str) -> Result<u64, TlvError> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::super::tlv::tests::hex;
     use super::*;
 
@@ -291,5 +293,19 @@ mod tests {
         let mut card = SimulatedCard { atc: u16::MAX - 1, ..SimulatedCard::test_card() };
         assert_eq!(card.tap(1, CURRENCY_EUR).unwrap().atc, u16::MAX);
         assert!(matches!(card.tap(1, CURRENCY_EUR), Err(TlvError::BadValue { tag: TAG_ATC, .. })));
+    }
+
+    proptest! {
+        /// Hostile values under the right tags fail as bad values, never as a panic.
+        #[test]
+        fn any_values_under_the_card_read_tags_parse_or_fail(
+            values in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..24), 6),
+        ) {
+            let tags = [TAG_PAN, TAG_EXPIRY, TAG_AMOUNT, TAG_CURRENCY, TAG_CRYPTOGRAM, TAG_ATC];
+            let items: Vec<Tlv> = tags.iter().zip(values).map(|(tag, value)| Tlv::new(*tag, value)).collect();
+            if let Ok(read) = CardRead::from_tlv(&tlv::encode(&items).unwrap()) {
+                prop_assert_eq!(CardRead::from_tlv(&read.to_tlv().unwrap()).unwrap(), read);
+            }
+        }
     }
 }
