@@ -463,7 +463,7 @@ impl Shared {
         let cached = lock(&self.jwks).clone();
         if let Some(jwks) = cached {
             match check(&jwks) {
-                Err(ProtoError::InvalidKey(_)) => {}
+                Err(ProtoError::UnknownSigningKey { .. }) => {}
                 other => return Ok(other?),
             }
         }

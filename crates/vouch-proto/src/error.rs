@@ -25,8 +25,12 @@ pub enum ProtoError {
     ClaimMismatch { claim: &'static str, found: String, expected: String },
     #[error("DPoP proof refused ({}): {detail}", check.as_str())]
     InvalidDpopProof { check: crate::dpop::DpopCheck, detail: String },
+    #[error("signed by unknown key {kid:?}, expected one of the published or pinned keys")]
+    UnknownSigningKey { kid: String },
     #[error("secure channel: {0}")]
     Channel(String),
+    #[error("record refused ({}): {detail}", why.as_str())]
+    RecordRefused { why: crate::session::RecordRefusal, detail: String },
     #[error("the secure channel is closed after a refused record")]
     ChannelClosed,
     #[error("random number generator failed")]

@@ -34,7 +34,7 @@ pub fn verify_by_kid<C: DeserializeOwned>(
         what: "server token",
         detail: "no kid, expected the id of a published signing key".into(),
     })?;
-    let key = key_for_kid(kid).ok_or_else(|| ProtoError::InvalidKey(format!("unknown signing key {kid}")))?;
+    let key = key_for_kid(kid).ok_or_else(|| ProtoError::UnknownSigningKey { kid: kid.to_owned() })?;
     decode(&jws, &key)
 }
 

@@ -179,6 +179,35 @@ pub fn verify_grant(
     Ok((claims, pos_key))
 }
 
+/// Why the channel refused a record; any of them closes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RecordRefusal {
+    /// A counter already received.
+    Replayed,
+    /// A counter beyond the next one: a record was dropped or held back.
+    OutOfOrder,
+    /// The expected counter, but the ciphertext or tag does not authenticate.
+    Altered,
+    /// Too short or too long to be a record.
+    Malformed,
+}
+
+impl RecordRefusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordRefusal::Replayed => "replayed",
+            RecordRefusal::OutOfOrder => "out-of-order",
+            RecordRefusal::Altered => "altered",
+            RecordRefusal::Malformed => "malformed",
+        }
+    }
+}
+
+fn record_refused(why: RecordRefusal, detail: String) -> ProtoError {
+    ProtoError::RecordRefused { why, detail }
+}
+
 /// A static X25519 key pair for the channel. The private half is zeroized on drop.
 pub struct NoiseKeypair {
     private: Zeroizing<Vec<u8>>,
@@ -331,23 +360,24 @@ impl SecureChannel {
 
     fn open_next(&mut self, record: &[u8]) -> Result<Vec<u8>, ProtoError> {
         if record.len() < COUNTER_BYTES + TAG_BYTES || record.len() > COUNTER_BYTES + NOISE_MESSAGE_BYTES_MAX {
-            return Err(ProtoError::Channel(format!("a record of {} bytes is not a record", record.len())));
+            return Err(record_refused(
+                RecordRefusal::Malformed,
+                format!("a record of {} bytes is not a record", record.len()),
+            ));
         }
         let (counter, ciphertext) = record.split_at(COUNTER_BYTES);
         let mut counter_bytes = [0u8; COUNTER_BYTES];
         counter_bytes.copy_from_slice(counter);
         let counter = u64::from_be_bytes(counter_bytes);
         if counter != self.received {
-            return Err(ProtoError::Channel(format!(
-                "record {counter} arrived, expected record {}: replayed or out of order",
-                self.received
-            )));
+            let why = if counter < self.received { RecordRefusal::Replayed } else { RecordRefusal::OutOfOrder };
+            return Err(record_refused(why, format!("record {counter} arrived, expected record {}", self.received)));
         }
         let mut plaintext = vec![0u8; ciphertext.len()];
         let len = self
             .transport
             .read_message(counter, ciphertext, &mut plaintext)
-            .map_err(|_| ProtoError::Channel(format!("record {counter} does not authenticate: altered")))?;
+            .map_err(|_| record_refused(RecordRefusal::Altered, format!("record {counter} does not authenticate")))?;
         plaintext.truncate(len);
         self.received += 1;
         Ok(plaintext)
@@ -467,37 +497,40 @@ mod tests {
     #[test]
     fn replayed_reordered_or_altered_records_close_the_channel() {
         type Spoil = fn(&mut SecureChannel, &mut SecureChannel) -> Vec<u8>;
-        let cases: [(&str, Spoil); 4] = [
-            ("replayed", |pos, reader| {
+        let cases: [(RecordRefusal, Spoil); 4] = [
+            (RecordRefusal::Replayed, |pos, reader| {
                 let first = pos.seal(b"one").unwrap();
                 reader.open(&first).unwrap();
                 first
             }),
-            ("skipped ahead", |pos, _| {
+            (RecordRefusal::OutOfOrder, |pos, _| {
                 pos.seal(b"one").unwrap();
                 pos.seal(b"two").unwrap()
             }),
-            ("altered ciphertext", |pos, _| {
+            (RecordRefusal::Altered, |pos, _| {
                 let mut record = pos.seal(b"one").unwrap();
                 let last = record.len() - 1;
                 record[last] ^= 1;
                 record
             }),
-            ("altered counter", |pos, _| {
+            (RecordRefusal::OutOfOrder, |pos, _| {
                 let mut record = pos.seal(b"one").unwrap();
                 record[7] = 1;
                 record
             }),
         ];
-        for (name, spoil) in cases {
+        for (expected, spoil) in cases {
             let (mut pos, mut reader) = channels("ses_1").unwrap();
             let bad = spoil(&mut pos, &mut reader);
-            assert!(matches!(reader.open(&bad), Err(ProtoError::Channel(_))), "{name}");
+            assert!(
+                matches!(reader.open(&bad), Err(ProtoError::RecordRefused { why, .. }) if why == expected),
+                "{expected:?}"
+            );
             let next = pos.seal(b"later").unwrap();
-            assert_eq!(reader.open(&next), Err(ProtoError::ChannelClosed), "{name}: the channel stays closed");
+            assert_eq!(reader.open(&next), Err(ProtoError::ChannelClosed), "{expected:?}: the channel stays closed");
         }
         let (_, mut reader) = channels("ses_1").unwrap();
-        assert!(reader.open(&[0u8; 5]).is_err(), "a truncated record");
+        assert!(matches!(reader.open(&[0u8; 5]), Err(ProtoError::RecordRefused { why: RecordRefusal::Malformed, .. })));
     }
 
     fn hello(rng: &SystemRandom, iat: i64) -> ReaderHelloClaims {
@@ -564,6 +597,6 @@ mod tests {
         assert!(matches!(refusals[0], Err(ProtoError::ClaimMismatch { claim: "reader_id", .. })));
         assert!(matches!(refusals[1], Err(ProtoError::ClaimMismatch { claim: "reader_nonce", .. })));
         assert!(matches!(refusals[2], Err(ProtoError::Expired { .. })));
-        assert!(matches!(refusals[3], Err(ProtoError::InvalidKey(_))));
+        assert!(matches!(refusals[3], Err(ProtoError::UnknownSigningKey { .. })));
     }
 }

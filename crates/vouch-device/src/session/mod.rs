@@ -30,8 +30,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use vouch_proto::crypto::SystemRandom;
 use vouch_proto::jws::UnverifiedJws;
 use vouch_proto::session::{
-    GrantClaims, Handshake, NOISE_KEY_BYTES, NoiseKeypair, ReaderHelloClaims, SecureChannel, TamperState,
-    decode_static_key, verify_grant,
+    GrantClaims, Handshake, NOISE_KEY_BYTES, NoiseKeypair, ReaderHelloClaims, RecordRefusal, SecureChannel,
+    TamperState, decode_static_key, verify_grant,
 };
 use vouch_proto::{Clock, JwkSet, ProtoError, b64, jwt};
 
@@ -45,10 +45,6 @@ use crate::{DeviceError, DeviceIdentity, TokenSession, VouchClient};
 pub const READER_SESSIONS_PATH: &str = "/v1/reader-sessions";
 /// The most card reads one session carries; a reader that wants more opens another.
 pub const CARD_READS_MAX: usize = 64;
-/// A record is its 8-byte counter and at least the 16-byte authentication tag
-/// (`vouch_proto::session::SecureChannel`).
-const RECORD_BYTES_MIN: usize = 8 + 16;
-const RECORD_COUNTER_BYTES: usize = 8;
 
 /// Why a reader refused a grant, or a side of a channel refused what arrived. The
 /// session is over either way.
@@ -256,13 +252,6 @@ impl CardReader {
             .as_ref()
             .ok_or_else(|| refused(SessionRefusal::GrantWithoutHello, "this reader has said no hello"))?;
         let pinned = |kid: &str| self.pinned_keys.find(kid).and_then(|jwk| jwk.verifying_key().ok());
-        let kid = UnverifiedJws::parse(grant).ok().and_then(|jws| jws.header().kid.clone());
-        if let Some(kid) = kid.filter(|kid| pinned(kid).is_none()) {
-            return Err(refused(
-                SessionRefusal::GrantUnknownKey,
-                format!("signed by {kid}, a key this reader never pinned"),
-            ));
-        }
         let (claims, pos_key) =
             verify_grant(grant, pinned, &self.device_id, &last.nonce, clock).map_err(grant_refusal)?;
         if last.granted {
@@ -342,6 +331,7 @@ impl CardReader {
 fn grant_refusal(e: ProtoError) -> DeviceError {
     let refusal = match &e {
         ProtoError::BadSignature => SessionRefusal::GrantBadSignature,
+        ProtoError::UnknownSigningKey { .. } => SessionRefusal::GrantUnknownKey,
         ProtoError::Expired { .. } => SessionRefusal::GrantExpired,
         ProtoError::ClaimMismatch { claim: "reader_id", .. } => SessionRefusal::GrantForAnotherReader,
         ProtoError::ClaimMismatch { claim: "reader_nonce", .. } => SessionRefusal::GrantForAnotherHello,
@@ -353,14 +343,12 @@ fn grant_refusal(e: ProtoError) -> DeviceError {
 /// Opens the next record; a refusal says whether the record was replayed, skipped
 /// ahead or altered. The channel is closed after any refusal.
 fn open_record(channel: &mut SecureChannel, record: &[u8]) -> Result<Vec<u8>, DeviceError> {
-    let expected = channel.records_received();
     channel.open(record).map_err(|e| {
-        let counter = record.get(..RECORD_COUNTER_BYTES).and_then(|c| c.try_into().ok()).map(u64::from_be_bytes);
-        let refusal = match (&e, counter) {
-            (ProtoError::ChannelClosed, _) => SessionRefusal::ChannelClosed,
-            (_, Some(counter)) if counter < expected => SessionRefusal::RecordReplayed,
-            (_, Some(counter)) if counter > expected => SessionRefusal::RecordOutOfOrder,
-            _ if record.len() < RECORD_BYTES_MIN => SessionRefusal::RecordMalformed,
+        let refusal = match &e {
+            ProtoError::RecordRefused { why: RecordRefusal::Replayed, .. } => SessionRefusal::RecordReplayed,
+            ProtoError::RecordRefused { why: RecordRefusal::OutOfOrder, .. } => SessionRefusal::RecordOutOfOrder,
+            ProtoError::RecordRefused { why: RecordRefusal::Malformed, .. } => SessionRefusal::RecordMalformed,
+            ProtoError::ChannelClosed => SessionRefusal::ChannelClosed,
             _ => SessionRefusal::RecordAltered,
         };
         refused(refusal, e)

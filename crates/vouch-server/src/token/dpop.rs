@@ -87,7 +87,7 @@ impl DpopState {
         let cached = self.verified_tokens.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&hash).cloned();
         if let Some(verified) = cached {
             if state.keys.verifying_key(&verified.kid).is_none() {
-                return Err(ProtoError::InvalidKey(format!("signing key {} is no longer published", verified.kid)));
+                return Err(ProtoError::UnknownSigningKey { kid: verified.kid });
             }
             vouch_proto::jwt::check_expiry(verified.claims.exp, now, 0)?;
             return Ok(verified.claims);
