@@ -10,21 +10,36 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
 use vouch_device::attest::{SimulatedDeviceState, TamperMonitor};
 use vouch_device::sim::{self, DeviceProfile};
-use vouch_device::{DeviceIdentity, VouchClient};
-use vouch_proto::SigningKey;
-use vouch_proto::SystemClock;
+use vouch_device::token::{SIGN_PATH, TOKEN_PATH};
+use vouch_device::{DeviceIdentity, TokenSession, VouchClient};
 use vouch_proto::attest::EarStatus;
-use vouch_proto::crypto::SystemRandom;
+use vouch_proto::crypto::{SystemRandom, sha256};
+use vouch_proto::dpop::{ProofClaims, sign_proof};
 use vouch_proto::enrol::DeviceKind;
+use vouch_proto::jws::UnverifiedJws;
+use vouch_proto::token::{
+    ACCESS_TOKEN_TYP, AccessTokenClaims, GRANT_JWT_BEARER, SIGNED_DIGEST_TYP, SignedDigestClaims, TOKEN_TYPE_DPOP,
+};
+use vouch_proto::{Clock, SigningKey, SystemClock, b64};
 
 const CLIENTS_MAX: usize = 1_024;
 const SECONDS_MAX: u64 = 3_600;
 /// How long the raw crypto rate is sampled before a server scenario.
 const CRYPTO_SAMPLE: Duration = Duration::from_secs(2);
 const LATENCY_MAX_US: u64 = 60_000_000;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Tokens and tickets must outlast the run by this much, or the bench refuses to start
+/// rather than count expiry refusals.
+const EXPIRY_MARGIN_SECS: i64 = 30;
+/// Bodies longer than this are cut in error messages.
+const ERROR_BODY_CHARS_MAX: usize = 512;
+const DPOP_HEADER: &str = "DPoP";
+const DPOP_NONCE_HEADER: &str = "DPoP-Nonce";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
@@ -35,6 +50,12 @@ pub enum Scenario {
     /// Attestation round trip: signed challenge request, signed evidence, ticket
     /// (server: 2 verifies + 1 sign + 2 writes; the crypto bound counts 1 verify + 1 sign).
     Attest,
+    /// DPoP-protected request: `POST /v1/sign` with a fresh proof (server: 1 verify + 1 sign,
+    /// 1 read + 1 write; the access token's verification is cached).
+    Dpop,
+    /// Token issue: jwt-bearer grant with the device's ticket and a fresh proof
+    /// (server: 2 verifies + 1 sign, 1 read + 1 write; the crypto bound counts all three).
+    Token,
 }
 
 #[derive(Debug, clap::Args)]
@@ -86,6 +107,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         Scenario::Crypto => crypto(&args).await?,
         Scenario::Enroll => enroll(&args).await?,
         Scenario::Attest => attest(&args).await?,
+        Scenario::Dpop => dpop(&args).await?,
+        Scenario::Token => token(&args).await?,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -111,9 +134,9 @@ fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// One sign and one verify per operation on `threads` threads for `duration`;
+/// One sign and `verifies` verifies per operation on `threads` threads for `duration`;
 /// returns the operation count and a latency histogram in microseconds.
-fn sign_verify_loop(threads: usize, duration: Duration) -> anyhow::Result<(u64, Histogram<u64>)> {
+fn signature_loop(threads: usize, verifies: usize, duration: Duration) -> anyhow::Result<(u64, Histogram<u64>)> {
     let rng = SystemRandom::new();
     let key = Arc::new(SigningKey::generate(&rng)?);
     let stop = Arc::new(AtomicBool::new(false));
@@ -130,7 +153,9 @@ fn sign_verify_loop(threads: usize, duration: Duration) -> anyhow::Result<(u64, 
                 while !stop.load(Ordering::Relaxed) {
                     let started = Instant::now();
                     let signature = key.sign(&rng, &message)?;
-                    public.verify(&message, &signature)?;
+                    for _ in 0..verifies {
+                        public.verify(&message, &signature)?;
+                    }
                     histogram.saturating_record(started.elapsed().as_micros() as u64);
                     ops += 1;
                 }
@@ -150,17 +175,17 @@ fn sign_verify_loop(threads: usize, duration: Duration) -> anyhow::Result<(u64, 
     Ok((total, histogram))
 }
 
-/// The machine's rate for one sign plus one verify, all cores together.
-async fn crypto_bound(duration: Duration) -> anyhow::Result<f64> {
-    let (ops, _) = tokio::task::spawn_blocking(move || sign_verify_loop(cores(), duration)).await??;
+/// The machine's rate for one sign plus `verifies` verifies, all cores together.
+async fn crypto_bound(verifies: usize, duration: Duration) -> anyhow::Result<f64> {
+    let (ops, _) = tokio::task::spawn_blocking(move || signature_loop(cores(), verifies, duration)).await??;
     Ok(ops as f64 / duration.as_secs_f64())
 }
 
 async fn crypto(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let duration = Duration::from_secs(args.seconds);
     let threads = args.clients.min(cores());
-    let (ops, histogram) = tokio::task::spawn_blocking(move || sign_verify_loop(threads, duration)).await??;
-    let bound = crypto_bound(CRYPTO_SAMPLE).await?;
+    let (ops, histogram) = tokio::task::spawn_blocking(move || signature_loop(threads, 1, duration)).await??;
+    let bound = crypto_bound(1, CRYPTO_SAMPLE).await?;
     Ok(report("crypto", threads, duration, ops, &histogram, bound))
 }
 
@@ -180,7 +205,7 @@ async fn bench_server(args: &BenchArgs) -> anyhow::Result<(VouchClient, Option<c
 async fn enroll(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let (admin, _local) = bench_server(args).await?;
     let merchant = admin.create_merchant("Bench merchant").await?;
-    let bound = crypto_bound(CRYPTO_SAMPLE).await?;
+    let bound = crypto_bound(1, CRYPTO_SAMPLE).await?;
 
     let duration = Duration::from_secs(args.seconds);
     let deadline = Instant::now() + duration;
@@ -235,7 +260,7 @@ async fn attest(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         let enrolled = sim::enrol(&admin, &identity, &clean.profile(), &SystemClock, &rng).await?;
         devices.push((identity, enrolled.device_id, TamperMonitor::new(clean.clone())));
     }
-    let bound = crypto_bound(CRYPTO_SAMPLE).await?;
+    let bound = crypto_bound(1, CRYPTO_SAMPLE).await?;
 
     let duration = Duration::from_secs(args.seconds);
     let deadline = Instant::now() + duration;
@@ -280,9 +305,270 @@ async fn attest(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     Ok(report("attest", args.clients, duration, total, &histogram, bound))
 }
 
+/// A device ready for the token scenarios, set up before anything is measured:
+/// enrolled, attested, and holding a session opened through the SDK.
+struct BoundDevice {
+    identity: Arc<DeviceIdentity>,
+    device_id: String,
+    ticket: String,
+    ticket_expires_at: i64,
+    session: TokenSession,
+}
+
+/// `count` clean terminals of one merchant, each enrolled, attested and with a
+/// session open.
+async fn bound_devices(admin: &VouchClient, count: usize) -> anyhow::Result<Vec<BoundDevice>> {
+    let merchant = admin.create_merchant("Bench merchant").await?;
+    let clean = SimulatedDeviceState::clean(DeviceKind::Terminal, &merchant.merchant_id);
+    admin.put_reference_values(&clean.reference_values()).await?;
+    // Devices call the attestation and token endpoints without an API key.
+    let device_client = VouchClient::new(admin.base_url())?;
+    let rng = SystemRandom::new();
+    let mut devices = Vec::with_capacity(count);
+    for _ in 0..count {
+        let identity = Arc::new(DeviceIdentity::generate(&rng)?);
+        let enrolled = sim::enrol(admin, &identity, &clean.profile(), &SystemClock, &rng).await?;
+        let mut monitor = TamperMonitor::new(clean.clone());
+        let attestation =
+            sim::attest(&device_client, &identity, &enrolled.device_id, &mut monitor, &SystemClock, &rng).await?;
+        if attestation.outcome.status != EarStatus::Affirming {
+            bail!("setup: device {} was not affirmed: {:?}", enrolled.device_id, attestation.outcome.status);
+        }
+        let ticket = attestation.outcome.ticket;
+        let session =
+            TokenSession::open(&device_client, Arc::clone(&identity), &ticket, Arc::new(SystemClock), &rng).await?;
+        devices.push(BoundDevice {
+            identity,
+            device_id: enrolled.device_id,
+            ticket,
+            ticket_expires_at: attestation.claims.exp,
+            session,
+        });
+    }
+    Ok(devices)
+}
+
+/// Refuses a run that would end after `expires_at` (Unix seconds): an expiry refusal
+/// mid-run would be a failure of the bench, not of the server.
+fn check_outlasts(what: &str, expires_at: i64, duration: Duration) -> anyhow::Result<()> {
+    let now = SystemClock.now_unix();
+    let needed = i64::try_from(duration.as_secs())?.saturating_add(EXPIRY_MARGIN_SECS);
+    if expires_at.saturating_sub(now) < needed {
+        bail!(
+            "the {what} expire {}s from now, and the run needs {needed}s; lower --seconds",
+            expires_at.saturating_sub(now)
+        );
+    }
+    Ok(())
+}
+
+fn bench_http() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build()?)
+}
+
+enum Payload<'a> {
+    Json(&'a serde_json::Value),
+    Form(&'a [(&'a str, &'a str)]),
+}
+
+/// One device's DPoP requests with no more client work than the protocol needs: a
+/// fresh proof per request (new `jti`, `ath` when a token is presented, and the latest
+/// `DPoP-Nonce`, read from every answer so no request is refused for want of one).
+/// Anything but a 200 whose body parses is an error.
+struct ProofSender {
+    http: reqwest::Client,
+    base_url: String,
+    identity: Arc<DeviceIdentity>,
+    nonce: Option<String>,
+    rng: SystemRandom,
+}
+
+impl ProofSender {
+    fn new(http: reqwest::Client, base_url: &str, device: &BoundDevice) -> Self {
+        ProofSender {
+            http,
+            base_url: base_url.to_owned(),
+            identity: Arc::clone(&device.identity),
+            nonce: device.session.nonce(),
+            rng: SystemRandom::new(),
+        }
+    }
+
+    async fn post<T: DeserializeOwned>(
+        &mut self,
+        path: &str,
+        access_token: Option<&str>,
+        payload: Payload<'_>,
+    ) -> anyhow::Result<T> {
+        let url = format!("{}{path}", self.base_url);
+        let now = SystemClock.now_unix();
+        let claims = ProofClaims::for_request("POST", &url, now, access_token, self.nonce.as_deref(), &self.rng)?;
+        let proof = sign_proof(&claims, self.identity.key(), &self.rng)?;
+        let mut request = self.http.post(&url).header(DPOP_HEADER, proof);
+        if let Some(token) = access_token {
+            request = request.header(reqwest::header::AUTHORIZATION, format!("DPoP {token}"));
+        }
+        request = match payload {
+            Payload::Json(json) => request.json(json),
+            Payload::Form(form) => request.form(form),
+        };
+        let response = request.send().await?;
+        let status = response.status();
+        if let Some(nonce) = response.headers().get(DPOP_NONCE_HEADER).and_then(|v| v.to_str().ok()) {
+            self.nonce = Some(nonce.to_owned());
+        }
+        let body = response.bytes().await?;
+        if status != reqwest::StatusCode::OK {
+            let text: String = String::from_utf8_lossy(&body).chars().take(ERROR_BODY_CHARS_MAX).collect();
+            bail!("POST {path} answered {status}: {text}");
+        }
+        serde_json::from_slice(&body).with_context(|| format!("POST {path}: unexpected answer"))
+    }
+}
+
+#[derive(Deserialize)]
+struct SignAnswer {
+    signature: String,
+}
+
+#[derive(Deserialize)]
+struct TokenAnswer {
+    access_token: String,
+    token_type: String,
+    sid: String,
+}
+
+/// The claims of a server JWS of type `typ`, read without checking the signature: the
+/// bench checks what came back, but a verify per answer would add client work that a
+/// device holding the JWK Set does only when it needs to.
+fn unverified_claims<C: DeserializeOwned>(jws: &str, typ: &'static str) -> anyhow::Result<C> {
+    let jws = UnverifiedJws::parse(jws)?;
+    jws.header().expect_typ(typ)?;
+    Ok(serde_json::from_slice(jws.payload_unverified())?)
+}
+
+fn check_signed_digest(answer: &SignAnswer, digest: &str, token: &AccessTokenClaims) -> anyhow::Result<()> {
+    let claims: SignedDigestClaims = unverified_claims(&answer.signature, SIGNED_DIGEST_TYP)?;
+    if claims.digest != digest || claims.sub != token.sub || claims.sid != token.sid || claims.cnf.jkt != token.cnf.jkt
+    {
+        bail!("the signed digest names another digest, device or session: {claims:?}");
+    }
+    Ok(())
+}
+
+fn check_issued_token(answer: &TokenAnswer, device_id: &str, jkt: &str) -> anyhow::Result<()> {
+    if !answer.token_type.eq_ignore_ascii_case(TOKEN_TYPE_DPOP) {
+        bail!("token_type is {:?}, expected {TOKEN_TYPE_DPOP}", answer.token_type);
+    }
+    let claims: AccessTokenClaims = unverified_claims(&answer.access_token, ACCESS_TOKEN_TYP)?;
+    if claims.sub != device_id || claims.cnf.jkt != jkt || claims.sid != answer.sid {
+        bail!("the access token is not for this device, key and session: {claims:?}");
+    }
+    Ok(())
+}
+
+/// Records one client's failure and stops the others: a refused request fails the run.
+fn client_failed(stop: &AtomicBool, device_id: &str, op: u64, e: anyhow::Error) -> anyhow::Error {
+    stop.store(true, Ordering::Relaxed);
+    e.context(format!("device {device_id}, request {}", op + 1))
+}
+
+async fn dpop(args: &BenchArgs) -> anyhow::Result<BenchReport> {
+    let (admin, _local) = bench_server(args).await?;
+    let devices = bound_devices(&admin, args.clients).await?;
+    let http = bench_http()?;
+    let bound = crypto_bound(1, CRYPTO_SAMPLE).await?;
+
+    let duration = Duration::from_secs(args.seconds);
+    for device in &devices {
+        check_outlasts("access tokens", device.session.claims().exp, duration)?;
+    }
+    let deadline = Instant::now() + duration;
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = devices
+        .into_iter()
+        .map(|device| {
+            let mut sender = ProofSender::new(http.clone(), admin.base_url(), &device);
+            let access_token = device.session.access_token();
+            let token = device.session.claims();
+            let device_id = device.device_id;
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut histogram = Histogram::<u64>::new_with_max(LATENCY_MAX_US, 3)?;
+                let mut ops = 0u64;
+                while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+                    let digest = b64::encode(sha256(format!("{device_id} document {ops}").as_bytes()));
+                    let body = json!({ "digest": digest });
+                    let started = Instant::now();
+                    let outcome = async {
+                        let answer: SignAnswer =
+                            sender.post(SIGN_PATH, Some(&access_token), Payload::Json(&body)).await?;
+                        check_signed_digest(&answer, &digest, &token)
+                    }
+                    .await;
+                    if let Err(e) = outcome {
+                        return Err(client_failed(&stop, &device_id, ops, e));
+                    }
+                    histogram.saturating_record(started.elapsed().as_micros() as u64);
+                    ops += 1;
+                }
+                anyhow::Ok((ops, histogram))
+            })
+        })
+        .collect();
+    let (total, histogram) = gather_all(clients).await?;
+    Ok(report("dpop", args.clients, duration, total, &histogram, bound))
+}
+
+async fn token(args: &BenchArgs) -> anyhow::Result<BenchReport> {
+    let (admin, _local) = bench_server(args).await?;
+    let devices = bound_devices(&admin, args.clients).await?;
+    let http = bench_http()?;
+    // Proof and ticket verified, access token signed: all three are counted.
+    let bound = crypto_bound(2, CRYPTO_SAMPLE).await?;
+
+    let duration = Duration::from_secs(args.seconds);
+    for device in &devices {
+        check_outlasts("attestation tickets", device.ticket_expires_at, duration)?;
+    }
+    let deadline = Instant::now() + duration;
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = devices
+        .into_iter()
+        .map(|device| {
+            let mut sender = ProofSender::new(http.clone(), admin.base_url(), &device);
+            let jkt = device.identity.jwk().thumbprint();
+            let (device_id, ticket) = (device.device_id, device.ticket);
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let form = [("grant_type", GRANT_JWT_BEARER), ("assertion", ticket.as_str())];
+                let mut histogram = Histogram::<u64>::new_with_max(LATENCY_MAX_US, 3)?;
+                let mut ops = 0u64;
+                while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    let outcome = async {
+                        let answer: TokenAnswer = sender.post(TOKEN_PATH, None, Payload::Form(&form)).await?;
+                        check_issued_token(&answer, &device_id, &jkt)
+                    }
+                    .await;
+                    if let Err(e) = outcome {
+                        return Err(client_failed(&stop, &device_id, ops, e));
+                    }
+                    histogram.saturating_record(started.elapsed().as_micros() as u64);
+                    ops += 1;
+                }
+                anyhow::Ok((ops, histogram))
+            })
+        })
+        .collect();
+    let (total, histogram) = gather_all(clients).await?;
+    Ok(report("token", args.clients, duration, total, &histogram, bound))
+}
+
 type ClientRun = tokio::task::JoinHandle<anyhow::Result<(u64, Histogram<u64>)>>;
 
-async fn gather(clients: Vec<ClientRun>, failures: &AtomicU64, what: &str) -> anyhow::Result<(u64, Histogram<u64>)> {
+/// Every client's operations and latencies; the first client error fails the run.
+async fn gather_all(clients: Vec<ClientRun>) -> anyhow::Result<(u64, Histogram<u64>)> {
     let mut total = 0;
     let mut histogram = Histogram::<u64>::new_with_max(LATENCY_MAX_US, 3)?;
     for client in clients {
@@ -290,6 +576,11 @@ async fn gather(clients: Vec<ClientRun>, failures: &AtomicU64, what: &str) -> an
         total += ops;
         histogram.add(h)?;
     }
+    Ok((total, histogram))
+}
+
+async fn gather(clients: Vec<ClientRun>, failures: &AtomicU64, what: &str) -> anyhow::Result<(u64, Histogram<u64>)> {
+    let (total, histogram) = gather_all(clients).await?;
     let failed = failures.load(Ordering::Relaxed);
     if failed > 0 {
         eprintln!("{failed} {what} failed during the run");
