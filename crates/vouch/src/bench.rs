@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use vouch_device::attest::{SimulatedDeviceState, TamperMonitor};
+use vouch_device::session::{CardReader, READER_SESSIONS_PATH};
 use vouch_device::sim::{self, DeviceProfile};
 use vouch_device::token::{SIGN_PATH, TOKEN_PATH};
 use vouch_device::{DeviceIdentity, TokenSession, VouchClient};
@@ -22,6 +23,7 @@ use vouch_proto::crypto::{SystemRandom, sha256};
 use vouch_proto::dpop::{ProofClaims, sign_proof};
 use vouch_proto::enrol::DeviceKind;
 use vouch_proto::jws::UnverifiedJws;
+use vouch_proto::session::{GRANT_TYP, GrantClaims, NoiseKeypair};
 use vouch_proto::token::{
     ACCESS_TOKEN_TYP, AccessTokenClaims, GRANT_JWT_BEARER, SIGNED_DIGEST_TYP, SignedDigestClaims, TOKEN_TYPE_DPOP,
 };
@@ -56,6 +58,10 @@ pub enum Scenario {
     /// Token issue: jwt-bearer grant with the device's ticket and a fresh proof
     /// (server: 2 verifies + 1 sign, 1 read + 1 write; the crypto bound counts all three).
     Token,
+    /// Reader session grant: `POST /v1/reader-sessions` from a POS app with a fresh reader
+    /// hello and proof (server: 3 verifies — proof, POS ticket, hello — + 1 sign, 3 reads
+    /// + 1 write; the crypto bound counts 2 verifies + 1 sign, as the target defines it).
+    Session,
 }
 
 #[derive(Debug, clap::Args)]
@@ -109,6 +115,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         Scenario::Attest => attest(&args).await?,
         Scenario::Dpop => dpop(&args).await?,
         Scenario::Token => token(&args).await?,
+        Scenario::Session => session(&args).await?,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -315,11 +322,15 @@ struct BoundDevice {
     session: TokenSession,
 }
 
-/// `count` clean terminals of one merchant, each enrolled, attested and with a
-/// session open.
-async fn bound_devices(admin: &VouchClient, count: usize) -> anyhow::Result<Vec<BoundDevice>> {
+/// `count` clean devices of `kind` of one new merchant, each enrolled, attested and
+/// with a session open; and the merchant's id.
+async fn bound_devices(
+    admin: &VouchClient,
+    count: usize,
+    kind: DeviceKind,
+) -> anyhow::Result<(String, Vec<BoundDevice>)> {
     let merchant = admin.create_merchant("Bench merchant").await?;
-    let clean = SimulatedDeviceState::clean(DeviceKind::Terminal, &merchant.merchant_id);
+    let clean = SimulatedDeviceState::clean(kind, &merchant.merchant_id);
     admin.put_reference_values(&clean.reference_values()).await?;
     // Devices call the attestation and token endpoints without an API key.
     let device_client = VouchClient::new(admin.base_url())?;
@@ -345,7 +356,7 @@ async fn bound_devices(admin: &VouchClient, count: usize) -> anyhow::Result<Vec<
             session,
         });
     }
-    Ok(devices)
+    Ok((merchant.merchant_id, devices))
 }
 
 /// Refuses a run that would end after `expires_at` (Unix seconds): an expiry refusal
@@ -374,7 +385,7 @@ enum Payload<'a> {
 /// One device's DPoP requests with no more client work than the protocol needs: a
 /// fresh proof per request (new `jti`, `ath` when a token is presented, and the latest
 /// `DPoP-Nonce`, read from every answer so no request is refused for want of one).
-/// Anything but a 200 whose body parses is an error.
+/// Anything but the expected status with a body that parses is an error.
 struct ProofSender {
     http: reqwest::Client,
     base_url: String,
@@ -399,6 +410,7 @@ impl ProofSender {
         path: &str,
         access_token: Option<&str>,
         payload: Payload<'_>,
+        expected: reqwest::StatusCode,
     ) -> anyhow::Result<T> {
         let url = format!("{}{path}", self.base_url);
         let now = SystemClock.now_unix();
@@ -418,7 +430,7 @@ impl ProofSender {
             self.nonce = Some(nonce.to_owned());
         }
         let body = response.bytes().await?;
-        if status != reqwest::StatusCode::OK {
+        if status != expected {
             let text: String = String::from_utf8_lossy(&body).chars().take(ERROR_BODY_CHARS_MAX).collect();
             bail!("POST {path} answered {status}: {text}");
         }
@@ -475,7 +487,7 @@ fn client_failed(stop: &AtomicBool, device_id: &str, op: u64, e: anyhow::Error) 
 
 async fn dpop(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let (admin, _local) = bench_server(args).await?;
-    let devices = bound_devices(&admin, args.clients).await?;
+    let (_, devices) = bound_devices(&admin, args.clients, DeviceKind::Terminal).await?;
     let http = bench_http()?;
     let bound = crypto_bound(1, CRYPTO_SAMPLE).await?;
 
@@ -501,8 +513,9 @@ async fn dpop(args: &BenchArgs) -> anyhow::Result<BenchReport> {
                     let body = json!({ "digest": digest });
                     let started = Instant::now();
                     let outcome = async {
-                        let answer: SignAnswer =
-                            sender.post(SIGN_PATH, Some(&access_token), Payload::Json(&body)).await?;
+                        let answer: SignAnswer = sender
+                            .post(SIGN_PATH, Some(&access_token), Payload::Json(&body), reqwest::StatusCode::OK)
+                            .await?;
                         check_signed_digest(&answer, &digest, &token)
                     }
                     .await;
@@ -522,7 +535,7 @@ async fn dpop(args: &BenchArgs) -> anyhow::Result<BenchReport> {
 
 async fn token(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let (admin, _local) = bench_server(args).await?;
-    let devices = bound_devices(&admin, args.clients).await?;
+    let (_, devices) = bound_devices(&admin, args.clients, DeviceKind::Terminal).await?;
     let http = bench_http()?;
     // Proof and ticket verified, access token signed: all three are counted.
     let bound = crypto_bound(2, CRYPTO_SAMPLE).await?;
@@ -547,7 +560,8 @@ async fn token(args: &BenchArgs) -> anyhow::Result<BenchReport> {
                 while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
                     let started = Instant::now();
                     let outcome = async {
-                        let answer: TokenAnswer = sender.post(TOKEN_PATH, None, Payload::Form(&form)).await?;
+                        let answer: TokenAnswer =
+                            sender.post(TOKEN_PATH, None, Payload::Form(&form), reqwest::StatusCode::OK).await?;
                         check_issued_token(&answer, &device_id, &jkt)
                     }
                     .await;
@@ -563,6 +577,87 @@ async fn token(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         .collect();
     let (total, histogram) = gather_all(clients).await?;
     Ok(report("token", args.clients, duration, total, &histogram, bound))
+}
+
+#[derive(Deserialize)]
+struct GrantAnswer {
+    session_id: String,
+    grant: String,
+}
+
+async fn session(args: &BenchArgs) -> anyhow::Result<BenchReport> {
+    let (admin, _local) = bench_server(args).await?;
+    let (merchant_id, devices) = bound_devices(&admin, args.clients, DeviceKind::Pos).await?;
+    let reader_state = SimulatedDeviceState::clean(DeviceKind::Reader, &merchant_id);
+    admin.put_reference_values(&reader_state.reference_values()).await?;
+    let rng = SystemRandom::new();
+    let mut readers = Vec::with_capacity(devices.len());
+    for _ in &devices {
+        let identity = DeviceIdentity::generate(&rng)?;
+        readers.push(CardReader::provision(&admin, identity, &reader_state.profile(), &SystemClock, &rng).await?);
+    }
+    let http = bench_http()?;
+    // The target counts the POS ticket and the reader hello verified and the grant
+    // signed; the proof's verify is left out, so the bound is 2 verifies + 1 sign.
+    let bound = crypto_bound(2, CRYPTO_SAMPLE).await?;
+
+    let duration = Duration::from_secs(args.seconds);
+    for device in &devices {
+        check_outlasts("access tokens", device.session.claims().exp, duration)?;
+        check_outlasts("attestation tickets", device.ticket_expires_at, duration)?;
+    }
+    let deadline = Instant::now() + duration;
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = devices
+        .into_iter()
+        .zip(readers)
+        .map(|(device, mut reader)| {
+            let mut sender = ProofSender::new(http.clone(), admin.base_url(), &device);
+            let access_token = device.session.access_token();
+            let (device_id, ticket) = (device.device_id, device.ticket);
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let pos_static_key = b64::encode(NoiseKeypair::generate()?.public());
+                let rng = SystemRandom::new();
+                let mut histogram = Histogram::<u64>::new_with_max(LATENCY_MAX_US, 3)?;
+                let mut ops = 0u64;
+                while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    let outcome = async {
+                        let hello = reader.hello(&SystemClock, &rng)?;
+                        let body =
+                            json!({ "reader_hello": hello, "pos_ticket": ticket, "pos_static_key": pos_static_key });
+                        let answer: GrantAnswer = sender
+                            .post(
+                                READER_SESSIONS_PATH,
+                                Some(&access_token),
+                                Payload::Json(&body),
+                                reqwest::StatusCode::CREATED,
+                            )
+                            .await?;
+                        let claims: GrantClaims = unverified_claims(&answer.grant, GRANT_TYP)?;
+                        if claims.session_id != answer.session_id
+                            || claims.reader_id != reader.device_id()
+                            || claims.pos_device_id != device_id
+                            || claims.pos_static_key != pos_static_key
+                        {
+                            bail!("the grant names another session, reader or POS app: {claims:?}");
+                        }
+                        anyhow::Ok(())
+                    }
+                    .await;
+                    if let Err(e) = outcome {
+                        return Err(client_failed(&stop, &device_id, ops, e));
+                    }
+                    histogram.saturating_record(started.elapsed().as_micros() as u64);
+                    ops += 1;
+                }
+                anyhow::Ok((ops, histogram))
+            })
+        })
+        .collect();
+    let (total, histogram) = gather_all(clients).await?;
+    Ok(report("session", args.clients, duration, total, &histogram, bound))
 }
 
 type ClientRun = tokio::task::JoinHandle<anyhow::Result<(u64, Histogram<u64>)>>;
