@@ -140,13 +140,32 @@ impl Store {
         T: Send + 'static,
         F: for<'t> FnOnce(&'t mut Tx) -> BoxFuture<'t, Result<T, StoreError>> + Send + 'static,
     {
+        self.submit(work, false).await
+    }
+
+    /// [`Store::write`] for work that runs exactly one SQL statement: a statement that
+    /// fails undoes itself, so on SQLite the job skips its savepoint. Work of two or
+    /// more statements must use [`Store::write`].
+    pub async fn write_statement<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'t> FnOnce(&'t mut Tx) -> BoxFuture<'t, Result<T, StoreError>> + Send + 'static,
+    {
+        self.submit(work, true).await
+    }
+
+    async fn submit<T, F>(&self, work: F, single_statement: bool) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'t> FnOnce(&'t mut Tx) -> BoxFuture<'t, Result<T, StoreError>> + Send + 'static,
+    {
         let Some(queue) = &self.jobs else {
             let mut tx = self.begin().await?;
             let value = work(&mut tx).await?;
             tx.commit().await?;
             return Ok(value);
         };
-        let (job, answer) = group_commit::job(work);
+        let (job, answer) = group_commit::job(work, single_statement);
         let stopped = || StoreError::CommitFailed { detail: "the writer has stopped".into() };
         queue.send(job).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?

@@ -62,6 +62,34 @@ impl Tx {
         Ok(inserted.rows_affected() == 1)
     }
 
+    /// Records a DPoP proof as used, in one statement, only if the token's session (and
+    /// sub-session, when given) is open and its device active. `false` when nothing was
+    /// recorded: the proof was used before, or the session is not live
+    /// ([`Store::token_session_state`] tells which).
+    pub async fn record_dpop_proof_if_live(
+        &mut self,
+        replay_key: &[u8],
+        expires_at: i64,
+        sid: &str,
+        subsession_id: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let expected: i64 = if subsession_id.is_some_and(|id| id != sid) { 2 } else { 1 };
+        let inserted = sqlx::query(
+            "INSERT INTO dpop_proofs (replay_key, expires_at) SELECT $1, $2 \
+             WHERE (SELECT COUNT(*) FROM token_sessions s JOIN devices d ON d.id = s.device_id \
+                    WHERE s.id IN ($3, $4) AND s.ended_at IS NULL AND d.status = 'active') = $5 \
+             ON CONFLICT (replay_key) DO NOTHING",
+        )
+        .bind(replay_key)
+        .bind(expires_at)
+        .bind(sid)
+        .bind(subsession_id.unwrap_or(sid))
+        .bind(expected)
+        .execute(self.conn())
+        .await?;
+        Ok(inserted.rows_affected() == 1)
+    }
+
     /// Deletes proofs whose acceptance window closed before `before`; returns how many.
     pub async fn purge_dpop_proofs(&mut self, before: i64) -> Result<u64, StoreError> {
         let deleted =

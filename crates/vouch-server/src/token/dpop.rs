@@ -184,18 +184,6 @@ pub fn check_proof(
     dpop::verify_proof(proof, &context, &*state.clock).map_err(|e| proof_refused(state, endpoint, e))
 }
 
-/// Records the proof as used, in its own write. A proof seen before, here or on any
-/// instance sharing the database, is refused.
-pub async fn record_proof(state: &AppState, proof: &VerifiedProof, endpoint: Endpoint) -> ApiResult<()> {
-    let replay_key = proof.replay_key();
-    let expires_at = proof_expiry(state, proof);
-    let first_use = state
-        .store
-        .write(move |tx| Box::pin(async move { tx.record_dpop_proof(&replay_key, expires_at).await }))
-        .await?;
-    if first_use { Ok(()) } else { Err(replayed(endpoint)) }
-}
-
 /// Until when a proof could still be accepted, and so must be remembered.
 pub fn proof_expiry(state: &AppState, proof: &VerifiedProof) -> i64 {
     proof.iat.saturating_add(state.config.dpop_iat_window_secs)
@@ -293,34 +281,35 @@ impl FromRequestParts<AppState> for DpopCaller {
         })?;
         let proof =
             check_proof(state, RequestHead::from(&*parts), Endpoint::Resource, Some(token), Some(&claims.cnf.jkt))?;
-        match state.store.token_session_state(&claims.sid, claims.subsession_id.as_deref()).await? {
-            TokenSessionState::Live => {}
-            TokenSessionState::Ended => {
-                return Err(refusal(
-                    Endpoint::Resource,
-                    "invalid_token",
-                    "session-ended",
-                    "the token's session has ended",
-                ));
-            }
-            TokenSessionState::DeviceInactive => {
-                return Err(refusal(
+        // One statement records the proof only while the session is live; the reason
+        // is read only when nothing was recorded.
+        let (replay_key, expires_at) = (proof.replay_key(), proof_expiry(state, &proof));
+        let (sid, subsession_id) = (claims.sid.clone(), claims.subsession_id.clone());
+        let recorded = state
+            .store
+            .write_statement(move |tx| {
+                Box::pin(async move {
+                    tx.record_dpop_proof_if_live(&replay_key, expires_at, &sid, subsession_id.as_deref()).await
+                })
+            })
+            .await?;
+        if !recorded {
+            return Err(match state.store.token_session_state(&claims.sid, claims.subsession_id.as_deref()).await? {
+                TokenSessionState::Live => replayed(Endpoint::Resource),
+                TokenSessionState::Ended => {
+                    refusal(Endpoint::Resource, "invalid_token", "session-ended", "the token's session has ended")
+                }
+                TokenSessionState::DeviceInactive => refusal(
                     Endpoint::Resource,
                     "invalid_token",
                     "device-not-active",
                     "the token's device is suspended or revoked",
-                ));
-            }
-            TokenSessionState::Unknown => {
-                return Err(refusal(
-                    Endpoint::Resource,
-                    "invalid_token",
-                    "invalid-token",
-                    "the token's session is unknown",
-                ));
-            }
+                ),
+                TokenSessionState::Unknown => {
+                    refusal(Endpoint::Resource, "invalid_token", "invalid-token", "the token's session is unknown")
+                }
+            });
         }
-        record_proof(state, &proof, Endpoint::Resource).await?;
         Ok(DpopCaller { token: claims, proof })
     }
 }

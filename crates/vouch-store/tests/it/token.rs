@@ -119,4 +119,35 @@ conformance! {
         assert!(matches!(again, Err(StoreError::Conflict { .. })), "{again:?}");
         t.store.write(move |tx| Box::pin(async move { tx.insert_reader_session(&grant("rs3", "n2")).await })).await.unwrap();
     }
+
+    async fn a_proof_is_recorded_only_for_a_live_session(t: TestStore) {
+        with_device(&t).await;
+        let mut tx = t.store.begin().await.unwrap();
+        tx.insert_token_session(&session("s1", None, "d1")).await.unwrap();
+        tx.insert_token_session(&session("s1a", Some("s1"), "d1")).await.unwrap();
+        tx.commit().await.unwrap();
+        let record = |key: u8, sid: &'static str, sub: Option<&'static str>| {
+            let store = t.store.clone();
+            async move {
+                store
+                    .write_statement(move |tx| Box::pin(async move { tx.record_dpop_proof_if_live(&[key; 32], 100, sid, sub).await }))
+                    .await
+                    .unwrap()
+            }
+        };
+        assert!(record(1, "s1", None).await);
+        assert!(!record(1, "s1", None).await, "a replay records nothing");
+        assert!(record(2, "s1", Some("s1a")).await);
+        assert!(!record(3, "s1", Some("ghost")).await, "an unknown sub-session records nothing");
+        assert!(!record(4, "ghost", None).await);
+        let mut tx = t.store.begin().await.unwrap();
+        tx.end_token_session("s1a", 200).await.unwrap();
+        tx.commit().await.unwrap();
+        assert!(!record(5, "s1", Some("s1a")).await, "an ended sub-session records nothing");
+        assert!(record(6, "s1", None).await, "its session lives on");
+        let mut tx = t.store.begin().await.unwrap();
+        tx.set_device_status("d1", &[DeviceStatus::Active], DeviceStatus::Suspended, 300).await.unwrap();
+        tx.commit().await.unwrap();
+        assert!(!record(7, "s1", None).await, "a suspended device records nothing");
+    }
 }
