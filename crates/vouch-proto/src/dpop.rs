@@ -165,8 +165,16 @@ struct LenientHeader {
 
 /// RFC 9449 section 4.3, every check but `jti` single use.
 pub fn verify_proof(proof: &str, context: &ProofContext<'_>, clock: &dyn Clock) -> Result<VerifiedProof, ProtoError> {
-    check_header(proof)?;
-    let jws = UnverifiedJws::parse(proof).map_err(|e| refuse(DpopCheck::Format, e.to_string()))?;
+    // The strict parse decodes the header once on the way every good proof takes; only
+    // a proof it refuses has its header read again, to name the check that failed.
+    let jws = match UnverifiedJws::parse(proof) {
+        Ok(jws) => jws,
+        Err(e) => {
+            check_header(proof)?;
+            return Err(refuse(DpopCheck::Format, e.to_string()));
+        }
+    };
+    check_typ(jws.header().typ.as_deref())?;
     let (payload, key) = jws.verify_with_embedded_jwk().map_err(|e| match e {
         ProtoError::BadSignature => refuse(DpopCheck::Signature, "the proof is not signed by its jwk"),
         other => refuse(DpopCheck::Jwk, other.to_string()),
@@ -203,16 +211,14 @@ pub fn verify_proof(proof: &str, context: &ProofContext<'_>, clock: &dyn Clock) 
     Ok(VerifiedProof { key, jkt, jti: claims.jti, iat: claims.iat })
 }
 
-/// `typ`, `alg` and `jwk` before the strict parse, so each failure is named.
+/// Names why the strict parse refused a proof: `typ`, `alg` or `jwk`, else `format`.
 fn check_header(proof: &str) -> Result<(), ProtoError> {
     let header_b64 = proof.split('.').next().unwrap_or_default();
     let header: LenientHeader = b64::decode("DPoP header", header_b64)
         .ok()
         .and_then(|json| serde_json::from_slice(&json).ok())
         .ok_or_else(|| refuse(DpopCheck::Format, "the proof is not a JWT with a JSON header"))?;
-    if !header.typ.as_deref().is_some_and(|t| t.eq_ignore_ascii_case(PROOF_TYP)) {
-        return Err(refuse(DpopCheck::Typ, format!("typ is {:?}, expected \"{PROOF_TYP}\"", header.typ)));
-    }
+    check_typ(header.typ.as_deref())?;
     if header.alg.as_deref() != Some(jws::ALG_ES256) {
         return Err(refuse(DpopCheck::Alg, format!("alg is {:?}, expected {SUPPORTED_ALGS}", header.alg)));
     }
@@ -221,6 +227,14 @@ fn check_header(proof: &str) -> Result<(), ProtoError> {
         return Err(refuse(DpopCheck::Jwk, format!("the jwk holds private key material ({member:?})")));
     }
     Ok(())
+}
+
+fn check_typ(typ: Option<&str>) -> Result<(), ProtoError> {
+    if typ.is_some_and(|t| t.eq_ignore_ascii_case(PROOF_TYP)) {
+        Ok(())
+    } else {
+        Err(refuse(DpopCheck::Typ, format!("typ is {typ:?}, expected \"{PROOF_TYP}\"")))
+    }
 }
 
 fn check_htu(htu: &str, request_uri: &str) -> Result<(), ProtoError> {
