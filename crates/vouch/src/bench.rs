@@ -479,6 +479,129 @@ fn check_issued_token(answer: &TokenAnswer, device_id: &str, jkt: &str) -> anyho
     Ok(())
 }
 
+/// One client of a scenario: the request it repeats, with everything that request
+/// needs, checked answer included.
+trait BenchClient: Send + 'static {
+    fn device_id(&self) -> &str;
+
+    /// Sends request number `op` and checks the answer.
+    fn request(&mut self, op: u64) -> OpFuture<'_>;
+}
+
+type OpFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send + 'a>>;
+
+/// Runs `client` until the deadline or another client's failure, timing each request;
+/// a failure stops every client and fails the run.
+async fn measure<C: BenchClient>(
+    mut client: C,
+    deadline: Instant,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<(u64, Histogram<u64>)> {
+    let mut histogram = Histogram::<u64>::new_with_max(LATENCY_MAX_US, 3)?;
+    let mut ops = 0u64;
+    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        if let Err(e) = client.request(ops).await {
+            return Err(client_failed(&stop, client.device_id(), ops, e));
+        }
+        histogram.saturating_record(started.elapsed().as_micros() as u64);
+        ops += 1;
+    }
+    Ok((ops, histogram))
+}
+
+/// `dpop`: a digest signed through `POST /v1/sign`.
+struct SignClient {
+    sender: ProofSender,
+    access_token: String,
+    token: AccessTokenClaims,
+    device_id: String,
+}
+
+impl BenchClient for SignClient {
+    fn device_id(&self) -> &str {
+        &self.device_id
+    }
+
+    fn request(&mut self, op: u64) -> OpFuture<'_> {
+        Box::pin(async move {
+            let digest = b64::encode(sha256(format!("{} document {op}", self.device_id).as_bytes()));
+            let body = json!({ "digest": digest });
+            let answer: SignAnswer = self
+                .sender
+                .post(SIGN_PATH, Some(&self.access_token), Payload::Json(&body), reqwest::StatusCode::OK)
+                .await?;
+            check_signed_digest(&answer, &digest, &self.token)
+        })
+    }
+}
+
+/// `token`: a session opened with the device's ticket.
+struct GrantClient {
+    sender: ProofSender,
+    jkt: String,
+    device_id: String,
+    ticket: String,
+}
+
+impl BenchClient for GrantClient {
+    fn device_id(&self) -> &str {
+        &self.device_id
+    }
+
+    fn request(&mut self, _op: u64) -> OpFuture<'_> {
+        Box::pin(async move {
+            let form = [("grant_type", GRANT_JWT_BEARER), ("assertion", self.ticket.as_str())];
+            let answer: TokenAnswer =
+                self.sender.post(TOKEN_PATH, None, Payload::Form(&form), reqwest::StatusCode::OK).await?;
+            check_issued_token(&answer, &self.device_id, &self.jkt)
+        })
+    }
+}
+
+/// `session`: a grant for a fresh hello of the client's card reader.
+struct ReaderSessionClient {
+    sender: ProofSender,
+    access_token: String,
+    device_id: String,
+    ticket: String,
+    reader: CardReader,
+    pos_static_key: String,
+    rng: SystemRandom,
+}
+
+impl BenchClient for ReaderSessionClient {
+    fn device_id(&self) -> &str {
+        &self.device_id
+    }
+
+    fn request(&mut self, _op: u64) -> OpFuture<'_> {
+        Box::pin(async move {
+            let hello = self.reader.hello(&SystemClock, &self.rng)?;
+            let body =
+                json!({ "reader_hello": hello, "pos_ticket": self.ticket, "pos_static_key": self.pos_static_key });
+            let answer: GrantAnswer = self
+                .sender
+                .post(
+                    READER_SESSIONS_PATH,
+                    Some(&self.access_token),
+                    Payload::Json(&body),
+                    reqwest::StatusCode::CREATED,
+                )
+                .await?;
+            let claims: GrantClaims = unverified_claims(&answer.grant, GRANT_TYP)?;
+            if claims.session_id != answer.session_id
+                || claims.reader_id != self.reader.device_id()
+                || claims.pos_device_id != self.device_id
+                || claims.pos_static_key != self.pos_static_key
+            {
+                bail!("the grant names another session, reader or POS app: {claims:?}");
+            }
+            Ok(())
+        })
+    }
+}
+
 /// Records one client's failure and stops the others: a refused request fails the run.
 fn client_failed(stop: &AtomicBool, device_id: &str, op: u64, e: anyhow::Error) -> anyhow::Error {
     stop.store(true, Ordering::Relaxed);
@@ -500,33 +623,13 @@ async fn dpop(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let clients: Vec<_> = devices
         .into_iter()
         .map(|device| {
-            let mut sender = ProofSender::new(http.clone(), admin.base_url(), &device);
-            let access_token = device.session.access_token();
-            let token = device.session.claims();
-            let device_id = device.device_id;
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let mut histogram = Histogram::<u64>::new_with_max(LATENCY_MAX_US, 3)?;
-                let mut ops = 0u64;
-                while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
-                    let digest = b64::encode(sha256(format!("{device_id} document {ops}").as_bytes()));
-                    let body = json!({ "digest": digest });
-                    let started = Instant::now();
-                    let outcome = async {
-                        let answer: SignAnswer = sender
-                            .post(SIGN_PATH, Some(&access_token), Payload::Json(&body), reqwest::StatusCode::OK)
-                            .await?;
-                        check_signed_digest(&answer, &digest, &token)
-                    }
-                    .await;
-                    if let Err(e) = outcome {
-                        return Err(client_failed(&stop, &device_id, ops, e));
-                    }
-                    histogram.saturating_record(started.elapsed().as_micros() as u64);
-                    ops += 1;
-                }
-                anyhow::Ok((ops, histogram))
-            })
+            let client = SignClient {
+                sender: ProofSender::new(http.clone(), admin.base_url(), &device),
+                access_token: device.session.access_token(),
+                token: device.session.claims(),
+                device_id: device.device_id,
+            };
+            tokio::spawn(measure(client, deadline, stop.clone()))
         })
         .collect();
     let (total, histogram) = gather_all(clients).await?;
@@ -549,30 +652,13 @@ async fn token(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let clients: Vec<_> = devices
         .into_iter()
         .map(|device| {
-            let mut sender = ProofSender::new(http.clone(), admin.base_url(), &device);
-            let jkt = device.identity.jwk().thumbprint();
-            let (device_id, ticket) = (device.device_id, device.ticket);
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let form = [("grant_type", GRANT_JWT_BEARER), ("assertion", ticket.as_str())];
-                let mut histogram = Histogram::<u64>::new_with_max(LATENCY_MAX_US, 3)?;
-                let mut ops = 0u64;
-                while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
-                    let started = Instant::now();
-                    let outcome = async {
-                        let answer: TokenAnswer =
-                            sender.post(TOKEN_PATH, None, Payload::Form(&form), reqwest::StatusCode::OK).await?;
-                        check_issued_token(&answer, &device_id, &jkt)
-                    }
-                    .await;
-                    if let Err(e) = outcome {
-                        return Err(client_failed(&stop, &device_id, ops, e));
-                    }
-                    histogram.saturating_record(started.elapsed().as_micros() as u64);
-                    ops += 1;
-                }
-                anyhow::Ok((ops, histogram))
-            })
+            let client = GrantClient {
+                sender: ProofSender::new(http.clone(), admin.base_url(), &device),
+                jkt: device.identity.jwk().thumbprint(),
+                device_id: device.device_id,
+                ticket: device.ticket,
+            };
+            tokio::spawn(measure(client, deadline, stop.clone()))
         })
         .collect();
     let (total, histogram) = gather_all(clients).await?;
@@ -611,51 +697,19 @@ async fn session(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let clients: Vec<_> = devices
         .into_iter()
         .zip(readers)
-        .map(|(device, mut reader)| {
-            let mut sender = ProofSender::new(http.clone(), admin.base_url(), &device);
-            let access_token = device.session.access_token();
-            let (device_id, ticket) = (device.device_id, device.ticket);
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let pos_static_key = b64::encode(NoiseKeypair::generate()?.public());
-                let rng = SystemRandom::new();
-                let mut histogram = Histogram::<u64>::new_with_max(LATENCY_MAX_US, 3)?;
-                let mut ops = 0u64;
-                while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
-                    let started = Instant::now();
-                    let outcome = async {
-                        let hello = reader.hello(&SystemClock, &rng)?;
-                        let body =
-                            json!({ "reader_hello": hello, "pos_ticket": ticket, "pos_static_key": pos_static_key });
-                        let answer: GrantAnswer = sender
-                            .post(
-                                READER_SESSIONS_PATH,
-                                Some(&access_token),
-                                Payload::Json(&body),
-                                reqwest::StatusCode::CREATED,
-                            )
-                            .await?;
-                        let claims: GrantClaims = unverified_claims(&answer.grant, GRANT_TYP)?;
-                        if claims.session_id != answer.session_id
-                            || claims.reader_id != reader.device_id()
-                            || claims.pos_device_id != device_id
-                            || claims.pos_static_key != pos_static_key
-                        {
-                            bail!("the grant names another session, reader or POS app: {claims:?}");
-                        }
-                        anyhow::Ok(())
-                    }
-                    .await;
-                    if let Err(e) = outcome {
-                        return Err(client_failed(&stop, &device_id, ops, e));
-                    }
-                    histogram.saturating_record(started.elapsed().as_micros() as u64);
-                    ops += 1;
-                }
-                anyhow::Ok((ops, histogram))
-            })
+        .map(|(device, reader)| {
+            let client = ReaderSessionClient {
+                sender: ProofSender::new(http.clone(), admin.base_url(), &device),
+                access_token: device.session.access_token(),
+                device_id: device.device_id,
+                ticket: device.ticket,
+                reader,
+                pos_static_key: b64::encode(NoiseKeypair::generate()?.public()),
+                rng: SystemRandom::new(),
+            };
+            anyhow::Ok(tokio::spawn(measure(client, deadline, stop.clone())))
         })
-        .collect();
+        .collect::<anyhow::Result<_>>()?;
     let (total, histogram) = gather_all(clients).await?;
     Ok(report("session", args.clients, duration, total, &histogram, bound))
 }
