@@ -7,6 +7,7 @@ pub mod b64;
 pub mod clock;
 pub mod crypto;
 pub mod dpop;
+pub mod dvv;
 pub mod enrol;
 mod error;
 pub mod jwk;
