@@ -59,6 +59,27 @@ fn check_text(field: &str, value: &str, max_chars: usize) -> ApiResult<()> {
     Ok(())
 }
 
+pub const CARD_ACCEPTOR_ID_CHARS: usize = 15;
+pub const ISO_TERMINAL_ID_CHARS: usize = 8;
+
+/// An ISO 8583 `ans` identifier of a fixed length: printable ASCII, not all spaces.
+pub fn check_iso_id(field: &str, value: &str, chars: usize) -> ApiResult<()> {
+    if value.len() != chars || !value.bytes().all(|b| (0x20..=0x7e).contains(&b)) || value.trim().is_empty() {
+        return Err(ApiError::unprocessable(
+            "invalid-field",
+            format!("{field} must be exactly {chars} printable ASCII characters"),
+        ));
+    }
+    Ok(())
+}
+
+pub fn check_merchant_category(value: &str) -> ApiResult<()> {
+    if value.len() != 4 || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ApiError::unprocessable("invalid-field", "merchant_category must be a 4-digit ISO 18245 code"));
+    }
+    Ok(())
+}
+
 fn page_limit(limit: Option<u32>) -> ApiResult<u32> {
     match limit {
         None => Ok(PAGE_LIMIT_DEFAULT),
@@ -81,18 +102,33 @@ pub struct PageQuery {
 #[serde(deny_unknown_fields)]
 pub struct NewMerchant {
     pub name: String,
+    /// ISO 8583 card acceptor id (DE 42): exactly 15 printable ASCII characters,
+    /// unique. Required before the merchant's terminals can authorize.
+    pub card_acceptor_id: Option<String>,
+    /// ISO 18245 merchant category code, 4 digits.
+    pub merchant_category: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct MerchantView {
     pub merchant_id: String,
     pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub card_acceptor_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merchant_category: Option<String>,
     pub created_at: i64,
 }
 
 impl From<Merchant> for MerchantView {
     fn from(m: Merchant) -> Self {
-        MerchantView { merchant_id: m.id, name: m.name, created_at: m.created_at }
+        MerchantView {
+            merchant_id: m.id,
+            name: m.name,
+            card_acceptor_id: m.card_acceptor_id,
+            merchant_category: m.merchant_category,
+            created_at: m.created_at,
+        }
     }
 }
 
@@ -107,9 +143,25 @@ async fn create_merchant(
 ) -> ApiResult<(StatusCode, Json<MerchantView>)> {
     caller.require(Scope::Admin)?;
     check_text("name", &body.name, NAME_CHARS_MAX)?;
+    if let Some(id) = &body.card_acceptor_id {
+        check_iso_id("card_acceptor_id", id, CARD_ACCEPTOR_ID_CHARS)?;
+    }
+    if let Some(category) = &body.merchant_category {
+        check_merchant_category(category)?;
+    }
     let now = state.now();
-    let merchant = Merchant { id: new_id("mch"), name: body.name, created_at: now };
-    let entry = audit::entry(now, &caller.actor(), "merchant.created", &merchant.id, json!({ "name": merchant.name }));
+    let merchant = Merchant {
+        id: new_id("mch"),
+        name: body.name,
+        card_acceptor_id: body.card_acceptor_id,
+        merchant_category: body.merchant_category,
+        created_at: now,
+    };
+    let detail = json!({
+        "name": merchant.name, "card_acceptor_id": merchant.card_acceptor_id,
+        "merchant_category": merchant.merchant_category,
+    });
+    let entry = audit::entry(now, &caller.actor(), "merchant.created", &merchant.id, detail);
     let record = merchant.clone();
     state
         .store
@@ -119,7 +171,13 @@ async fn create_merchant(
                 tx.append_audit(&entry).await
             })
         })
-        .await?;
+        .await
+        .map_err(|e| match e {
+            vouch_store::StoreError::Conflict { .. } => {
+                ApiError::conflict("card-acceptor-id-taken", "another merchant has this card_acceptor_id")
+            }
+            other => other.into(),
+        })?;
     Ok((StatusCode::CREATED, Json(merchant.into())))
 }
 

@@ -11,6 +11,7 @@
 
 mod attest;
 mod audit;
+mod dvv;
 mod error;
 mod group_commit;
 mod migrate;
@@ -26,6 +27,7 @@ use tokio::sync::mpsc;
 
 pub use attest::{AttestationRecord, ChallengeRecord, ChallengeRejection, ReferenceValues};
 pub use audit::{AuditBreak, AuditEntry, AuditRecord, AuditReport, chain_hash};
+pub use dvv::{ACCOUNT_DVVS_MAX, AuthorizationRecord, Consumer, DvvRecord, IssueRefusal, PaymentAccount, Terminal};
 pub use error::StoreError;
 pub use group_commit::{BATCH_JOBS_MAX, BoxFuture, QUEUE_JOBS_MAX};
 pub use registry::{Account, Device, DeviceFilter, DeviceStatus, Merchant, ServiceProvider};

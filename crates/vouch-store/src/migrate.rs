@@ -32,6 +32,11 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/sqlite/0004_session.sql"),
         postgres: include_str!("../migrations/postgres/0004_session.sql"),
     },
+    Migration {
+        version: 5,
+        sqlite: include_str!("../migrations/sqlite/0005_dvv.sql"),
+        postgres: include_str!("../migrations/postgres/0005_dvv.sql"),
+    },
 ];
 
 /// Serialises concurrent starts of several instances on one PostgreSQL.

@@ -10,6 +10,11 @@ use crate::{Store, StoreError, Tx};
 pub struct Merchant {
     pub id: String,
     pub name: String,
+    /// ISO 8583 DE 42, 15 characters; unique. Needed before the merchant's terminals
+    /// can authorize.
+    pub card_acceptor_id: Option<String>,
+    /// ISO 18245 merchant category code, 4 digits.
+    pub merchant_category: Option<String>,
     pub created_at: i64,
 }
 
@@ -102,8 +107,16 @@ fn device_from_row(row: &AnyRow) -> Result<Device, StoreError> {
     })
 }
 
-fn merchant_from_row(row: &AnyRow) -> Result<Merchant, StoreError> {
-    Ok(Merchant { id: row.try_get("id")?, name: row.try_get("name")?, created_at: row.try_get("created_at")? })
+pub(crate) const MERCHANT_COLUMNS: &str = "id, name, card_acceptor_id, merchant_category, created_at";
+
+pub(crate) fn merchant_from_row(row: &AnyRow) -> Result<Merchant, StoreError> {
+    Ok(Merchant {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        card_acceptor_id: row.try_get("card_acceptor_id")?,
+        merchant_category: row.try_get("merchant_category")?,
+        created_at: row.try_get("created_at")?,
+    })
 }
 
 fn account_from_row(row: &AnyRow) -> Result<Account, StoreError> {
@@ -134,13 +147,18 @@ async fn fetch_device<'e>(executor: impl Executor<'e, Database = sqlx::Any>, id:
 
 impl Tx {
     pub async fn insert_merchant(&mut self, merchant: &Merchant) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO merchants (id, name, created_at) VALUES ($1, $2, $3)")
-            .bind(&merchant.id)
-            .bind(&merchant.name)
-            .bind(merchant.created_at)
-            .execute(self.conn())
-            .await
-            .map_err(StoreError::on_insert("merchant", "merchant"))?;
+        sqlx::query(
+            "INSERT INTO merchants (id, name, card_acceptor_id, merchant_category, created_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&merchant.id)
+        .bind(&merchant.name)
+        .bind(&merchant.card_acceptor_id)
+        .bind(&merchant.merchant_category)
+        .bind(merchant.created_at)
+        .execute(self.conn())
+        .await
+        .map_err(StoreError::on_insert("merchant", "merchant"))?;
         Ok(())
     }
 
@@ -248,7 +266,7 @@ impl Store {
     }
 
     pub async fn merchant(&self, id: &str) -> Result<Merchant, StoreError> {
-        let row = sqlx::query("SELECT id, name, created_at FROM merchants WHERE id = $1")
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {MERCHANT_COLUMNS} FROM merchants WHERE id = $1")))
             .bind(id)
             .fetch_optional(self.pool())
             .await?;
@@ -256,9 +274,9 @@ impl Store {
     }
 
     pub async fn merchants(&self, after_id: Option<&str>, limit: u32) -> Result<Vec<Merchant>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, name, created_at FROM merchants WHERE ($1 IS NULL OR id > $1) ORDER BY id LIMIT $2",
-        )
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {MERCHANT_COLUMNS} FROM merchants WHERE ($1 IS NULL OR id > $1) ORDER BY id LIMIT $2"
+        )))
         .bind(after_id)
         .bind(i64::from(limit))
         .fetch_all(self.pool())

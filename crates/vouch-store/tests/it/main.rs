@@ -2,6 +2,7 @@
 //! `VOUCH_TEST_DATABASE_URL` is set, against PostgreSQL.
 
 mod audit;
+mod dvv;
 mod harness;
 mod registry;
 mod secrets;

@@ -5,7 +5,13 @@ use crate::conformance;
 use crate::harness::TestStore;
 
 pub fn merchant(id: &str) -> Merchant {
-    Merchant { id: id.into(), name: format!("Shop {id}"), created_at: 100 }
+    Merchant {
+        id: id.into(),
+        name: format!("Shop {id}"),
+        card_acceptor_id: None,
+        merchant_category: None,
+        created_at: 100,
+    }
 }
 
 pub fn device(id: &str, merchant_id: &str, thumbprint: &str) -> Device {
