@@ -25,6 +25,7 @@ pub const ISSUE_NONCE_BYTES: usize = 16;
 const DERIVE_LABEL: &[u8] = b"vouch dvv value v1";
 const VALUE_HASH_LABEL: &[u8] = b"vouch dvv stored value v1";
 const ACCOUNT_HASH_LABEL: &[u8] = b"vouch dvv account ref v1";
+const REQUEST_HASH_LABEL: &[u8] = b"vouch dvv authorization request v1";
 
 /// A payment account as a 16-digit, Luhn-valid payment token (EMV tokenisation style).
 /// Its `Debug` and `Display` show only the last four digits, so it cannot leak into a
@@ -240,6 +241,21 @@ impl DvvKeys {
         self.tag(ACCOUNT_HASH_LABEL, account.expose().as_bytes())
     }
 
+    /// A keyed fingerprint of an authorization request's fields, so a retry can be told
+    /// from a different request under the same retry key without storing the fields.
+    /// Each part is length-prefixed, so no two lists of parts share a fingerprint.
+    pub fn request_fingerprint(&self, parts: &[&[u8]]) -> [u8; 32] {
+        let mut context = hmac::Context::with_key(&self.store);
+        context.update(REQUEST_HASH_LABEL);
+        for part in parts {
+            context.update(&(part.len() as u64).to_be_bytes());
+            context.update(part);
+        }
+        let mut out = [0u8; 32];
+        out.copy_from_slice(context.sign().as_ref());
+        out
+    }
+
     fn tag(&self, label: &[u8], data: &[u8]) -> [u8; 32] {
         let mut context = hmac::Context::with_key(&self.store);
         context.update(label);
@@ -340,6 +356,13 @@ mod tests {
         let dvv = Dvv::parse("3478", Digits::new(4).unwrap()).unwrap();
         assert_ne!(k.stored_hash(&dvv), k.account_hash(&account()));
         assert_eq!(k.stored_hash(&dvv), k.stored_hash(&Dvv::parse("3478", Digits::new(4).unwrap()).unwrap()));
+    }
+
+    #[test]
+    fn request_fingerprints_keep_parts_apart() {
+        let k = keys();
+        assert_ne!(k.request_fingerprint(&[b"ab", b"c"]), k.request_fingerprint(&[b"a", b"bc"]));
+        assert_eq!(k.request_fingerprint(&[b"ab", b"c"]), k.request_fingerprint(&[b"ab", b"c"]));
     }
 
     proptest! {

@@ -2,6 +2,7 @@
 //! then command-line flags, each layer overriding the one before; validated once into
 //! [`Config`].
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -60,6 +61,29 @@ pub struct ConfigLayer {
     pub dpop_nonce_required: Option<bool>,
     pub dpop_nonce_window_secs: Option<i64>,
     pub reader_grant_ttl_secs: Option<i64>,
+    pub dvv_digits: Option<u8>,
+    pub dvv_max_uses: Option<i64>,
+    pub dvv_ttl_secs: Option<i64>,
+    /// Only in the file: `[dvv_category_policies."4111"]` with `max_uses` and `ttl_secs`.
+    pub dvv_category_policies: Option<BTreeMap<String, DvvPolicy>>,
+    pub dvv_risk_threshold: Option<u8>,
+    pub dvv_velocity_max: Option<i64>,
+    pub dvv_velocity_window_secs: Option<i64>,
+    pub dvv_wrong_tries_max: Option<i64>,
+    pub iso8583_listen: Option<SocketAddr>,
+    pub iso8583_allow_remote: Option<bool>,
+    pub iso8583_tls_cert: Option<PathBuf>,
+    pub iso8583_tls_key: Option<PathBuf>,
+    pub iso8583_tls_client_ca: Option<PathBuf>,
+    pub iso8583_idle_timeout_secs: Option<u64>,
+}
+
+/// How long a DVV lasts: `max_uses` authorizations or `ttl_secs`, whichever ends first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DvvPolicy {
+    pub max_uses: i64,
+    pub ttl_secs: i64,
 }
 
 macro_rules! overlay {
@@ -126,6 +150,20 @@ impl ConfigLayer {
             dpop_nonce_required: get(&lookup, "dpop_nonce_required", "true or false")?,
             dpop_nonce_window_secs: get(&lookup, "dpop_nonce_window_secs", "seconds")?,
             reader_grant_ttl_secs: get(&lookup, "reader_grant_ttl_secs", "seconds")?,
+            dvv_digits: get(&lookup, "dvv_digits", "4 to 12")?,
+            dvv_max_uses: get(&lookup, "dvv_max_uses", "a positive integer")?,
+            dvv_ttl_secs: get(&lookup, "dvv_ttl_secs", "seconds")?,
+            dvv_category_policies: None,
+            dvv_risk_threshold: get(&lookup, "dvv_risk_threshold", "1 to 101")?,
+            dvv_velocity_max: get(&lookup, "dvv_velocity_max", "a positive integer")?,
+            dvv_velocity_window_secs: get(&lookup, "dvv_velocity_window_secs", "seconds")?,
+            dvv_wrong_tries_max: get(&lookup, "dvv_wrong_tries_max", "a positive integer")?,
+            iso8583_listen: get(&lookup, "iso8583_listen", "a socket address such as 127.0.0.1:8583")?,
+            iso8583_allow_remote: get(&lookup, "iso8583_allow_remote", "true or false")?,
+            iso8583_tls_cert: get(&lookup, "iso8583_tls_cert", "a PEM certificate chain file")?,
+            iso8583_tls_key: get(&lookup, "iso8583_tls_key", "a PEM private key file")?,
+            iso8583_tls_client_ca: get(&lookup, "iso8583_tls_client_ca", "a PEM CA certificate file")?,
+            iso8583_idle_timeout_secs: get(&lookup, "iso8583_idle_timeout_secs", "seconds")?,
         })
     }
 
@@ -157,7 +195,21 @@ impl ConfigLayer {
             dpop_iat_window_secs,
             dpop_nonce_required,
             dpop_nonce_window_secs,
-            reader_grant_ttl_secs
+            reader_grant_ttl_secs,
+            dvv_digits,
+            dvv_max_uses,
+            dvv_ttl_secs,
+            dvv_category_policies,
+            dvv_risk_threshold,
+            dvv_velocity_max,
+            dvv_velocity_window_secs,
+            dvv_wrong_tries_max,
+            iso8583_listen,
+            iso8583_allow_remote,
+            iso8583_tls_cert,
+            iso8583_tls_key,
+            iso8583_tls_client_ca,
+            iso8583_idle_timeout_secs
         )
     }
 }
@@ -208,6 +260,30 @@ pub struct Config {
     pub dpop_nonce_window_secs: i64,
     /// How long a reader has to accept a session grant.
     pub reader_grant_ttl_secs: i64,
+    /// Length of a DVV, so it fits the terminal's field.
+    pub dvv_digits: u8,
+    /// How long a DVV lasts where no category policy applies.
+    pub dvv_policy: DvvPolicy,
+    /// Per ISO 18245 merchant category, for phones that name the category they will pay at.
+    pub dvv_category_policies: BTreeMap<String, DvvPolicy>,
+    /// A phone whose ticket's risk is at or above this gets no DVV.
+    pub dvv_risk_threshold: u8,
+    /// At most this many DVVs per phone per window.
+    pub dvv_velocity_max: i64,
+    pub dvv_velocity_window_secs: i64,
+    /// Wrong DVVs that lock an account until its phone is validated again.
+    pub dvv_wrong_tries_max: i64,
+    /// Where the ISO 8583 listener binds; none without it.
+    pub iso8583_listen: Option<SocketAddr>,
+    /// Allow the listener on a non-loopback address (put it behind mutual TLS).
+    pub iso8583_allow_remote: bool,
+    /// Server certificate chain and key for TLS on the listener.
+    pub iso8583_tls_cert: Option<PathBuf>,
+    pub iso8583_tls_key: Option<PathBuf>,
+    /// CA whose certificates the payment switch must present (mutual TLS).
+    pub iso8583_tls_client_ca: Option<PathBuf>,
+    /// A connection that sends nothing for this long is closed.
+    pub iso8583_idle_timeout_secs: u64,
 }
 
 impl Config {
@@ -246,6 +322,22 @@ impl Config {
             dpop_nonce_required: layer.dpop_nonce_required.unwrap_or(true),
             dpop_nonce_window_secs: layer.dpop_nonce_window_secs.unwrap_or(60),
             reader_grant_ttl_secs: layer.reader_grant_ttl_secs.unwrap_or(120),
+            dvv_digits: layer.dvv_digits.unwrap_or(vouch_proto::dvv::DIGITS_DEFAULT),
+            dvv_policy: DvvPolicy {
+                max_uses: layer.dvv_max_uses.unwrap_or(1),
+                ttl_secs: layer.dvv_ttl_secs.unwrap_or(300),
+            },
+            dvv_category_policies: layer.dvv_category_policies.unwrap_or_default(),
+            dvv_risk_threshold: layer.dvv_risk_threshold.unwrap_or(50),
+            dvv_velocity_max: layer.dvv_velocity_max.unwrap_or(20),
+            dvv_velocity_window_secs: layer.dvv_velocity_window_secs.unwrap_or(3600),
+            dvv_wrong_tries_max: layer.dvv_wrong_tries_max.unwrap_or(3),
+            iso8583_listen: layer.iso8583_listen,
+            iso8583_allow_remote: layer.iso8583_allow_remote.unwrap_or(false),
+            iso8583_tls_cert: layer.iso8583_tls_cert,
+            iso8583_tls_key: layer.iso8583_tls_key,
+            iso8583_tls_client_ca: layer.iso8583_tls_client_ca,
+            iso8583_idle_timeout_secs: layer.iso8583_idle_timeout_secs.unwrap_or(30),
         };
         config.validate()?;
         Ok(config)
@@ -275,6 +367,8 @@ impl Config {
             ("dpop_iat_window_secs", self.dpop_iat_window_secs),
             ("dpop_nonce_window_secs", self.dpop_nonce_window_secs),
             ("reader_grant_ttl_secs", self.reader_grant_ttl_secs),
+            ("dvv_ttl_secs", self.dvv_policy.ttl_secs),
+            ("dvv_velocity_window_secs", self.dvv_velocity_window_secs),
         ] {
             if !(1..=10 * 365 * 24 * 3600).contains(&secs) {
                 return Err(invalid(name, secs, "1 second to 10 years"));
@@ -282,6 +376,51 @@ impl Config {
         }
         if !(0.0..=1.0).contains(&self.attest_spot_check_share) {
             return Err(invalid("attest_spot_check_share", self.attest_spot_check_share, "0 to 1"));
+        }
+        vouch_proto::dvv::Digits::new(self.dvv_digits)
+            .map_err(|_| invalid("dvv_digits", self.dvv_digits, "4 to 12"))?;
+        for (name, value) in [
+            ("dvv_max_uses", self.dvv_policy.max_uses),
+            ("dvv_velocity_max", self.dvv_velocity_max),
+            ("dvv_wrong_tries_max", self.dvv_wrong_tries_max),
+        ] {
+            if !(1..=1_000_000).contains(&value) {
+                return Err(invalid(name, value, "1 to 1000000"));
+            }
+        }
+        for (category, policy) in &self.dvv_category_policies {
+            let name = format!("dvv_category_policies.{category}");
+            if category.len() != 4 || !category.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(invalid(&name, category, "a 4-digit ISO 18245 merchant category code"));
+            }
+            if !(1..=1_000_000).contains(&policy.max_uses) || !(1..=365 * 24 * 3600).contains(&policy.ttl_secs) {
+                return Err(invalid(&name, format!("{policy:?}"), "max_uses 1 to 1000000 and ttl_secs 1 s to 1 year"));
+            }
+        }
+        if !(1..=101).contains(&self.dvv_risk_threshold) {
+            return Err(invalid(
+                "dvv_risk_threshold",
+                self.dvv_risk_threshold,
+                "1 to 101 (101 lets every risk through)",
+            ));
+        }
+        if let Some(addr) = self.iso8583_listen
+            && !addr.ip().is_loopback()
+            && !self.iso8583_allow_remote
+        {
+            return Err(invalid("iso8583_listen", addr, "a loopback address, unless iso8583_allow_remote is set"));
+        }
+        if self.iso8583_tls_cert.is_some() != self.iso8583_tls_key.is_some()
+            || (self.iso8583_tls_client_ca.is_some() && self.iso8583_tls_cert.is_none())
+        {
+            return Err(invalid(
+                "iso8583_tls_cert",
+                format!("{:?}", self.iso8583_tls_cert),
+                "set together with iso8583_tls_key (and before iso8583_tls_client_ca)",
+            ));
+        }
+        if self.iso8583_idle_timeout_secs == 0 {
+            return Err(invalid("iso8583_idle_timeout_secs", 0, "at least 1"));
         }
         if self.key_refresh_secs == 0 {
             return Err(invalid("key_refresh_secs", 0, "at least 1"));
