@@ -9,6 +9,7 @@ pub mod crypto;
 pub mod dpop;
 pub mod enrol;
 mod error;
+pub mod iso8583;
 pub mod jwk;
 pub mod jws;
 pub mod jwt;
