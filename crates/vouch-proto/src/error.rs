@@ -35,6 +35,8 @@ pub enum ProtoError {
     ChannelClosed,
     #[error("random number generator failed")]
     Rng,
+    #[error("ISO 8583 {0}")]
+    Iso8583(#[from] crate::iso8583::Iso8583Error),
 }
 
 impl ProtoError {

@@ -10,6 +10,7 @@ pub mod dpop;
 pub mod dvv;
 pub mod enrol;
 mod error;
+pub mod iso8583;
 pub mod jwk;
 pub mod jws;
 pub mod jwt;
