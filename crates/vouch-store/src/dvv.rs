@@ -1,8 +1,8 @@
 //! Consumers, their phones and payment accounts; terminals; issued device
 //! verification values and the authorizations that use them.
 
+use sqlx::Row;
 use sqlx::any::AnyRow;
-use sqlx::{Executor, Row};
 
 use crate::registry::{MERCHANT_COLUMNS, merchant_from_row};
 use crate::{Merchant, Store, StoreError, Tx};
@@ -130,20 +130,26 @@ fn account_from_row(row: &AnyRow) -> Result<PaymentAccount, StoreError> {
 }
 
 fn dvv_from_row(row: &AnyRow) -> Result<DvvRecord, StoreError> {
+    dvv_from_prefixed_row(row, "")
+}
+
+/// A value from columns named `<prefix><column>`.
+fn dvv_from_prefixed_row(row: &AnyRow, prefix: &str) -> Result<DvvRecord, StoreError> {
+    let column = |name: &str| format!("{prefix}{name}");
     Ok(DvvRecord {
-        id: row.try_get("id")?,
-        payment_account_id: row.try_get("payment_account_id")?,
-        device_id: row.try_get("device_id")?,
-        ticket_id: row.try_get("ticket_id")?,
-        value_hash: row.try_get("value_hash")?,
-        assurance: row.try_get("assurance")?,
-        merchant_category: row.try_get("merchant_category")?,
-        amount_limit_minor: row.try_get("amount_limit_minor")?,
-        max_uses: row.try_get("max_uses")?,
-        uses: row.try_get("uses")?,
-        issued_at: row.try_get("issued_at")?,
-        expires_at: row.try_get("expires_at")?,
-        superseded_at: row.try_get("superseded_at")?,
+        id: row.try_get(column("id").as_str())?,
+        payment_account_id: row.try_get(column("payment_account_id").as_str())?,
+        device_id: row.try_get(column("device_id").as_str())?,
+        ticket_id: row.try_get(column("ticket_id").as_str())?,
+        value_hash: row.try_get(column("value_hash").as_str())?,
+        assurance: row.try_get(column("assurance").as_str())?,
+        merchant_category: row.try_get(column("merchant_category").as_str())?,
+        amount_limit_minor: row.try_get(column("amount_limit_minor").as_str())?,
+        max_uses: row.try_get(column("max_uses").as_str())?,
+        uses: row.try_get(column("uses").as_str())?,
+        issued_at: row.try_get(column("issued_at").as_str())?,
+        expires_at: row.try_get(column("expires_at").as_str())?,
+        superseded_at: row.try_get(column("superseded_at").as_str())?,
     })
 }
 
@@ -166,20 +172,6 @@ fn authorization_from_row(row: &AnyRow) -> Result<AuthorizationRecord, StoreErro
         channel: row.try_get("channel")?,
         created_at: row.try_get("created_at")?,
     })
-}
-
-async fn fetch_authorization_by_key<'e>(
-    executor: impl Executor<'e, Database = sqlx::Any>,
-    terminal_id: &str,
-    stan: &str,
-    transmission_time: &str,
-) -> Result<Option<AuthorizationRecord>, StoreError> {
-    let sql = sqlx::AssertSqlSafe(format!(
-        "SELECT {AUTHORIZATION_COLUMNS} FROM authorizations \
-         WHERE terminal_id = $1 AND stan = $2 AND transmission_time = $3"
-    ));
-    let row = sqlx::query(sql).bind(terminal_id).bind(stan).bind(transmission_time).fetch_optional(executor).await?;
-    row.as_ref().map(authorization_from_row).transpose()
 }
 
 fn terminal_query(condition: &str) -> sqlx::AssertSqlSafe<String> {
@@ -312,16 +304,6 @@ impl Tx {
         Ok(Ok(()))
     }
 
-    /// The first answer given to this retry key, read inside the transaction.
-    pub async fn authorization_by_key(
-        &mut self,
-        terminal_id: &str,
-        stan: &str,
-        transmission_time: &str,
-    ) -> Result<Option<AuthorizationRecord>, StoreError> {
-        fetch_authorization_by_key(self.conn(), terminal_id, stan, transmission_time).await
-    }
-
     /// Takes one use of a value in one conditional statement: `false` when it has none
     /// left, has expired or was superseded — decided by the database, so concurrent
     /// requests on any number of instances never take more uses than there are.
@@ -451,16 +433,36 @@ impl Store {
         rows.iter().map(account_from_row).collect()
     }
 
-    /// An account's most recent values (up to [`ACCOUNT_DVVS_MAX`]), newest first,
-    /// including used-up, expired and superseded ones issued after `since`, so a
-    /// refusal can say why.
-    pub async fn dvvs_of_account(&self, account_id: &str, since: i64) -> Result<Vec<DvvRecord>, StoreError> {
+    /// The account with this reference hash and its most recent values (up to
+    /// [`ACCOUNT_DVVS_MAX`]) issued after `since`, newest first, each with whether its
+    /// phone is still active: used-up, expired and superseded values included, so a
+    /// refusal can say why. One query, as every authorization asks it.
+    pub async fn account_with_dvvs(
+        &self,
+        ref_hash: &[u8],
+        since: i64,
+    ) -> Result<Option<(PaymentAccount, Vec<(DvvRecord, bool)>)>, StoreError> {
+        let account_columns = ACCOUNT_COLUMNS.split(", ").map(|c| format!("a.{c}")).collect::<Vec<_>>().join(", ");
+        let dvv_columns =
+            DVV_COLUMNS.split(", ").map(|c| format!("v.{c} AS v_{}", c.trim())).collect::<Vec<_>>().join(", ");
         let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT {DVV_COLUMNS} FROM dvvs WHERE payment_account_id = $1 AND issued_at > $2 \
-             ORDER BY issued_at DESC, id DESC LIMIT $3"
+            "SELECT {account_columns}, {dvv_columns}, d.status AS device_status FROM payment_accounts a \
+             LEFT JOIN dvvs v ON v.payment_account_id = a.id AND v.issued_at > $2 \
+             LEFT JOIN devices d ON d.id = v.device_id \
+             WHERE a.ref_hash = $1 ORDER BY v.issued_at DESC, v.id DESC LIMIT $3"
         ));
-        let rows = sqlx::query(sql).bind(account_id).bind(since).bind(ACCOUNT_DVVS_MAX).fetch_all(self.pool()).await?;
-        rows.iter().map(dvv_from_row).collect()
+        let rows = sqlx::query(sql).bind(ref_hash).bind(since).bind(ACCOUNT_DVVS_MAX).fetch_all(self.pool()).await?;
+        let Some(first) = rows.first() else { return Ok(None) };
+        let account = account_from_row(first)?;
+        let mut dvvs = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if row.try_get::<Option<String>, _>("v_id")?.is_none() {
+                continue;
+            }
+            let active = row.try_get::<Option<String>, _>("device_status")?.as_deref() == Some("active");
+            dvvs.push((dvv_from_prefixed_row(row, "v_")?, active));
+        }
+        Ok(Some((account, dvvs)))
     }
 
     /// The account of a live value with this hash, other than `account_id`: a value
@@ -494,13 +496,19 @@ impl Store {
         row.as_ref().map(authorization_from_row).transpose()?.ok_or(StoreError::NotFound { what: "authorization" })
     }
 
-    /// The answer first given to a retry key, outside any transaction.
+    /// The answer first given to a retry key.
     pub async fn authorization_by_key(
         &self,
         terminal_id: &str,
         stan: &str,
         transmission_time: &str,
     ) -> Result<Option<AuthorizationRecord>, StoreError> {
-        fetch_authorization_by_key(self.pool(), terminal_id, stan, transmission_time).await
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {AUTHORIZATION_COLUMNS} FROM authorizations \
+             WHERE terminal_id = $1 AND stan = $2 AND transmission_time = $3"
+        ));
+        let row =
+            sqlx::query(sql).bind(terminal_id).bind(stan).bind(transmission_time).fetch_optional(self.pool()).await?;
+        row.as_ref().map(authorization_from_row).transpose()
     }
 }

@@ -20,6 +20,8 @@ use vouch_proto::{SystemClock, b64};
 pub struct LocalServer {
     pub url: String,
     pub admin_key: String,
+    /// The server's state, for measurements that bypass HTTP.
+    pub state: vouch_server::AppState,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     /// Held so the temporary database lives as long as the server.
     _data_dir: tempfile::TempDir,
@@ -35,6 +37,15 @@ impl Drop for LocalServer {
 
 /// Starts a server on `database_url`, or on a temporary SQLite file when `None`.
 pub async fn start_local(database_url: Option<&str>, rate_limit_per_sec: u32) -> anyhow::Result<LocalServer> {
+    start_local_with(database_url, rate_limit_per_sec, |_| {}).await
+}
+
+/// [`start_local`] on a configuration `configure` adjusts.
+pub async fn start_local_with(
+    database_url: Option<&str>,
+    rate_limit_per_sec: u32,
+    configure: impl FnOnce(&mut vouch_server::Config),
+) -> anyhow::Result<LocalServer> {
     let data_dir = tempfile::tempdir()?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let mut config = vouch_server::Config::for_data_dir(data_dir.path());
@@ -44,6 +55,7 @@ pub async fn start_local(database_url: Option<&str>, rate_limit_per_sec: u32) ->
     if let Some(url) = database_url {
         config.database_url = url.to_owned();
     }
+    configure(&mut config);
     let master_env = std::env::var(vouch_server::config::MASTER_KEY_ENV).ok();
     let state = vouch_server::build_state(config, master_env.as_deref()).await?;
     let key_path = data_dir.path().join(vouch_server::ADMIN_KEY_FILE);
@@ -53,10 +65,10 @@ pub async fn start_local(database_url: Option<&str>, rate_limit_per_sec: u32) ->
         .to_owned();
     let url = format!("http://{}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(vouch_server::serve_on(listener, state, async move {
+    tokio::spawn(vouch_server::serve_on(listener, state.clone(), async move {
         let _ = stopped.await;
     }));
-    Ok(LocalServer { url, admin_key, stop: Some(stop), _data_dir: data_dir })
+    Ok(LocalServer { url, admin_key, state, stop: Some(stop), _data_dir: data_dir })
 }
 
 struct Steps {

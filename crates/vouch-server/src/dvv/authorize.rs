@@ -10,7 +10,7 @@ use serde_json::json;
 use utoipa::ToSchema;
 use vouch_proto::crypto::{constant_time_eq, random_bytes};
 use vouch_proto::dvv::{AccountRef, Dvv};
-use vouch_store::{AuthorizationRecord, DeviceStatus, DvvRecord, Merchant, PaymentAccount, StoreError, Terminal};
+use vouch_store::{AuthorizationRecord, DvvRecord, Merchant, PaymentAccount, StoreError, Terminal};
 
 use crate::auth::{ApiCaller, Scope};
 use crate::error::{ApiError, ApiResult, Problem};
@@ -131,10 +131,8 @@ pub async fn decide(
         request.dvv.as_bytes(),
         request.entry_mode.as_bytes(),
     ]);
-    let first = state.store.authorization_by_key(&terminal.id, &request.stan, &request.transmission_time).await?;
-    if let Some(first) = first {
-        return Ok(answer_retry(state, first, &fingerprint).await);
-    }
+    // A retry is found by the retry key's unique constraint when its answer is
+    // written, not by a read first: retries are rare, and every request would pay it.
     let now = state.now();
     let (account, dvv, plan) = plan(state, merchant, &request, now).await?;
     let mut record = AuthorizationRecord {
@@ -250,7 +248,8 @@ async fn plan(
         return Ok((None, None, decline(ResponseCode::InvalidAccount, "invalid-account-ref")));
     };
     let keys = &state.dvv.keys;
-    let Some(account) = state.store.payment_account_by_ref_hash(&keys.account_hash(&account_ref)).await? else {
+    let found = state.store.account_with_dvvs(&keys.account_hash(&account_ref), now - LOOKBACK_SECS).await?;
+    let Some((account, recent)) = found else {
         return Ok((None, None, decline(ResponseCode::InvalidAccount, "unknown-account")));
     };
     if account.locked_at.is_some() {
@@ -260,19 +259,15 @@ async fn plan(
         Ok(dvv) => keys.stored_hash(&dvv),
         // Not a value Vouch could have issued (its assurance digit is 0).
         Err(_) => {
-            return Ok((
-                Some(account),
-                None,
-                Plan::CountWrong { code: ResponseCode::DoNotHonor, reason: "dvv-mismatch" },
-            ));
+            let plan = Plan::CountWrong { code: ResponseCode::DoNotHonor, reason: "dvv-mismatch" };
+            return Ok((Some(account), None, plan));
         }
     };
-    let recent = state.store.dvvs_of_account(&account.id, now - LOOKBACK_SECS).await?;
     // Every candidate is compared, so the time taken does not depend on which matched.
-    let matched = recent.into_iter().fold(None, |found, dvv| {
-        if constant_time_eq(&dvv.value_hash, &presented) && found.is_none() { Some(dvv) } else { found }
+    let matched = recent.into_iter().fold(None, |found, (dvv, phone_active)| {
+        if constant_time_eq(&dvv.value_hash, &presented) && found.is_none() { Some((dvv, phone_active)) } else { found }
     });
-    let Some(dvv) = matched else {
+    let Some((dvv, phone_active)) = matched else {
         let plan = match state.store.live_dvv_elsewhere(&presented, &account.id, now).await? {
             Some(_) => Plan::CountWrong { code: ResponseCode::SecurityViolation, reason: "dvv-of-another-account" },
             None => Plan::CountWrong { code: ResponseCode::DoNotHonor, reason: "dvv-mismatch" },
@@ -289,7 +284,7 @@ async fn plan(
         decline(ResponseCode::DoNotHonor, "dvv-for-another-merchant-category")
     } else if request.amount_minor > dvv.amount_limit_minor {
         decline(ResponseCode::OverLimit, "over-dvv-limit")
-    } else if state.store.device(&dvv.device_id).await?.status != DeviceStatus::Active {
+    } else if !phone_active {
         decline(ResponseCode::DoNotHonor, "phone-not-active")
     } else {
         Plan::Approve { dvv_id: dvv.id.clone(), clear_wrong_tries: account.wrong_dvv_tries > 0 }

@@ -129,9 +129,16 @@ conformance! {
         assert!(!tx.take_dvv_use("v1", 201).await.unwrap(), "superseded by v22");
         assert!(tx.take_dvv_use("v22", 201).await.unwrap());
         tx.commit().await.unwrap();
-        let recent = t.store.dvvs_of_account("pac1", 0).await.unwrap();
-        assert_eq!(recent.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["v22", "v1"]);
-        assert_eq!(recent[1].superseded_at, Some(200));
+        let (account, recent) = t.store.account_with_dvvs(&[5; 32], 0).await.unwrap().unwrap();
+        assert_eq!(account.id, "pac1");
+        assert_eq!(recent.iter().map(|(d, _)| d.id.as_str()).collect::<Vec<_>>(), ["v22", "v1"]);
+        assert_eq!(recent[1].0.superseded_at, Some(200));
+        assert!(recent.iter().all(|(_, phone_active)| *phone_active));
+        let (_, older) = t.store.account_with_dvvs(&[5; 32], 150).await.unwrap().unwrap();
+        assert_eq!(older.len(), 1, "only values issued after `since`");
+        let (_, none) = t.store.account_with_dvvs(&[5; 32], 1_000).await.unwrap().unwrap();
+        assert!(none.is_empty(), "an account without values is still found");
+        assert!(t.store.account_with_dvvs(&[6; 32], 0).await.unwrap().is_none());
     }
 
     async fn issuing_is_limited_per_phone_and_window(t: TestStore) {
@@ -177,11 +184,9 @@ conformance! {
         let mut tx = t.store.begin().await.unwrap();
         assert!(matches!(tx.insert_authorization(&authorization("auth2", "000001", "05")).await, Err(StoreError::Conflict { .. })));
         drop(tx);
-        let mut tx = t.store.begin().await.unwrap();
-        let first = tx.authorization_by_key("term1", "000001", "1124103000").await.unwrap().unwrap();
+        let first = t.store.authorization_by_key("term1", "000001", "1124103000").await.unwrap().unwrap();
         assert_eq!(first, authorization("auth1", "000001", "00"));
-        assert!(tx.authorization_by_key("term1", "000002", "1124103000").await.unwrap().is_none());
-        drop(tx);
+        assert!(t.store.authorization_by_key("term1", "000002", "1124103000").await.unwrap().is_none());
         assert_eq!(t.store.authorization("auth1").await.unwrap(), first);
     }
 

@@ -3,6 +3,8 @@
 //! work, measured in the same run (absolute rates on a shared machine are noisy;
 //! the ratio is what to compare).
 
+mod authorize;
+
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -62,6 +64,11 @@ pub enum Scenario {
     /// hello and proof (server: 3 verifies — proof, POS ticket, hello — + 1 sign, 3 reads
     /// + 1 write; the crypto bound counts 2 verifies + 1 sign, as the target defines it).
     Session,
+    /// DVV authorization over HTTP: `POST /v1/authorizations` from a terminal (server: no
+    /// signatures; 4 reads + 1 write of 3 statements). Its bounds are HTTP (`GET
+    /// /healthz` at the same concurrency) and the database (the decision called
+    /// in-process, without HTTP), both measured in the same run.
+    Authorize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -98,8 +105,23 @@ struct BenchReport {
     p50_ms: f64,
     p99_ms: f64,
     p999_ms: f64,
-    crypto_bound_ops_per_sec: f64,
-    ratio: f64,
+    /// The machine's rate for the flow's signature work; absent where it has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    crypto_bound_ops_per_sec: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ratio: Option<f64>,
+    /// For flows without signatures: the rates of their two parts alone and the share
+    /// of each operation's time each accounts for (`ops_per_sec / part rate`).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    parts: Option<PartBounds>,
+}
+
+#[derive(Debug, Serialize)]
+struct PartBounds {
+    http_bound_ops_per_sec: f64,
+    db_bound_ops_per_sec: f64,
+    http_share: f64,
+    db_share: f64,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
@@ -116,12 +138,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         Scenario::Dpop => dpop(&args).await?,
         Scenario::Token => token(&args).await?,
         Scenario::Session => session(&args).await?,
+        Scenario::Authorize => authorize::authorize(&args).await?,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
+        let bounds = match (&report.crypto_bound_ops_per_sec, &report.ratio, &report.parts) {
+            (Some(bound), Some(ratio), _) => format!("crypto_bound={bound:.0}/s ratio={ratio:.3}"),
+            (_, _, Some(parts)) => format!(
+                "http_bound={:.0}/s db_bound={:.0}/s http_share={:.2} db_share={:.2}",
+                parts.http_bound_ops_per_sec, parts.db_bound_ops_per_sec, parts.http_share, parts.db_share
+            ),
+            _ => String::new(),
+        };
         println!(
-            "{} clients={} seconds={:.1} ops={} ops/s={:.0} p50={:.2}ms p99={:.2}ms p999={:.2}ms crypto_bound={:.0}/s ratio={:.3}",
+            "{} clients={} seconds={:.1} ops={} ops/s={:.0} p50={:.2}ms p99={:.2}ms p999={:.2}ms {bounds}",
             report.scenario,
             report.clients,
             report.seconds,
@@ -130,8 +161,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             report.p50_ms,
             report.p99_ms,
             report.p999_ms,
-            report.crypto_bound_ops_per_sec,
-            report.ratio
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -745,18 +774,32 @@ fn report(
     histogram: &Histogram<u64>,
     crypto_bound_ops_per_sec: f64,
 ) -> BenchReport {
-    let ops_per_sec = ops as f64 / duration.as_secs_f64();
+    let mut report = measured(scenario, clients, duration, ops, histogram);
+    report.crypto_bound_ops_per_sec = Some(crypto_bound_ops_per_sec);
+    report.ratio =
+        Some(if crypto_bound_ops_per_sec > 0.0 { report.ops_per_sec / crypto_bound_ops_per_sec } else { 0.0 });
+    report
+}
+
+fn measured(
+    scenario: &'static str,
+    clients: usize,
+    duration: Duration,
+    ops: u64,
+    histogram: &Histogram<u64>,
+) -> BenchReport {
     let quantile_ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1_000.0;
     BenchReport {
         scenario,
         clients,
         seconds: duration.as_secs_f64(),
         ops,
-        ops_per_sec,
+        ops_per_sec: ops as f64 / duration.as_secs_f64(),
         p50_ms: quantile_ms(0.5),
         p99_ms: quantile_ms(0.99),
         p999_ms: quantile_ms(0.999),
-        crypto_bound_ops_per_sec,
-        ratio: if crypto_bound_ops_per_sec > 0.0 { ops_per_sec / crypto_bound_ops_per_sec } else { 0.0 },
+        crypto_bound_ops_per_sec: None,
+        ratio: None,
+        parts: None,
     }
 }
