@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod iso8583_cmd;
 mod operator;
 mod remote;
 mod sonic_cmd;
@@ -61,6 +62,11 @@ enum Command {
     Sonic {
         #[command(subcommand)]
         command: sonic_cmd::SonicCommand,
+    },
+    /// ISO 8583 messages to a listener, as a payment switch sends them.
+    Iso8583 {
+        #[command(subcommand)]
+        command: iso8583_cmd::Iso8583Command,
     },
 }
 
@@ -143,6 +149,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Demo => demo::run().await,
         Command::Bench(args) => bench::run(args).await,
         Command::Sonic { command } => sonic_cmd::run(command),
+        Command::Iso8583 { command } => iso8583_cmd::run(command).await,
     }
 }
 
