@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use vouch_proto::b64;
 use vouch_proto::crypto::{SystemRandom, constant_time_eq, random_bytes, sha256};
-use vouch_store::{ApiKeyRecord, Store, StoreError};
+use vouch_store::{ApiKeyRecord, BoxFuture, Store, StoreError, Tx};
 use zeroize::Zeroizing;
 
 use crate::AppState;
@@ -150,6 +150,43 @@ pub fn new_api_key(
     })
 }
 
+/// Creates and audits an API key, and runs `also` with its id in the same transaction
+/// (to record what the key belongs to); returns the plaintext, shown exactly once.
+pub async fn create_api_key_in<F>(
+    store: &Store,
+    rng: &SystemRandom,
+    scopes: &[Scope],
+    label: &str,
+    now: i64,
+    actor: &str,
+    also: F,
+) -> Result<NewApiKey, ApiError>
+where
+    F: for<'t> FnOnce(&'t mut Tx, String) -> BoxFuture<'t, Result<(), StoreError>> + Send + 'static,
+{
+    let key = new_api_key(rng, None, scopes, label, now)?;
+    insert_api_key(store, &key, now, actor, also).await?;
+    Ok(key)
+}
+
+async fn insert_api_key<F>(store: &Store, key: &NewApiKey, now: i64, actor: &str, also: F) -> Result<(), StoreError>
+where
+    F: for<'t> FnOnce(&'t mut Tx, String) -> BoxFuture<'t, Result<(), StoreError>> + Send + 'static,
+{
+    let detail = serde_json::json!({ "scopes": key.record.scopes, "label": key.record.label });
+    let entry = crate::audit::entry(now, actor, "api_key.created", &key.record.id, detail);
+    let record = key.record.clone();
+    store
+        .write(move |tx| {
+            Box::pin(async move {
+                tx.insert_api_key(&record).await?;
+                tx.append_audit(&entry).await?;
+                also(tx, record.id).await
+            })
+        })
+        .await
+}
+
 /// Creates and audits an API key; returns the plaintext, shown exactly once.
 pub async fn create_api_key(
     store: &Store,
@@ -161,17 +198,7 @@ pub async fn create_api_key(
     actor: &str,
 ) -> Result<NewApiKey, ApiError> {
     let key = new_api_key(rng, id, scopes, label, now)?;
-    let detail = serde_json::json!({ "scopes": key.record.scopes, "label": label });
-    let entry = crate::audit::entry(now, actor, "api_key.created", &key.record.id, detail);
-    let record = key.record.clone();
-    store
-        .write(move |tx| {
-            Box::pin(async move {
-                tx.insert_api_key(&record).await?;
-                tx.append_audit(&entry).await
-            })
-        })
-        .await?;
+    insert_api_key(store, &key, now, actor, |_, _| Box::pin(async { Ok(()) })).await?;
     Ok(key)
 }
 

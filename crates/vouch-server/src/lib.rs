@@ -10,6 +10,7 @@ pub mod attest;
 pub mod audit;
 pub mod auth;
 pub mod config;
+pub mod dvv;
 pub mod error;
 mod extract;
 mod files;
@@ -53,6 +54,7 @@ pub struct AppState {
     pub rate_limiter: Arc<auth::RateLimiter>,
     pub attest_policy: Arc<attest::Policy>,
     pub dpop: Arc<token::DpopState>,
+    pub dvv: Arc<dvv::DvvState>,
     metrics: Arc<metrics::Metrics>,
 }
 
@@ -103,12 +105,14 @@ pub async fn build_state_with_clock(
     let master = MasterKey::load_or_create(master_key_env, &config.data_dir, &rng)?;
     let dpop = token::DpopState::new(&master, config.dpop_nonce_required, config.dpop_nonce_window_secs)
         .map_err(keys::KeyError::from)?;
+    let dvv = dvv::DvvState::new(&master, config.dvv_digits).map_err(keys::KeyError::from)?;
     let keys = DatabaseKeyStore::open(store.clone(), master, rng.clone(), clock.now_unix()).await?;
     bootstrap_admin_key(&store, &config, &rng, clock.now_unix()).await?;
     Ok(AppState {
         rate_limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_sec, config.rate_limit_burst)),
         attest_policy,
         dpop: Arc::new(dpop),
+        dvv: Arc::new(dvv),
         store,
         keys: Arc::new(keys),
         config: Arc::new(config),
@@ -169,6 +173,7 @@ pub fn api() -> (Router<AppState>, OpenApi) {
         .merge(attest::routes())
         .merge(token::routes())
         .merge(session::routes())
+        .merge(dvv::routes())
         .split_for_parts();
     describe_responses(&mut openapi);
     openapi.info.title = "Vouch".into();

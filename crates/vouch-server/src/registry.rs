@@ -49,7 +49,7 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
 }
 
-fn check_text(field: &str, value: &str, max_chars: usize) -> ApiResult<()> {
+pub fn check_text(field: &str, value: &str, max_chars: usize) -> ApiResult<()> {
     if value.trim().is_empty() || value.chars().count() > max_chars || value.chars().any(char::is_control) {
         return Err(ApiError::unprocessable(
             "invalid-field",

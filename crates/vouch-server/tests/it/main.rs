@@ -8,6 +8,7 @@ mod audit;
 mod auth_scheme;
 mod bad_input;
 mod body_shape;
+mod dvv;
 mod enrolment;
 mod foundation;
 mod ops;

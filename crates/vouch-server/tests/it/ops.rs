@@ -44,6 +44,13 @@ const OPERATIONS: &[(&str, &str)] = &[
     ("post", "/v1/sessions/{}/end"),
     ("post", "/v1/sign"),
     ("post", "/v1/reader-sessions"),
+    ("post", "/v1/consumers"),
+    ("post", "/v1/consumers/{}/devices"),
+    ("post", "/v1/consumers/{}/payment-accounts"),
+    ("post", "/v1/merchants/{}/terminals"),
+    ("post", "/v1/dvv"),
+    ("post", "/v1/authorizations"),
+    ("get", "/v1/authorizations/{}"),
 ];
 
 /// Authenticated by the device's signature inside the body or its DPoP proof alone,
