@@ -103,3 +103,58 @@ fn no_listener_or_bad_input_exits_non_zero_with_a_reason() {
     let missing = vouch(&["--addr", &addr, "--amount", "1"]);
     assert!(!missing.status.success(), "{missing:?}");
 }
+
+fn free_addr() -> String {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
+}
+
+/// `vouch serve` with its ISO 8583 listener on, killed when dropped.
+struct Served {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn serve_opens_the_iso8583_listener_on_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let (http, iso) = (free_addr(), free_addr());
+    let child = Command::new(env!("CARGO_BIN_EXE_vouch"))
+        .args(["serve", "--listen", &http, "--iso8583-listen", &iso])
+        .env("VOUCH_DATA_DIR", dir.path())
+        .env_remove("VOUCH_DATABASE_URL")
+        .env_remove("VOUCH_MASTER_KEY")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _served = Served { child, _dir: dir };
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(&iso).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let output = vouch(&["--addr", &iso, "--echo", "--json"]);
+    assert!(output.status.success(), "{output:?}");
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!((answer["mti"].as_str(), answer["response_code"].as_str()), (Some("0810"), Some("00")));
+}
+
+#[test]
+fn serve_refuses_a_remote_iso8583_listener_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_vouch"))
+        .args(["serve", "--listen", &free_addr(), "--iso8583-listen", "0.0.0.0:8583"])
+        .env("VOUCH_DATA_DIR", dir.path())
+        .env_remove("VOUCH_DATABASE_URL")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("iso8583_listen"), "{output:?}");
+}
