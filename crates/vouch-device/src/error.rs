@@ -37,6 +37,30 @@ pub enum DeviceError {
     /// Card data that is not the BER-TLV it should be.
     #[error("card data: {0}")]
     CardData(#[from] crate::session::tlv::TlvError),
+    /// The ISO 8583 host could not be reached, or the TLS handshake with it failed.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect { addr: String, source: std::io::Error },
+    /// An open ISO 8583 connection failed, e.g. the host reset it.
+    #[error("ISO 8583 connection: {0}")]
+    Connection(std::io::Error),
+    /// The host closed the connection before a whole answer arrived.
+    #[error("the host closed the connection ({pending_bytes} bytes of an answer received)")]
+    Closed { pending_bytes: usize },
+    /// No whole answer arrived in the time allowed.
+    #[error("no answer within {waited_ms} ms")]
+    Timeout { waited_ms: u64 },
+    /// The message sent has no answering MTI (it is itself an answer or a notification).
+    #[error("{mti} is not a request: nothing answers it")]
+    NotARequest { mti: vouch_proto::iso8583::Mti },
+    /// The answer is not of the type that answers the request.
+    #[error("expected a {expected} answer, got {found}")]
+    UnexpectedMti { expected: vouch_proto::iso8583::Mti, found: vouch_proto::iso8583::Mti },
+    /// The answer's STAN (DE 11) is not the request's.
+    #[error("the answer's STAN {found} is not the request's {expected}")]
+    UnexpectedStan { expected: String, found: String },
+    /// A CA, certificate, key or server name for TLS that cannot be used.
+    #[error("TLS configuration: {0}")]
+    TlsConfig(String),
 }
 
 impl DeviceError {

@@ -1,7 +1,8 @@
 //! The device SDK: an HTTP client for Vouch's API, device key handling, the tamper
 //! monitoring component that answers attestation challenges (`attest`), the token
 //! client through which a device uses its sessions (`token`), the card reader and POS
-//! app that open an encrypted channel once the server has validated both (`session`),
+//! app that open an encrypted channel once the server has validated both (`session`), the
+//! ISO 8583 client a payment switch uses towards Vouch's listener (`iso8583`),
 //! and simulators that behave like real devices so integrators can try every flow.
 //!
 //! It depends on the protocol core (`vouch-proto`) and never on the server crate.
@@ -10,6 +11,7 @@ pub mod attest;
 mod client;
 mod error;
 pub mod identity;
+pub mod iso8583;
 pub mod session;
 pub mod sim;
 pub mod token;

@@ -1,5 +1,6 @@
 //! Vouch's HTTP service. [`router`] builds the whole API from an [`AppState`], so tests
-//! drive it without a socket; [`serve`] binds it with graceful shutdown.
+//! drive it without a socket; [`serve`] binds it, and the ISO 8583 listener
+//! (`dvv::iso8583`) when configured, with graceful shutdown of both.
 //!
 //! One module per capability, each owning its routes, service logic and storage calls;
 //! the foundation modules (`registry`, `admin`, `ops`, `auth`, `keys`, `audit`) serve
@@ -83,6 +84,9 @@ pub enum StartError {
     Listen { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("server failed: {0}")]
     Serve(std::io::Error),
+    /// A certificate, key or CA file for the ISO 8583 listener that cannot be used.
+    #[error("ISO 8583 TLS: {0}")]
+    Iso8583Tls(String),
 }
 
 /// Opens the database (applying migrations), loads or creates the signing keys and,
@@ -286,18 +290,61 @@ pub async fn serve_on(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    serve_with_iso8583(listener, None, state, shutdown).await
+}
+
+/// Serves HTTP on `listener` and, when given, ISO 8583 on `iso8583`, until `shutdown`
+/// resolves; then both stop accepting and drain what they have in hand before the
+/// database closes.
+pub async fn serve_with_iso8583(
+    listener: tokio::net::TcpListener,
+    iso8583: Option<dvv::iso8583::Iso8583Listener>,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
     let upkeep = spawn_upkeep(state.clone());
     let store = state.store.clone();
-    let result = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await.map_err(StartError::Serve);
+    // One signal, two listeners: the shutdown future completes once, into a channel
+    // both wait on.
+    // A failing HTTP server stops the ISO 8583 listener too.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let stop = Arc::new(stop);
+    let signal = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        }
+    });
+    let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stopped| *stopped).await;
+    };
+    let http = async {
+        let served = axum::serve(listener, router(state.clone()))
+            .with_graceful_shutdown(until_stopped(stopped.clone()))
+            .await
+            .map_err(StartError::Serve);
+        let _ = stop.send(true);
+        served
+    };
+    let iso8583 = async {
+        if let Some(iso8583) = iso8583 {
+            iso8583.run(state.clone(), until_stopped(stopped.clone())).await;
+        }
+    };
+    let (result, ()) = tokio::join!(http, iso8583);
+    signal.abort();
     upkeep.abort();
     store.close().await;
     result
 }
 
-/// Binds `config.listen` and serves until `shutdown` resolves.
+/// Binds `config.listen` (and `config.iso8583_listen` when set) and serves until
+/// `shutdown` resolves.
 pub async fn serve(state: AppState, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
     let addr = state.config.listen;
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })?;
+    let iso8583 = dvv::iso8583::Iso8583Listener::bind(&state.config).await?;
     tracing::info!(%addr, database = ?state.store.backend(), "vouch listening");
-    serve_on(listener, state, shutdown).await
+    serve_with_iso8583(listener, iso8583, state, shutdown).await
 }

@@ -1,5 +1,6 @@
 //! Prometheus metrics: request counts and latency histograms per route and status,
-//! recorded by one middleware that also writes the access log line.
+//! recorded by one middleware that also writes the access log line; and the same per
+//! answer type and response code for the ISO 8583 listener.
 
 use std::time::Instant;
 
@@ -25,11 +26,21 @@ struct RequestLabels {
     status: u16,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Iso8583Labels {
+    /// The answer's MTI, e.g. `0110`.
+    mti: String,
+    /// DE 39.
+    response_code: String,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     latency: Family<RequestLabels, Histogram>,
+    iso8583_messages: Family<Iso8583Labels, Counter>,
+    iso8583_latency: Family<Iso8583Labels, Histogram>,
 }
 
 impl Default for Metrics {
@@ -38,10 +49,24 @@ impl Default for Metrics {
         let latency = Family::<RequestLabels, Histogram>::new_with_constructor(
             (|| Histogram::new(LATENCY_BUCKETS_SECS)) as fn() -> Histogram,
         );
+        let iso8583_messages = Family::<Iso8583Labels, Counter>::default();
+        let iso8583_latency = Family::<Iso8583Labels, Histogram>::new_with_constructor(
+            (|| Histogram::new(LATENCY_BUCKETS_SECS)) as fn() -> Histogram,
+        );
         let mut registry = Registry::with_prefix("vouch");
         registry.register("http_requests", "HTTP requests by route and status", requests.clone());
         registry.register("http_request_duration_seconds", "HTTP request latency by route and status", latency.clone());
-        Metrics { registry, requests, latency }
+        registry.register(
+            "iso8583_messages",
+            "ISO 8583 requests answered, by answer MTI and response code",
+            iso8583_messages.clone(),
+        );
+        registry.register(
+            "iso8583_message_duration_seconds",
+            "ISO 8583 time from whole request to answer, by answer MTI and response code",
+            iso8583_latency.clone(),
+        );
+        Metrics { registry, requests, latency, iso8583_messages, iso8583_latency }
     }
 }
 
@@ -51,6 +76,14 @@ impl Metrics {
         // Invariant: writing to a String cannot fail.
         prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("encoding to a String");
         text
+    }
+
+    /// Counts one ISO 8583 answer and the time taken to make it.
+    pub fn observe_iso8583(&self, answer: &vouch_proto::iso8583::Message, elapsed: std::time::Duration) {
+        let labels =
+            Iso8583Labels { mti: answer.mti().to_string(), response_code: answer.get(39).unwrap_or("none").to_owned() };
+        self.iso8583_messages.get_or_create(&labels).inc();
+        self.iso8583_latency.get_or_create(&labels).observe(elapsed.as_secs_f64());
     }
 }
 

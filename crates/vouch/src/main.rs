@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod iso8583_cmd;
 mod operator;
 mod remote;
 mod sonic_cmd;
@@ -22,7 +23,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the server (embedded SQLite in the data directory unless --database says otherwise).
-    Serve(ServerArgs),
+    Serve(ServeArgs),
     /// Administration that works on the database directly.
     Admin {
         #[command(subcommand)]
@@ -62,6 +63,11 @@ enum Command {
         #[command(subcommand)]
         command: sonic_cmd::SonicCommand,
     },
+    /// ISO 8583 messages to a listener, as a payment switch sends them.
+    Iso8583 {
+        #[command(subcommand)]
+        command: iso8583_cmd::Iso8583Command,
+    },
 }
 
 /// Where the server keeps its data; shared by `serve` and the operator commands.
@@ -84,10 +90,51 @@ pub struct ServerArgs {
     log_format: Option<String>,
 }
 
+/// `vouch serve`: where the data is, and the listeners only the server has.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Also accept ISO 8583 authorization requests on this address, e.g. 127.0.0.1:8583.
+    #[arg(long, env = "VOUCH_ISO8583_LISTEN")]
+    iso8583_listen: Option<std::net::SocketAddr>,
+    /// Allow --iso8583-listen on a non-loopback address (put it behind mutual TLS).
+    #[arg(long)]
+    iso8583_allow_remote: bool,
+    /// Certificate chain (PEM) for TLS on the ISO 8583 listener.
+    #[arg(long, env = "VOUCH_ISO8583_TLS_CERT", value_name = "PEM", requires = "iso8583_tls_key")]
+    iso8583_tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "VOUCH_ISO8583_TLS_KEY", value_name = "PEM", requires = "iso8583_tls_cert")]
+    iso8583_tls_key: Option<PathBuf>,
+    /// CA (PEM) whose certificates ISO 8583 clients must present: mutual TLS.
+    #[arg(long, env = "VOUCH_ISO8583_TLS_CLIENT_CA", value_name = "PEM", requires = "iso8583_tls_cert")]
+    iso8583_tls_client_ca: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    pub fn config(&self) -> anyhow::Result<vouch_server::Config> {
+        self.server.config_with(vouch_server::ConfigLayer {
+            iso8583_listen: self.iso8583_listen,
+            // Unset rather than false, so the environment or the file can still allow it.
+            iso8583_allow_remote: self.iso8583_allow_remote.then_some(true),
+            iso8583_tls_cert: self.iso8583_tls_cert.clone(),
+            iso8583_tls_key: self.iso8583_tls_key.clone(),
+            iso8583_tls_client_ca: self.iso8583_tls_client_ca.clone(),
+            ..Default::default()
+        })
+    }
+}
+
 impl ServerArgs {
     /// Flags over `VOUCH_*` environment over the config file over defaults. Clap has
     /// already merged each flag with its environment variable (flag first).
     pub fn config(&self) -> anyhow::Result<vouch_server::Config> {
+        self.config_with(vouch_server::ConfigLayer::default())
+    }
+
+    /// [`ServerArgs::config`] with `more` flags set by the command.
+    fn config_with(&self, more: vouch_server::ConfigLayer) -> anyhow::Result<vouch_server::Config> {
         let flags = vouch_server::ConfigLayer {
             listen: self.listen,
             data_dir: self.data_dir.clone(),
@@ -98,7 +145,8 @@ impl ServerArgs {
                 None => None,
             },
             ..Default::default()
-        };
+        }
+        .over(more);
         let env = vouch_server::ConfigLayer::from_env(|name| std::env::var(name).ok())?;
         let file = match &self.config {
             Some(path) => vouch_server::ConfigLayer::from_file(path)?,
@@ -143,6 +191,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Demo => demo::run().await,
         Command::Bench(args) => bench::run(args).await,
         Command::Sonic { command } => sonic_cmd::run(command),
+        Command::Iso8583 { command } => iso8583_cmd::run(command).await,
     }
 }
 

@@ -4,6 +4,7 @@ mod attest;
 mod enrolment;
 mod instances;
 mod interop;
+mod iso8583;
 mod session;
 mod support;
 mod token;

@@ -7,6 +7,7 @@
 //! database. Only keyed hashes of values and account references are stored.
 
 mod authorize;
+pub mod iso8583;
 
 use axum::Json;
 use axum::extract::State;

@@ -11,6 +11,7 @@ mod body_shape;
 mod dvv;
 mod enrolment;
 mod foundation;
+mod iso8583;
 mod ops;
 mod registry;
 mod session;

@@ -1,3 +1,4 @@
 //! The `vouch` binary as operators and scripts use it.
 
 mod cli;
+mod iso8583;
