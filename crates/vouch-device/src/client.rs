@@ -7,6 +7,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use vouch_proto::attest::{EarStatus, Reason, TicketClaims};
+use vouch_proto::dvv::AccountRef;
 use vouch_proto::enrol::DeviceKind;
 use vouch_proto::{Jwk, JwkSet};
 use zeroize::Zeroizing;
@@ -38,7 +39,73 @@ pub struct EnrolledDevice {
 pub struct MerchantRecord {
     pub merchant_id: String,
     pub name: String,
+    /// ISO 8583 card acceptor id (DE 42), for merchants whose terminals authorize.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub card_acceptor_id: Option<String>,
+    /// ISO 18245 merchant category code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merchant_category: Option<String>,
     pub created_at: i64,
+}
+
+/// A merchant to register (`POST /v1/merchants`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NewMerchant {
+    pub name: String,
+    /// Exactly 15 printable ASCII characters, unique; needed before the merchant's
+    /// terminals can authorize.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub card_acceptor_id: Option<String>,
+    /// 4 digits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merchant_category: Option<String>,
+}
+
+/// A consumer, who holds payment accounts and phones.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConsumerRecord {
+    pub consumer_id: String,
+    pub name: String,
+    pub created_at: i64,
+}
+
+/// A phone made a consumer's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConsumerDevice {
+    pub consumer_id: String,
+    pub device_id: String,
+}
+
+/// A consumer's payment account; the server keeps only the last four digits of its
+/// reference.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PaymentAccountRecord {
+    pub payment_account_id: String,
+    pub consumer_id: String,
+    pub account_ref_last4: String,
+    pub created_at: i64,
+}
+
+/// A terminal just registered, with its API key (scope `terminal`), shown this once.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct TerminalCreated {
+    pub terminal_id: String,
+    pub merchant_id: String,
+    pub card_acceptor_id: String,
+    /// ISO 8583 terminal id (DE 41), 8 characters.
+    pub iso_terminal_id: String,
+    pub api_key: String,
+}
+
+impl std::fmt::Debug for TerminalCreated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TerminalCreated")
+            .field("terminal_id", &self.terminal_id)
+            .field("merchant_id", &self.merchant_id)
+            .field("card_acceptor_id", &self.card_acceptor_id)
+            .field("iso_terminal_id", &self.iso_terminal_id)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -271,6 +338,11 @@ impl VouchClient {
         self.send(reqwest::Method::POST, "/v1/merchants", Some(json!({ "name": name }))).await
     }
 
+    /// Registers a merchant with the ISO 8583 identities its terminals need.
+    pub async fn create_merchant_with(&self, merchant: &NewMerchant) -> Result<MerchantRecord, DeviceError> {
+        self.send(reqwest::Method::POST, "/v1/merchants", Some(json!(merchant))).await
+    }
+
     pub async fn merchants(&self) -> Result<Vec<MerchantRecord>, DeviceError> {
         self.send(reqwest::Method::GET, "/v1/merchants", None).await
     }
@@ -350,6 +422,42 @@ impl VouchClient {
     /// Registers (or replaces) the known-good values for one model and firmware.
     pub async fn put_reference_values(&self, values: &ReferenceValues) -> Result<ReferenceValues, DeviceError> {
         self.send(reqwest::Method::PUT, "/v1/reference-values", Some(json!(values))).await
+    }
+
+    pub async fn create_consumer(&self, name: &str) -> Result<ConsumerRecord, DeviceError> {
+        self.send(reqwest::Method::POST, "/v1/consumers", Some(json!({ "name": name }))).await
+    }
+
+    /// Makes an enrolled, active device of kind `consumer` the consumer's phone.
+    pub async fn add_consumer_device(&self, consumer_id: &str, device_id: &str) -> Result<ConsumerDevice, DeviceError> {
+        let path = format!("/v1/consumers/{}/devices", path_segment(consumer_id));
+        self.send(reqwest::Method::POST, &path, Some(json!({ "device_id": device_id }))).await
+    }
+
+    /// Registers a consumer's payment account by its payment token.
+    pub async fn add_payment_account(
+        &self,
+        consumer_id: &str,
+        account_ref: &AccountRef,
+    ) -> Result<PaymentAccountRecord, DeviceError> {
+        let path = format!("/v1/consumers/{}/payment-accounts", path_segment(consumer_id));
+        let added: PaymentAccountRecord =
+            self.send(reqwest::Method::POST, &path, Some(json!({ "account_ref": account_ref.expose() }))).await?;
+        if added.account_ref_last4 != account_ref.last4() || added.consumer_id != consumer_id {
+            return Err(DeviceError::Untrusted("the server registered another account".into()));
+        }
+        Ok(added)
+    }
+
+    /// Registers a terminal of a merchant that has a card acceptor id; the answer
+    /// carries the terminal's API key.
+    pub async fn create_terminal(
+        &self,
+        merchant_id: &str,
+        iso_terminal_id: &str,
+    ) -> Result<TerminalCreated, DeviceError> {
+        let path = format!("/v1/merchants/{}/terminals", path_segment(merchant_id));
+        self.send(reqwest::Method::POST, &path, Some(json!({ "iso_terminal_id": iso_terminal_id }))).await
     }
 
     pub async fn reference_values(&self) -> Result<Vec<ReferenceValues>, DeviceError> {

@@ -2,13 +2,15 @@
 //! monitoring component that answers attestation challenges (`attest`), the token
 //! client through which a device uses its sessions (`token`), the card reader and POS
 //! app that open an encrypted channel once the server has validated both (`session`), the
-//! ISO 8583 client a payment switch uses towards Vouch's listener (`iso8583`),
+//! ISO 8583 client a payment switch uses towards Vouch's listener (`iso8583`), the
+//! consumer's wallet and the payment terminal of temporary verification values (`dvv`),
 //! and simulators that behave like real devices so integrators can try every flow.
 //!
 //! It depends on the protocol core (`vouch-proto`) and never on the server crate.
 
 pub mod attest;
 mod client;
+pub mod dvv;
 mod error;
 pub mod identity;
 pub mod iso8583;
@@ -17,9 +19,11 @@ pub mod sim;
 pub mod token;
 
 pub use client::{
-    ApiKeyCreated, AttestationOutcome, AttestationRecord, AuditVerification, DeviceRecord, EnrolledDevice,
-    EnrolmentNonce, MerchantRecord, TicketVerification, VouchClient,
+    ApiKeyCreated, AttestationOutcome, AttestationRecord, AuditVerification, ConsumerDevice, ConsumerRecord,
+    DeviceRecord, EnrolledDevice, EnrolmentNonce, MerchantRecord, NewMerchant, PaymentAccountRecord, TerminalCreated,
+    TicketVerification, VouchClient,
 };
+pub use dvv::{PaymentTerminal, Wallet};
 pub use error::DeviceError;
 pub use identity::DeviceIdentity;
 pub use token::TokenSession;

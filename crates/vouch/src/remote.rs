@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 use vouch_device::attest::{ReferenceValues, SimulatedDeviceState, Tamper, TamperMonitor};
 use vouch_device::session::{CardReader, FramedPipe, PosApp, SimulatedCard};
 use vouch_device::sim::{self, DeviceProfile};
-use vouch_device::{DeviceError, DeviceIdentity, TokenSession, VouchClient};
+use vouch_device::{DeviceError, DeviceIdentity, NewMerchant, TokenSession, VouchClient, Wallet};
 use vouch_proto::crypto::SystemRandom;
+use vouch_proto::dvv::AccountRef;
 use vouch_proto::enrol::DeviceKind;
 use vouch_proto::session::TamperState;
 use vouch_proto::{Clock, JwkSet, SystemClock};
@@ -132,6 +133,12 @@ pub enum SimCommand {
     /// carry one encrypted card read; print {session_id, status, reasons,
     /// records_exchanged}. A refusal is an answer, not a failure: the exit status is 0.
     Session(SessionArgs),
+    /// Set up (or reuse) a consumer with an attested phone and a payment account, and
+    /// a merchant with a card acceptor id and a terminal; have the phone obtain one DVV
+    /// and print {account_ref, dvv, max_uses, expires_at, merchant_id, terminal_id,
+    /// card_acceptor_id, iso_terminal_id, terminal_api_key} without using it, for a
+    /// terminal to present with POST /v1/authorizations.
+    Dvv(DvvArgs),
     /// The card reader's side of `sim session`, speaking frames over stdin and stdout.
     #[command(hide = true)]
     ReaderProcess(ReaderProcessArgs),
@@ -147,6 +154,21 @@ pub struct SessionArgs {
     /// The amount of the simulated card read, in minor units of EUR.
     #[arg(long, default_value_t = 340)]
     amount_minor: u64,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DvvArgs {
+    #[command(flatten)]
+    remote: RemoteArgs,
+    /// PKCS#8 PEM P-256 key of the consumer's phone, created when missing. The phone's
+    /// enrolment is kept in KEY.vouch.json and the consumer, account, merchant and
+    /// terminal in KEY.dvv.json (mode 0600: it holds the terminal's API key), so runs
+    /// reuse them. Without it everything is set up anew.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// ISO 18245 category of the simulated merchant; the phone names it when it asks.
+    #[arg(long, default_value = "5411")]
+    merchant_category: String,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -234,6 +256,7 @@ pub async fn sim(command: SimCommand) -> anyhow::Result<ExitCode> {
         SimCommand::Attest(args) => attest(&args).await,
         SimCommand::Token(args) => token(&args).await,
         SimCommand::Session(args) => session(&args).await,
+        SimCommand::Dvv(args) => dvv(&args).await,
         SimCommand::ReaderProcess(args) => reader_process(&args).await,
     }
 }
@@ -590,6 +613,182 @@ async fn reader_process(args: &ReaderProcessArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `sim dvv --key` remembers between runs, beside the phone's key.
+#[derive(Clone, Serialize, Deserialize)]
+struct SimDvvFile {
+    server: String,
+    /// The phone the consumer was set up for; another phone starts afresh.
+    phone_device_id: String,
+    consumer_id: String,
+    account_ref: String,
+    shop: SimShop,
+}
+
+/// The simulated merchant and its terminal.
+#[derive(Clone, Serialize, Deserialize)]
+struct SimShop {
+    merchant_id: String,
+    card_acceptor_id: String,
+    merchant_category: String,
+    terminal_id: String,
+    iso_terminal_id: String,
+    terminal_api_key: String,
+}
+
+/// The `sim dvv` output. The first nine keys are the stable contract; the rest is
+/// there for people and may grow.
+#[derive(Debug, Serialize)]
+struct DvvOutput {
+    account_ref: String,
+    dvv: String,
+    max_uses: i64,
+    expires_at: i64,
+    merchant_id: String,
+    terminal_id: String,
+    card_acceptor_id: String,
+    iso_terminal_id: String,
+    terminal_api_key: String,
+    device_id: String,
+    consumer_id: String,
+    dvv_id: String,
+    assurance: u8,
+    amount_limit_minor: i64,
+    merchant_category: String,
+    /// The phone was enrolled by this run.
+    enrolled: bool,
+}
+
+const SIM_ISO_TERMINAL_ID: &str = "SIMTRM01";
+
+async fn dvv(args: &DvvArgs) -> anyhow::Result<ExitCode> {
+    let remote = &args.remote;
+    let client = remote.client()?;
+    let rng = SystemRandom::new();
+    let phone_args = AttestArgs {
+        remote: remote.clone(),
+        key: args.key.clone(),
+        tamper: Vec::new(),
+        kind: DeviceKind::Consumer,
+        merchant_id: None,
+    };
+    let AttestedDevice { identity, enrolment, attestation } = attest_device(&client, &phone_args, &rng).await?;
+    let state_path = args.key.as_deref().map(dvv_state_file_path);
+    let remembered = match &state_path {
+        Some(path) => read_json_file::<SimDvvFile>(path)?
+            .filter(|f| f.server == client.base_url() && f.phone_device_id == enrolment.device_id),
+        None => None,
+    };
+    let (consumer_id, account_ref) = match &remembered {
+        Some(file) => {
+            (file.consumer_id.clone(), AccountRef::parse(&file.account_ref).context("the remembered account")?)
+        }
+        None => set_up_consumer(&client, &enrolment.device_id, &rng).await?,
+    };
+    let shop = match remembered.map(|f| f.shop).filter(|shop| shop.merchant_category == args.merchant_category) {
+        Some(shop) => shop,
+        None => set_up_shop(&client, &args.merchant_category, &rng).await?,
+    };
+    if let Some(path) = &state_path {
+        let file = SimDvvFile {
+            server: client.base_url().to_owned(),
+            phone_device_id: enrolment.device_id.clone(),
+            consumer_id: consumer_id.clone(),
+            account_ref: account_ref.expose().to_owned(),
+            shop: shop.clone(),
+        };
+        write_private_file(path, &serde_json::to_vec_pretty(&file)?)?;
+    }
+
+    let outcome = attestation.outcome;
+    let session = TokenSession::open(&client, Arc::new(identity), &outcome.ticket, Arc::new(SystemClock), &rng)
+        .await
+        .with_context(|| format!("opening the phone's session with a {} ticket", outcome.status.as_str()))?;
+    let issued = Wallet::new(session)
+        .request_dvv(&account_ref, Some(&args.merchant_category))
+        .await
+        .context("the phone asking for a DVV")?;
+    let output = DvvOutput {
+        account_ref: account_ref.expose().to_owned(),
+        dvv: issued.dvv.expose().to_owned(),
+        max_uses: issued.max_uses,
+        expires_at: issued.expires_at,
+        merchant_id: shop.merchant_id,
+        terminal_id: shop.terminal_id,
+        card_acceptor_id: shop.card_acceptor_id,
+        iso_terminal_id: shop.iso_terminal_id,
+        terminal_api_key: shop.terminal_api_key,
+        device_id: enrolment.device_id,
+        consumer_id,
+        dvv_id: issued.dvv_id,
+        assurance: issued.assurance.level(),
+        amount_limit_minor: issued.amount_limit_minor,
+        merchant_category: shop.merchant_category,
+        enrolled: enrolment.fresh,
+    };
+    remote.print(&output, |o| {
+        format!(
+            "phone {} of consumer {}: DVV {} for account {} (assurance {}, {} use(s), expires in {} s), unused\n\
+             terminal {} ({}) of merchant {} ({}, category {}); the full account reference and the API key are in --json",
+            o.device_id,
+            o.consumer_id,
+            o.dvv,
+            account_ref,
+            o.assurance,
+            o.max_uses,
+            o.expires_at - SystemClock.now_unix(),
+            o.terminal_id,
+            o.iso_terminal_id,
+            o.merchant_id,
+            o.card_acceptor_id,
+            o.merchant_category,
+        )
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A consumer who owns `phone` and one payment account with a random, Luhn-valid
+/// reference.
+async fn set_up_consumer(
+    client: &VouchClient,
+    phone: &str,
+    rng: &SystemRandom,
+) -> anyhow::Result<(String, AccountRef)> {
+    let consumer = client.create_consumer("Simulated consumer").await.context("registering a consumer")?;
+    client.add_consumer_device(&consumer.consumer_id, phone).await.map_err(|e| match e.problem_reason() {
+        Some("device-has-consumer") => anyhow::Error::new(e)
+            .context("the phone belongs to a consumer already but its .dvv.json state file is gone"),
+        _ => anyhow::Error::new(e).context("making the phone the consumer's"),
+    })?;
+    let account_ref = AccountRef::with_check_digit(&random_digits::<15>(rng)?)?;
+    client.add_payment_account(&consumer.consumer_id, &account_ref).await.context("registering a payment account")?;
+    Ok((consumer.consumer_id, account_ref))
+}
+
+/// A merchant with a random card acceptor id and `category`, and one terminal.
+async fn set_up_shop(client: &VouchClient, category: &str, rng: &SystemRandom) -> anyhow::Result<SimShop> {
+    let shop = NewMerchant {
+        name: "Simulated shop".into(),
+        card_acceptor_id: Some(format!("SIMSHOP{}", random_digits::<8>(rng)?)),
+        merchant_category: Some(category.to_owned()),
+    };
+    let merchant = client.create_merchant_with(&shop).await.context("registering a merchant")?;
+    let terminal =
+        client.create_terminal(&merchant.merchant_id, SIM_ISO_TERMINAL_ID).await.context("registering a terminal")?;
+    Ok(SimShop {
+        merchant_id: merchant.merchant_id,
+        card_acceptor_id: terminal.card_acceptor_id,
+        merchant_category: category.to_owned(),
+        terminal_id: terminal.terminal_id,
+        iso_terminal_id: terminal.iso_terminal_id,
+        terminal_api_key: terminal.api_key,
+    })
+}
+
+fn random_digits<const N: usize>(rng: &SystemRandom) -> anyhow::Result<String> {
+    let bytes = vouch_proto::crypto::random_bytes::<N>(rng)?;
+    Ok(bytes.iter().map(|b| char::from(b'0' + b % 10)).collect())
+}
+
 struct Enrolment {
     device_id: String,
     merchant_id: String,
@@ -652,7 +851,17 @@ fn load_or_create_key(path: &std::path::Path, rng: &SystemRandom) -> anyhow::Res
     Ok(identity)
 }
 
+fn dvv_state_file_path(key: &std::path::Path) -> PathBuf {
+    let mut name = key.as_os_str().to_owned();
+    name.push(".dvv.json");
+    PathBuf::from(name)
+}
+
 fn read_state_file(path: &std::path::Path) -> anyhow::Result<Option<SimDeviceFile>> {
+    read_json_file(path)
+}
+
+fn read_json_file<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> anyhow::Result<Option<T>> {
     match std::fs::read(path) {
         Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -667,6 +876,23 @@ fn write_state_file(path: &std::path::Path, file: &SimDeviceFile) -> anyhow::Res
     let temporary = PathBuf::from(temporary);
     std::fs::write(&temporary, serde_json::to_vec_pretty(file)?)
         .with_context(|| format!("writing {}", temporary.display()))?;
+    std::fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Written 0600 by rename, for files that hold secrets.
+fn write_private_file(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let temporary = PathBuf::from(temporary);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&temporary).with_context(|| format!("writing {}", temporary.display()))?;
+    file.write_all(bytes).with_context(|| format!("writing {}", temporary.display()))?;
+    drop(file);
     std::fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

@@ -22,6 +22,11 @@ struct Instances {
 }
 
 async fn two_instances_on_postgres() -> Option<Instances> {
+    two_instances_configured(|_| {}).await
+}
+
+/// As [`two_instances_on_postgres`], with `configure` applied to both instances.
+async fn two_instances_configured(configure: impl Fn(&mut Config)) -> Option<Instances> {
     let Ok(base) = std::env::var(POSTGRES_URL_VAR) else {
         eprintln!("skipping PostgreSQL case: {POSTGRES_URL_VAR} is not set");
         return None;
@@ -32,6 +37,7 @@ async fn two_instances_on_postgres() -> Option<Instances> {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::for_data_dir(dir.path());
         config.database_url = url.clone();
+        configure(&mut config);
         instances.push(start_with(config, Some(MASTER_KEY), Some(dir)).await);
     }
     let second = instances.pop()?;
@@ -298,5 +304,45 @@ async fn a_reader_hello_is_granted_once_across_instances() {
     let hello = reader.hello(&SystemClock, &rng).unwrap();
     let again = pos_on_second.request_session(&hello).await.unwrap();
     assert_ne!(again.session_id, granted.session_id);
+    assert_eq!(first.state.store.verify_audit().await.unwrap().first_break, None);
+}
+
+/// One value good for 10 uses, presented 50 times at once with distinct STANs through
+/// both instances: the database counts the uses, so exactly 10 are approved and 40
+/// find it used up; an approved request sent again gets its first answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_value_good_for_ten_uses_is_approved_ten_times_across_instances() {
+    use std::sync::Arc;
+
+    use crate::dvv::Market;
+
+    let configure = |config: &mut Config| config.dvv_policy.max_uses = 10;
+    let Some(Instances { first, second, clients }) = two_instances_configured(configure).await else { return };
+    let market = Market::set_up(&clients[0], &VouchClient::new(&second.url).unwrap()).await;
+    let issued = market.issue().await;
+    assert_eq!(issued.max_uses, 10);
+    let terminals = [Arc::new(market.terminal_at(&first.url)), Arc::new(market.terminal_at(&second.url))];
+    // One terminal numbers every request, so the STANs are distinct whichever
+    // instance gets them.
+    let requests: Vec<_> = (0..50).map(|_| terminals[0].prepare(&market.payment(&issued.dvv))).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, request) in requests.iter().enumerate() {
+        let (terminal, request) = (Arc::clone(&terminals[i % 2]), request.clone());
+        tasks.spawn(async move { (request.clone(), terminal.submit(&request).await.unwrap()) });
+    }
+    let decided = tasks.join_all().await;
+    let count = |code: &str| decided.iter().filter(|(_, d)| d.response_code == code).count();
+    assert_eq!((count("00"), count("54")), (10, 40), "{decided:?}");
+    assert!(decided.iter().all(|(_, d)| d.response_code == "00" || d.reason == "dvv-used-up"), "{decided:?}");
+    let mut stans: Vec<&str> = decided.iter().map(|(request, _)| request.stan.as_str()).collect();
+    stans.sort_unstable();
+    stans.dedup();
+    assert_eq!(stans.len(), 50);
+
+    let (request, approved) = decided.iter().find(|(_, d)| d.approved).unwrap();
+    for terminal in &terminals {
+        let retried = terminal.submit(request).await.unwrap();
+        assert_eq!(&retried, approved, "the same authorization id, code and authorization code");
+    }
     assert_eq!(first.state.store.verify_audit().await.unwrap().first_break, None);
 }

@@ -1,6 +1,7 @@
 //! End-to-end flows: a real server on a free port, driven by the device SDK.
 
 mod attest;
+mod dvv;
 mod enrolment;
 mod instances;
 mod interop;

@@ -240,9 +240,16 @@ fn sim_session_runs_the_reader_as_a_second_process_and_prints_the_documented_jso
 /// The same two processes against a server on PostgreSQL, in a schema of its own.
 #[test]
 fn sim_session_runs_the_reader_as_a_second_process_on_postgres() {
+    let Some(url) = postgres_schema() else { return };
+    check_sim_session(&serve_on(Some(&url)));
+}
+
+/// A database URL for a new schema of its own on `VOUCH_TEST_DATABASE_URL`; `None`,
+/// with a notice, without it.
+fn postgres_schema() -> Option<String> {
     let Ok(base) = std::env::var("VOUCH_TEST_DATABASE_URL") else {
         eprintln!("skipping PostgreSQL case: VOUCH_TEST_DATABASE_URL is not set");
-        return;
+        return None;
     };
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     let schema = format!("cli_{}_{nanos}", std::process::id());
@@ -254,8 +261,95 @@ fn sim_session_runs_the_reader_as_a_second_process_on_postgres() {
         conn.execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).await.unwrap();
     });
     let separator = if base.contains('?') { '&' } else { '?' };
-    let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
-    check_sim_session(&serve_on(Some(&url)));
+    Some(format!("{base}{separator}options=-c%20search_path%3D{schema}"))
+}
+
+/// `sim dvv` sets the parties up once per phone key and obtains one unused value per
+/// run; a terminal then presents the printed value with the printed key.
+fn check_sim_dvv(server: &ServeProcess) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("phone.pem");
+    let key = key.to_str().unwrap();
+    let sim_dvv = || {
+        let args = ["sim", "dvv", "--server", &server.url, "--api-key", &server.admin_key, "--key", key, "--json"];
+        let out = vouch(&args, dir.path());
+        assert!(out.status.success(), "{out:?}");
+        let text = stdout(&out);
+        let keys = [
+            "account_ref",
+            "dvv",
+            "max_uses",
+            "expires_at",
+            "merchant_id",
+            "terminal_id",
+            "card_acceptor_id",
+            "iso_terminal_id",
+            "terminal_api_key",
+        ];
+        let positions: Vec<usize> = keys
+            .iter()
+            .map(|key| text.find(&format!("\"{key}\":")).unwrap_or_else(|| panic!("missing {key} in {text}")))
+            .collect();
+        assert!(text.starts_with("{\"account_ref\":") && positions.is_sorted(), "keys out of order: {text}");
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()
+    };
+    let first = sim_dvv();
+    let field = |json: &serde_json::Value, key: &str| json[key].as_str().unwrap().to_owned();
+    vouch_proto::dvv::AccountRef::parse(&field(&first, "account_ref")).expect("a Luhn-valid account reference");
+    let dvv = field(&first, "dvv");
+    assert!(dvv.len() == 6 && dvv.bytes().all(|b| b.is_ascii_digit()), "{first}");
+    assert_eq!((field(&first, "card_acceptor_id").len(), field(&first, "iso_terminal_id").len()), (15, 8));
+    assert_eq!(first["max_uses"], 1);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let state = std::fs::metadata(format!("{key}.dvv.json")).unwrap();
+        assert_eq!(state.permissions().mode() & 0o777, 0o600, "the state file holds the terminal's key");
+    }
+
+    let second = sim_dvv();
+    for key in ["account_ref", "merchant_id", "terminal_id", "terminal_api_key", "device_id", "consumer_id"] {
+        assert_eq!(second[key], first[key], "{key}: the key file keeps one set of parties");
+    }
+    assert_ne!(second["dvv"], first["dvv"]);
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let authorize = |printed: &serde_json::Value, stan: &str| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        let body = serde_json::json!({
+            "merchant_id": printed["merchant_id"], "terminal_id": printed["terminal_id"], "stan": stan,
+            "transmission_time": vouch_proto::iso8583::TransmissionTime::from_unix_secs(now).to_string(),
+            "amount": 1250, "currency": "978", "account_ref": printed["account_ref"], "dvv": printed["dvv"],
+            "entry_mode": "071",
+        });
+        let request = reqwest::Client::new()
+            .post(format!("{}/v1/authorizations", server.url))
+            .bearer_auth(field(printed, "terminal_api_key"))
+            .json(&body);
+        runtime.block_on(async {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status().as_u16(), 200);
+            let decided: serde_json::Value = response.json().await.unwrap();
+            (field(&decided, "response_code"), field(&decided, "reason"))
+        })
+    };
+    assert_eq!(authorize(&second, "000001"), ("00".to_owned(), "approved".to_owned()), "the printed value was unused");
+    assert_eq!(
+        authorize(&first, "000002"),
+        ("54".to_owned(), "dvv-superseded".to_owned()),
+        "a newer value replaced it"
+    );
+}
+
+#[test]
+fn sim_dvv_prints_an_unused_value_that_a_terminal_gets_approved() {
+    check_sim_dvv(&serve());
+}
+
+#[test]
+fn sim_dvv_prints_an_unused_value_that_a_terminal_gets_approved_on_postgres() {
+    let Some(url) = postgres_schema() else { return };
+    check_sim_dvv(&serve_on(Some(&url)));
 }
 
 fn free_port() -> String {
