@@ -77,15 +77,17 @@ async fn revoke_api_key(
     caller.require(Scope::Admin)?;
     let now = state.now();
     let entry = audit::entry(now, &caller.actor(), "api_key.revoked", &key_id, serde_json::json!({}));
+    let revoked = key_id.clone();
     state
         .store
         .write(move |tx| {
             Box::pin(async move {
-                tx.revoke_api_key(&key_id, now).await?;
+                tx.revoke_api_key(&revoked, now).await?;
                 tx.append_audit(&entry).await
             })
         })
         .await?;
+    state.api_keys.forget(&key_id);
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -5,8 +5,9 @@
 //! bytes) is what is hashed. Devices never use API keys; they sign.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
@@ -94,19 +95,61 @@ impl FromRequestParts<AppState> for ApiCaller {
             .ok_or_else(|| ApiError::unauthorized("invalid-credentials", "expected Authorization: Bearer <API key>"))?;
         let (id, secret) = split_key(presented.trim())
             .ok_or_else(|| ApiError::unauthorized("invalid-credentials", "API key is malformed"))?;
-        let record = match state.store.api_key(id).await {
-            Ok(record) => record,
-            Err(StoreError::NotFound { .. }) => {
-                return Err(ApiError::unauthorized("invalid-credentials", "API key is not valid"));
-            }
-            Err(e) => return Err(ApiError::internal(e)),
+        let record = match state.api_keys.get(id) {
+            Some(record) => record,
+            None => match state.store.api_key(id).await {
+                Ok(record) => state.api_keys.put(record),
+                Err(StoreError::NotFound { .. }) => {
+                    return Err(ApiError::unauthorized("invalid-credentials", "API key is not valid"));
+                }
+                Err(e) => return Err(ApiError::internal(e)),
+            },
         };
         if !constant_time_eq(&sha256(secret.as_bytes()), &record.secret_hash) || record.revoked_at.is_some() {
             return Err(ApiError::unauthorized("invalid-credentials", "API key is not valid"));
         }
         state.rate_limiter.check(id)?;
         let scopes = record.scopes.split(' ').filter_map(Scope::parse).collect();
-        Ok(ApiCaller { key_id: record.id, scopes })
+        Ok(ApiCaller { key_id: record.id.clone(), scopes })
+    }
+}
+
+/// API key records read in the last [`API_KEY_CACHE_TTL`]: the secret is still checked
+/// on every request, but the record is not read again for each. A key revoked on this
+/// instance is forgotten at once; on another instance, within the TTL.
+#[derive(Debug, Default)]
+pub struct ApiKeyCache {
+    records: Mutex<HashMap<String, (Instant, Arc<ApiKeyRecord>)>>,
+}
+
+pub const API_KEY_CACHE_TTL: Duration = Duration::from_secs(1);
+/// Records kept; beyond this the cache starts afresh.
+const API_KEY_CACHE_MAX: usize = 10_000;
+
+impl ApiKeyCache {
+    fn get(&self, id: &str) -> Option<Arc<ApiKeyRecord>> {
+        let records = self.lock();
+        let (read_at, record) = records.get(id)?;
+        (read_at.elapsed() < API_KEY_CACHE_TTL).then(|| Arc::clone(record))
+    }
+
+    fn put(&self, record: ApiKeyRecord) -> Arc<ApiKeyRecord> {
+        let record = Arc::new(record);
+        let mut records = self.lock();
+        if records.len() >= API_KEY_CACHE_MAX {
+            records.clear();
+        }
+        records.insert(record.id.clone(), (Instant::now(), Arc::clone(&record)));
+        record
+    }
+
+    pub fn forget(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, Arc<ApiKeyRecord>)>> {
+        // A panic while holding the lock cannot leave the map inconsistent.
+        self.records.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -53,6 +53,7 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     pub rng: Arc<SystemRandom>,
     pub rate_limiter: Arc<auth::RateLimiter>,
+    pub api_keys: Arc<auth::ApiKeyCache>,
     pub attest_policy: Arc<attest::Policy>,
     pub dpop: Arc<token::DpopState>,
     pub dvv: Arc<dvv::DvvState>,
@@ -114,6 +115,7 @@ pub async fn build_state_with_clock(
     bootstrap_admin_key(&store, &config, &rng, clock.now_unix()).await?;
     Ok(AppState {
         rate_limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_sec, config.rate_limit_burst)),
+        api_keys: Arc::new(auth::ApiKeyCache::default()),
         attest_policy,
         dpop: Arc::new(dpop),
         dvv: Arc::new(dvv),

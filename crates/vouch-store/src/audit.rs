@@ -119,13 +119,21 @@ impl Tx {
     /// Appends `entry` to the chain inside this transaction; it commits or rolls back
     /// with the change it records.
     pub async fn append_audit(&mut self, entry: &AuditEntry) -> Result<i64, StoreError> {
-        let head = sqlx::query("UPDATE audit_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash")
-            .fetch_one(self.conn())
-            .await?;
-        let seq: i64 = head.try_get("seq")?;
-        let prev_hash: Vec<u8> = head.try_get("hash")?;
+        let (last_seq, prev_hash) = match self.audit_head.take() {
+            Some(head) => head,
+            None => {
+                // Locks the head for the rest of the transaction (SQLite's write
+                // transaction holds it already), so no other writer can chain after
+                // the same entry.
+                let lock = if self.postgres { " FOR UPDATE" } else { "" };
+                let sql = sqlx::AssertSqlSafe(format!("SELECT seq, hash FROM audit_head WHERE id = 1{lock}"));
+                let head = sqlx::query(sql).fetch_one(self.conn()).await?;
+                (head.try_get("seq")?, head.try_get("hash")?)
+            }
+        };
+        let seq = last_seq + 1;
         let hash = chain_hash(seq, entry, &prev_hash);
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO audit_log (seq, at, actor, action, subject, detail, prev_hash, hash) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
@@ -138,9 +146,31 @@ impl Tx {
         .bind(&prev_hash)
         .bind(hash.as_slice())
         .execute(self.conn())
-        .await?;
-        sqlx::query("UPDATE audit_head SET hash = $1 WHERE id = 1").bind(hash.as_slice()).execute(self.conn()).await?;
-        Ok(seq)
+        .await;
+        match inserted {
+            Ok(_) => {
+                self.audit_head = Some((seq, hash.to_vec()));
+                self.audit_head_moved = true;
+                Ok(seq)
+            }
+            Err(e) => {
+                self.audit_head = Some((last_seq, prev_hash));
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Writes the chain's head once for every entry this transaction appended.
+    pub(crate) async fn store_audit_head(&mut self) -> Result<(), StoreError> {
+        if let (true, Some((seq, hash))) = (self.audit_head_moved, &self.audit_head) {
+            sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+                .bind(*seq)
+                .bind(hash.as_slice())
+                .execute(&mut *self.inner)
+                .await?;
+            self.audit_head_moved = false;
+        }
+        Ok(())
     }
 }
 

@@ -382,7 +382,8 @@ pub(super) async fn authorize_http(
     ApiJson(body): ApiJson<AuthorizationBody>,
 ) -> ApiResult<Json<AuthorizationView>> {
     caller.require(Scope::Terminal)?;
-    let (terminal, merchant) = calling_terminal(&state, &caller).await?;
+    let known = calling_terminal(&state, &caller).await?;
+    let (terminal, merchant) = &*known;
     if body.terminal_id != terminal.id || body.merchant_id != merchant.id {
         return Err(ApiError::forbidden(
             "terminal-mismatch",
@@ -393,10 +394,10 @@ pub(super) async fn authorize_http(
     Ok(Json(decide(&state, &terminal, &merchant, request).await?.into()))
 }
 
-async fn calling_terminal(state: &AppState, caller: &ApiCaller) -> ApiResult<(Terminal, Merchant)> {
+async fn calling_terminal(state: &AppState, caller: &ApiCaller) -> ApiResult<std::sync::Arc<(Terminal, Merchant)>> {
     state
-        .store
-        .terminal_by_api_key(&caller.key_id)
+        .dvv
+        .terminal(&state.store, super::TerminalKey::ApiKey(caller.key_id.clone()))
         .await?
         .ok_or_else(|| ApiError::forbidden("not-a-terminal-key", "this API key does not belong to a terminal"))
 }
@@ -459,8 +460,8 @@ pub(super) async fn get_authorization(
     caller.require(Scope::Terminal)?;
     let record = state.store.authorization(&authorization_id).await?;
     if caller.require(Scope::Admin).is_err() {
-        let (terminal, _) = calling_terminal(&state, &caller).await?;
-        if terminal.id != record.terminal_id {
+        let known = calling_terminal(&state, &caller).await?;
+        if known.0.id != record.terminal_id {
             return Err(ApiError::not_found("authorization"));
         }
     }

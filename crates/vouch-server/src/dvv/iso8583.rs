@@ -34,7 +34,7 @@ use vouch_proto::iso8583::{
 };
 use vouch_store::AuthorizationRecord;
 
-use super::{AuthorizationRequest, Channel, ResponseCode, decide};
+use super::{AuthorizationRequest, Channel, ResponseCode, TerminalKey, decide};
 use crate::{AppState, Config, StartError};
 
 /// Connections served at once.
@@ -350,16 +350,20 @@ async fn authorization(state: &AppState, request: &Message) -> Message {
     let Some(fields) = AuthorizationFields::parse(state, request) else {
         return reply(ResponseCode::FormatError);
     };
-    let found = state.store.terminal_by_iso_ids(fields.card_acceptor_id, fields.iso_terminal_id).await;
-    let (terminal, merchant) = match found {
-        Ok(Some(found)) => found,
+    let key = TerminalKey::IsoIds {
+        card_acceptor_id: fields.card_acceptor_id.to_owned(),
+        iso_terminal_id: fields.iso_terminal_id.to_owned(),
+    };
+    let known = match state.dvv.terminal(&state.store, key).await {
+        Ok(Some(known)) => known,
         Ok(None) => return reply(ResponseCode::InvalidMerchant),
         Err(e) => {
             tracing::error!(error = %e, "ISO 8583: cannot look the terminal up");
             return reply(ResponseCode::SystemMalfunction);
         }
     };
-    match decide(state, &terminal, &merchant, fields.request).await {
+    let (terminal, merchant) = &*known;
+    match decide(state, terminal, merchant, fields.request).await {
         Ok(record) => authorization_answer(request, &record),
         Err(e) => {
             tracing::error!(error = %e, terminal = %terminal.id, "ISO 8583: authorization failed");

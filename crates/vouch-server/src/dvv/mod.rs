@@ -7,6 +7,9 @@
 //! database. Only keyed hashes of values and account references are stored.
 
 mod authorize;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 pub mod iso8583;
 
 use axum::Json;
@@ -23,7 +26,7 @@ use vouch_proto::attest::EarStatus;
 use vouch_proto::crypto::random_bytes;
 use vouch_proto::dvv::{AccountRef, Assurance, Digits, DvvKeys, ISSUE_NONCE_BYTES};
 use vouch_proto::enrol::DeviceKind;
-use vouch_store::{Consumer, DeviceStatus, DvvRecord, IssueRefusal, PaymentAccount, StoreError, Terminal};
+use vouch_store::{Consumer, DeviceStatus, DvvRecord, IssueRefusal, Merchant, PaymentAccount, StoreError, Terminal};
 
 pub use authorize::{AuthorizationRequest, Channel, ResponseCode, decide};
 
@@ -40,16 +43,65 @@ const KEYS_LABEL: &str = "vouch/dvv/v1";
 const DVV_OPERATION: &str = "dvv";
 const CONSUMER_NAME_CHARS_MAX: usize = 200;
 
-/// The server's DVV keys and value length, shared by every handler.
+/// Terminals remembered by API key; beyond this many the memory starts afresh.
+const TERMINAL_CACHE_MAX: usize = 10_000;
+
+/// The server's DVV keys and value length, shared by every handler, and the terminals
+/// seen by API key: a terminal and its merchant never change once registered (the key's
+/// revocation is checked on every request by the API key itself), so an authorization
+/// need not read them again.
 #[derive(Debug)]
 pub struct DvvState {
     keys: DvvKeys,
     digits: Digits,
+    terminals: Mutex<HashMap<TerminalKey, Arc<(Terminal, Merchant)>>>,
+}
+
+/// How a request names its terminal: by the API key it holds (HTTP) or by its ISO 8583
+/// ids, DE 42 and DE 41.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum TerminalKey {
+    ApiKey(String),
+    IsoIds { card_acceptor_id: String, iso_terminal_id: String },
 }
 
 impl DvvState {
     pub fn new(master: &MasterKey, digits: u8) -> Result<Self, vouch_proto::ProtoError> {
-        Ok(DvvState { keys: DvvKeys::new(&*master.derive(KEYS_LABEL))?, digits: Digits::new(digits)? })
+        Ok(DvvState {
+            keys: DvvKeys::new(&*master.derive(KEYS_LABEL))?,
+            digits: Digits::new(digits)?,
+            terminals: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The terminal a key names, if any.
+    pub(crate) async fn terminal(
+        &self,
+        store: &vouch_store::Store,
+        key: TerminalKey,
+    ) -> Result<Option<Arc<(Terminal, Merchant)>>, StoreError> {
+        if let Some(known) = self.lock_terminals().get(&key) {
+            return Ok(Some(Arc::clone(known)));
+        }
+        let found = match &key {
+            TerminalKey::ApiKey(id) => store.terminal_by_api_key(id).await?,
+            TerminalKey::IsoIds { card_acceptor_id, iso_terminal_id } => {
+                store.terminal_by_iso_ids(card_acceptor_id, iso_terminal_id).await?
+            }
+        };
+        let Some(found) = found else { return Ok(None) };
+        let found = Arc::new(found);
+        let mut terminals = self.lock_terminals();
+        if terminals.len() >= TERMINAL_CACHE_MAX {
+            terminals.clear();
+        }
+        terminals.insert(key, Arc::clone(&found));
+        Ok(Some(found))
+    }
+
+    fn lock_terminals(&self) -> std::sync::MutexGuard<'_, HashMap<TerminalKey, Arc<(Terminal, Merchant)>>> {
+        // A panic while holding the lock cannot leave the map inconsistent.
+        self.terminals.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -34,6 +34,38 @@ async fn tamper(t: &TestStore, sql: &str) {
 }
 
 conformance! {
+    async fn entries_of_a_failed_write_leave_no_gap_in_the_chain(t: TestStore) {
+        // Concurrent writes share a transaction on SQLite; the failing one appends an
+        // entry and then fails, so its savepoint (and its place in the chain) is undone.
+        let writes: Vec<_> = (1..=12)
+            .map(|n| {
+                let store = t.store.clone();
+                tokio::spawn(async move {
+                    store
+                        .write(move |tx| {
+                            Box::pin(async move {
+                                tx.append_audit(&entry(n)).await?;
+                                if n % 3 == 0 {
+                                    return Err(vouch_store::StoreError::NotFound { what: "test" });
+                                }
+                                tx.append_audit(&entry(n + 100)).await
+                            })
+                        })
+                        .await
+                })
+            })
+            .collect();
+        let mut succeeded = 0;
+        for write in writes {
+            succeeded += usize::from(write.await.unwrap().is_ok());
+        }
+        assert_eq!(succeeded, 8);
+        let report = t.store.verify_audit().await.unwrap();
+        assert_eq!((report.rows_checked, report.head_seq, report.first_break), (16, 16, None));
+        let mut tx = t.store.begin().await.unwrap();
+        assert_eq!(tx.append_audit(&entry(999)).await.unwrap(), 17, "the stored head is where the chain ends");
+    }
+
     async fn intact_chain_verifies(t: TestStore) {
         append(&t, 5).await;
         let report = t.store.verify_audit().await.unwrap();
