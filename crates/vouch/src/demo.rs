@@ -1,30 +1,44 @@
 //! `vouch demo`: starts a server in-process on a free port with a temporary SQLite
-//! database and walks through Vouch's flows with the device SDK, printing each step.
+//! database, and its ISO 8583 listener on another, and walks through Vouch's flows with
+//! the device SDK, printing each step.
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use vouch_device::attest::{ReferenceValues, SimulatedDeviceState, Tamper, TamperMonitor};
 use vouch_device::dvv::{Authorization, AuthorizationInput};
+use vouch_device::iso8583::{self, APPROVED, AuthorizationMessage, Iso8583Client};
 use vouch_device::session::{CardReader, FramedPipe, PosApp, PosSession, ReaderSession, SimulatedCard};
 use vouch_device::sim::{self, DeviceProfile};
 use vouch_device::token::{Method, SIGN_PATH};
-use vouch_device::{DeviceError, DeviceIdentity, NewMerchant, PaymentTerminal, TokenSession, VouchClient, Wallet};
+use vouch_device::{
+    DeviceError, DeviceIdentity, NewMerchant, PaymentTerminal, TerminalCreated, TokenSession, VouchClient, Wallet,
+};
 use vouch_proto::attest::EarStatus;
 use vouch_proto::crypto::{SystemRandom, sha256};
 use vouch_proto::dvv::{AccountRef, Digits, Dvv};
 use vouch_proto::enrol::DeviceKind;
 use vouch_proto::session::{NOISE_PARAMS, TamperState};
 use vouch_proto::{Clock, SystemClock, b64};
+use vouch_server::dvv::iso8583::Iso8583Listener;
 
 /// ISO 18245: grocery stores and supermarkets.
 const GROCERY: &str = "5411";
+/// ISO 8583 data elements the demo reads from answers.
+const STAN_FIELD: u8 = 11;
+const AUTHORIZATION_CODE_FIELD: u8 = 38;
+const RESPONSE_CODE_FIELD: u8 = 39;
 
-/// An in-process server on a free port, stopped when dropped.
+/// An in-process server on a free port, with its ISO 8583 listener on another, stopped
+/// when dropped.
 pub struct LocalServer {
     pub url: String,
     pub admin_key: String,
+    /// Where the ISO 8583 listener (plain TCP) accepts; `None` when the configuration
+    /// leaves `iso8583_listen` unset.
+    pub iso8583_addr: Option<SocketAddr>,
     /// The server's state, for measurements that bypass HTTP.
     pub state: vouch_server::AppState,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -40,12 +54,14 @@ impl Drop for LocalServer {
     }
 }
 
-/// Starts a server on `database_url`, or on a temporary SQLite file when `None`.
+/// Starts a server on `database_url`, or on a temporary SQLite file when `None`, with
+/// HTTP and ISO 8583 each on a free loopback port.
 pub async fn start_local(database_url: Option<&str>, rate_limit_per_sec: u32) -> anyhow::Result<LocalServer> {
     start_local_with(database_url, rate_limit_per_sec, |_| {}).await
 }
 
-/// [`start_local`] on a configuration `configure` adjusts.
+/// [`start_local`] on a configuration `configure` adjusts; clearing `iso8583_listen`
+/// leaves the ISO 8583 listener closed.
 pub async fn start_local_with(
     database_url: Option<&str>,
     rate_limit_per_sec: u32,
@@ -55,6 +71,9 @@ pub async fn start_local_with(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let mut config = vouch_server::Config::for_data_dir(data_dir.path());
     config.listen = listener.local_addr()?;
+    let iso8583_socket = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let iso8583_bound = iso8583_socket.local_addr()?;
+    config.iso8583_listen = Some(iso8583_bound);
     config.rate_limit_per_sec = rate_limit_per_sec;
     config.rate_limit_burst = rate_limit_per_sec.saturating_mul(2);
     if let Some(url) = database_url {
@@ -68,12 +87,18 @@ pub async fn start_local_with(
         .with_context(|| format!("{} (an existing database needs its own admin key)", key_path.display()))?
         .trim()
         .to_owned();
+    let iso8583 = match state.config.iso8583_listen {
+        Some(addr) if addr == iso8583_bound => Some(Iso8583Listener::on(iso8583_socket, &state.config)?),
+        // `configure` moved or closed it.
+        _ => Iso8583Listener::bind(&state.config).await?,
+    };
+    let iso8583_addr = iso8583.as_ref().map(Iso8583Listener::local_addr).transpose()?;
     let url = format!("http://{}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(vouch_server::serve_on(listener, state.clone(), async move {
+    tokio::spawn(vouch_server::serve_with_iso8583(listener, iso8583, state.clone(), async move {
         let _ = stopped.await;
     }));
-    Ok(LocalServer { url, admin_key, state, stop: Some(stop), _data_dir: data_dir })
+    Ok(LocalServer { url, admin_key, iso8583_addr, state, stop: Some(stop), _data_dir: data_dir })
 }
 
 struct Steps {
@@ -91,7 +116,8 @@ pub async fn run() -> anyhow::Result<ExitCode> {
     let server = start_local(None, 1_000).await?;
     let mut steps = Steps { done: 0 };
     let rng = SystemRandom::new();
-    println!("Vouch demo: server at {} on a temporary SQLite database", server.url);
+    let iso8583 = server.iso8583_addr.map_or_else(|| "closed".to_owned(), |addr| addr.to_string());
+    println!("Vouch demo: server at {} (ISO 8583 at {iso8583}) on a temporary SQLite database", server.url);
 
     let admin = VouchClient::new(&server.url)?.with_api_key(&server.admin_key);
     admin.health().await?;
@@ -470,8 +496,56 @@ async fn dvv_steps(
         renewed.authorization_id
     ));
 
-    // ISO 8583: one 0100/0110 exchange on the server's listener goes here
-    // (`iso8583_exchange_step`), once the listener and `vouch_device::iso8583` exist.
+    iso8583_exchange_steps(server, &registered, &terminal, &wallet, &account, steps).await
+}
+
+/// A payment switch on the ISO 8583 listener: an echo test, then the terminal's next
+/// payment as an 0100 carrying a fresh DVV in DE 48, decided as over HTTP. The 0100
+/// takes the terminal's next STAN: with DE 7 and the terminal, DE 11 is the retry key
+/// both channels share.
+async fn iso8583_exchange_steps(
+    server: &LocalServer,
+    registered: &TerminalCreated,
+    terminal: &PaymentTerminal,
+    wallet: &Wallet,
+    account: &AccountRef,
+    steps: &mut Steps,
+) -> anyhow::Result<()> {
+    let addr = server.iso8583_addr.context("the demo server has no ISO 8583 listener")?;
+    let mut switch = Iso8583Client::connect(addr, None).await?;
+    let echoed = switch.send(&iso8583::echo(1)?).await?;
+    if echoed.get(RESPONSE_CODE_FIELD) != Some(APPROVED) {
+        bail!("the echo test was not answered 00: {:?}", echoed.get(RESPONSE_CODE_FIELD));
+    }
+    steps.pass(&format!(
+        "payment switch connected to the ISO 8583 listener at {addr}: 0800 echo test answered {} {APPROVED}",
+        echoed.mti()
+    ));
+
+    let fresh = wallet.request_dvv(account, Some(GROCERY)).await?;
+    let request = AuthorizationMessage {
+        account_ref: account.expose().to_owned(),
+        amount_minor: 1250,
+        currency_numeric: "978".into(),
+        stan: terminal.next_stan().parse()?,
+        iso_terminal_id: registered.iso_terminal_id.clone(),
+        card_acceptor_id: registered.card_acceptor_id.clone(),
+        dvv: fresh.dvv.expose().to_owned(),
+        ..AuthorizationMessage::default()
+    };
+    let answer = switch.send(&request.to_message()?).await?;
+    let code = answer.get(RESPONSE_CODE_FIELD).unwrap_or_default();
+    let Some(authorization_code) = answer.get(AUTHORIZATION_CODE_FIELD).filter(|_| code == APPROVED) else {
+        bail!("the 0100 was not approved with an authorization code: DE 39 {code:?}");
+    };
+    switch.close().await?;
+    steps.pass(&format!(
+        "another fresh DVV sent by the switch as an 0100 for terminal {} (DE 48): {} approved {code}, \
+         authorization code {authorization_code} (DE 38), STAN {}",
+        registered.iso_terminal_id,
+        answer.mti(),
+        answer.get(STAN_FIELD).unwrap_or_default()
+    ));
     Ok(())
 }
 

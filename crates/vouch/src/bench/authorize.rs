@@ -1,8 +1,10 @@
-//! `authorize`: DVV authorizations from terminals. No signatures are on this path, so
-//! its bounds are its two parts, each measured alone in the same run: HTTP (`GET
-//! /healthz` at the same concurrency) and the decision with its database work (called
-//! in-process, no HTTP).
+//! `authorize` and `authorize-iso8583`: DVV authorizations from terminals, over HTTP or
+//! from payment switches over ISO 8583, on the same lanes. No signatures are on this
+//! path, so the bounds are its two parts, each measured alone in the same run: the
+//! transport (`GET /healthz`, or 0800 echo tests, at the same concurrency) and the
+//! decision with its database work (called in-process, no transport).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -12,69 +14,111 @@ use reqwest::Method;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use vouch_device::VouchClient;
+use vouch_device::iso8583::{self, APPROVED, AuthorizationMessage, Iso8583Client};
 use vouch_proto::dvv::AccountRef;
 use vouch_proto::enrol::DeviceKind;
-use vouch_proto::iso8583::TransmissionTime;
+use vouch_proto::iso8583::{Message, TransmissionTime};
 use vouch_proto::{Clock, SystemClock};
+use vouch_server::dvv::iso8583::CONNECTIONS_MAX;
 use vouch_server::dvv::{AuthorizationRequest, Channel};
 
 use super::{
-    BenchArgs, BenchClient, BenchReport, CRYPTO_SAMPLE, ERROR_BODY_CHARS_MAX, OpFuture, PartBounds, bench_http,
-    bound_devices, gather_all, measure, measured,
+    BenchArgs, BenchClient, BenchReport, CRYPTO_SAMPLE, ERROR_BODY_CHARS_MAX, OpFuture, PartBounds, Transport,
+    bench_http, bound_devices, gather_all, measure, measured,
 };
 
 /// Uses per bench DVV and how long it lasts: enough for any run the bench allows.
 const BENCH_DVV_USES: i64 = 1_000_000;
 const BENCH_DVV_TTL_SECS: i64 = 2 * 3600;
 const AMOUNT_MINOR: i64 = 1_250;
+const CURRENCY: &str = "978";
 /// The in-process decision sample uses this transmission time, so its retry keys never
-/// meet those of the HTTP run.
+/// meet those of the measured run.
 const SAMPLE_TRANSMISSION_TIME: &str = "0101000000";
+/// ISO 8583 data elements the switch sets per request or checks in answers.
+const STAN_FIELD: u8 = 11;
+const TRANSMISSION_TIME_FIELD: u8 = 7;
+const AUTHORIZATION_CODE_FIELD: u8 = 38;
+const RESPONSE_CODE_FIELD: u8 = 39;
 
 /// A terminal of its own and a phone's DVV for each client.
 struct Lane {
     terminal_id: String,
     merchant_id: String,
     terminal_key: String,
+    /// DE 41 and DE 42, as ISO 8583 names the terminal.
+    iso_terminal_id: String,
+    card_acceptor_id: String,
     account_ref: String,
     dvv: String,
 }
 
 pub(super) async fn authorize(args: &BenchArgs) -> anyhow::Result<BenchReport> {
+    let (local, lanes) = start(args, "authorize").await?;
+    let http = bench_http()?;
+    let http_bound = healthz_rate(&http, &local.url, args.clients).await?;
+    let db_bound = decision_rate(&local.state, &lanes, Channel::Http).await?;
+    let url = format!("{}/v1/authorizations", local.url);
+    let clients =
+        lanes.into_iter().map(|lane| AuthorizeClient { http: http.clone(), url: url.clone(), lane }).collect();
+    run_lanes(args, "authorize", clients, Transport::Http, http_bound, db_bound).await
+}
+
+pub(super) async fn authorize_iso8583(args: &BenchArgs) -> anyhow::Result<BenchReport> {
+    if args.clients > CONNECTIONS_MAX {
+        bail!("authorize-iso8583 holds one connection per client; the listener serves at most {CONNECTIONS_MAX}");
+    }
+    let (local, lanes) = start(args, "authorize-iso8583").await?;
+    let addr = local.iso8583_addr.context("the in-process server opened no ISO 8583 listener")?;
+    let connections = connect_all(addr, lanes.len()).await?;
+    let (echo_bound, connections) = echo_rate(connections).await?;
+    let db_bound = decision_rate(&local.state, &lanes, Channel::Iso8583).await?;
+    let clients = lanes
+        .into_iter()
+        .zip(connections)
+        .map(|(lane, connection)| SwitchClient::new(lane, connection))
+        .collect::<anyhow::Result<_>>()?;
+    run_lanes(args, "authorize-iso8583", clients, Transport::Iso8583Echo, echo_bound, db_bound).await
+}
+
+/// The in-process server, configured for DVVs of many uses, and one lane per client.
+async fn start(args: &BenchArgs, scenario: &str) -> anyhow::Result<(crate::demo::LocalServer, Vec<Lane>)> {
     if args.target.is_some() {
-        bail!("authorize measures its database bound in-process; run it without --target");
+        bail!("{scenario} measures its database bound in-process; run it without --target");
     }
     let local = crate::demo::start_local_with(args.database.as_deref(), 10_000_000, |config| {
         config.dvv_policy.max_uses = BENCH_DVV_USES;
         config.dvv_policy.ttl_secs = BENCH_DVV_TTL_SECS;
     })
     .await?;
-    let url = local.url.clone();
-    let admin = Admin { client: VouchClient::new(&url)?.with_api_key(&local.admin_key), key: local.admin_key.clone() };
+    let admin =
+        Admin { client: VouchClient::new(&local.url)?.with_api_key(&local.admin_key), key: local.admin_key.clone() };
     let lanes = lanes(&admin, args.clients).await?;
-    let http = bench_http()?;
-    let http_bound = healthz_rate(&http, &url, args.clients).await?;
-    let db_bound = decision_rate(&local.state, &lanes).await?;
+    Ok((local, lanes))
+}
 
+/// Runs `clients` for the measured time and reports their rate against the two bounds.
+async fn run_lanes<C: BenchClient>(
+    args: &BenchArgs,
+    scenario: &'static str,
+    clients: Vec<C>,
+    transport: Transport,
+    transport_bound: f64,
+    db_bound: f64,
+) -> anyhow::Result<BenchReport> {
     let duration = Duration::from_secs(args.seconds);
     let deadline = Instant::now() + duration;
     let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = lanes
-        .into_iter()
-        .map(|lane| {
-            let client = AuthorizeClient { http: http.clone(), url: format!("{url}/v1/authorizations"), lane };
-            tokio::spawn(measure(client, deadline, stop.clone()))
-        })
-        .collect();
-    let (total, histogram) = gather_all(clients).await?;
-    let mut report = measured("authorize", args.clients, duration, total, &histogram);
-    report.parts = Some(PartBounds {
-        http_bound_ops_per_sec: http_bound,
-        db_bound_ops_per_sec: db_bound,
-        http_share: report.ops_per_sec / http_bound,
-        db_share: report.ops_per_sec / db_bound,
-    });
+    let runs = clients.into_iter().map(|client| tokio::spawn(measure(client, deadline, stop.clone()))).collect();
+    let (total, histogram) = gather_all(runs).await?;
+    let mut report = measured(scenario, args.clients, duration, total, &histogram);
+    report.parts = Some(PartBounds::new(report.ops_per_sec, transport, transport_bound, db_bound));
     Ok(report)
+}
+
+/// DE 11 for request number `op`: six digits, wrapping past 999999.
+fn stan(op: u64) -> String {
+    format!("{:06}", op % 1_000_000)
 }
 
 /// The admin client and its key, for the set-up calls the SDK has no method for.
@@ -130,6 +174,8 @@ async fn lanes(admin: &Admin, count: usize) -> anyhow::Result<Vec<Lane>> {
             terminal_id: text(&terminal, "terminal_id")?,
             merchant_id: merchant_id.clone(),
             terminal_key: text(&terminal, "api_key")?,
+            iso_terminal_id: text(&terminal, "iso_terminal_id")?,
+            card_acceptor_id: text(&terminal, "card_acceptor_id")?,
             account_ref: account_ref.expose().to_owned(),
             dvv: text(&issued, "dvv")?,
         });
@@ -137,11 +183,26 @@ async fn lanes(admin: &Admin, count: usize) -> anyhow::Result<Vec<Lane>> {
     Ok(lanes)
 }
 
+/// What `workers` did per second over the sample ([`CRYPTO_SAMPLE`], which each runs
+/// for), and what each hands back.
+async fn sampled_rate<T>(
+    workers: Vec<tokio::task::JoinHandle<anyhow::Result<(u64, T)>>>,
+) -> anyhow::Result<(f64, Vec<T>)> {
+    let mut total = 0;
+    let mut returned = Vec::with_capacity(workers.len());
+    for worker in workers {
+        let (ops, value) = worker.await??;
+        total += ops;
+        returned.push(value);
+    }
+    Ok((total as f64 / CRYPTO_SAMPLE.as_secs_f64(), returned))
+}
+
 /// Requests per second of `GET /healthz` from `clients` concurrent clients: what HTTP
 /// and the client cost alone.
 async fn healthz_rate(http: &reqwest::Client, url: &str, clients: usize) -> anyhow::Result<f64> {
     let deadline = Instant::now() + CRYPTO_SAMPLE;
-    let workers: Vec<_> = (0..clients)
+    let workers = (0..clients)
         .map(|_| {
             let (http, url) = (http.clone(), format!("{url}/healthz"));
             tokio::spawn(async move {
@@ -150,20 +211,50 @@ async fn healthz_rate(http: &reqwest::Client, url: &str, clients: usize) -> anyh
                     http.get(&url).send().await?.error_for_status()?.bytes().await?;
                     ops += 1;
                 }
-                anyhow::Ok(ops)
+                anyhow::Ok((ops, ()))
             })
         })
         .collect();
-    let mut total = 0;
-    for worker in workers {
-        total += worker.await??;
-    }
-    Ok(total as f64 / CRYPTO_SAMPLE.as_secs_f64())
+    Ok(sampled_rate(workers).await?.0)
 }
 
-/// Decisions per second with the server's own code and database, no HTTP: one task per
-/// lane, each approving with its lane's DVV.
-async fn decision_rate(state: &vouch_server::AppState, lanes: &[Lane]) -> anyhow::Result<f64> {
+/// `count` connections to the ISO 8583 listener at `addr`.
+async fn connect_all(addr: SocketAddr, count: usize) -> anyhow::Result<Vec<Iso8583Client>> {
+    let mut connections = Vec::with_capacity(count);
+    for _ in 0..count {
+        connections.push(Iso8583Client::connect(addr, None).await.context("connecting to the ISO 8583 listener")?);
+    }
+    Ok(connections)
+}
+
+/// Echo tests (0800) per second, each connection sending one at a time: what ISO 8583
+/// framing, the listener and the client cost alone. The connections come back for the
+/// measured run, so the listener never holds more than one per client.
+async fn echo_rate(connections: Vec<Iso8583Client>) -> anyhow::Result<(f64, Vec<Iso8583Client>)> {
+    let deadline = Instant::now() + CRYPTO_SAMPLE;
+    let workers = connections
+        .into_iter()
+        .map(|mut connection| {
+            tokio::spawn(async move {
+                let mut ops = 0u64;
+                while Instant::now() < deadline {
+                    let stan = u32::try_from(ops % 1_000_000)?;
+                    let answer = connection.send(&iso8583::echo(stan)?).await?;
+                    if answer.get(RESPONSE_CODE_FIELD) != Some(APPROVED) {
+                        bail!("echo test answered {:?}", answer.get(RESPONSE_CODE_FIELD));
+                    }
+                    ops += 1;
+                }
+                anyhow::Ok((ops, connection))
+            })
+        })
+        .collect();
+    sampled_rate(workers).await
+}
+
+/// Decisions per second with the server's own code and database, no transport: one
+/// task per lane, each approving with its lane's DVV, recorded as from `channel`.
+async fn decision_rate(state: &vouch_server::AppState, lanes: &[Lane], channel: Channel) -> anyhow::Result<f64> {
     let deadline = Instant::now() + CRYPTO_SAMPLE;
     let mut workers = Vec::with_capacity(lanes.len());
     for lane in lanes {
@@ -173,15 +264,15 @@ async fn decision_rate(state: &vouch_server::AppState, lanes: &[Lane]) -> anyhow
             let mut ops = 0u64;
             while Instant::now() < deadline {
                 let request = AuthorizationRequest {
-                    stan: format!("{:06}", ops % 1_000_000),
+                    stan: stan(ops),
                     transmission_time: SAMPLE_TRANSMISSION_TIME.to_owned(),
                     amount_minor: AMOUNT_MINOR,
-                    currency: "978".to_owned(),
+                    currency: CURRENCY.to_owned(),
                     account_ref: account_ref.clone(),
                     dvv: dvv.clone(),
                     entry_mode: "071".to_owned(),
                     retrieval_reference: None,
-                    channel: Channel::Http,
+                    channel,
                 };
                 let record = vouch_server::dvv::decide(&state, &terminal, &merchant, request)
                     .await
@@ -191,14 +282,10 @@ async fn decision_rate(state: &vouch_server::AppState, lanes: &[Lane]) -> anyhow
                 }
                 ops += 1;
             }
-            anyhow::Ok(ops)
+            anyhow::Ok((ops, ()))
         }));
     }
-    let mut total = 0;
-    for worker in workers {
-        total += worker.await??;
-    }
-    Ok(total as f64 / CRYPTO_SAMPLE.as_secs_f64())
+    Ok(sampled_rate(workers).await?.0)
 }
 
 #[derive(Deserialize)]
@@ -222,11 +309,11 @@ impl BenchClient for AuthorizeClient {
 
     fn request(&mut self, op: u64) -> OpFuture<'_> {
         Box::pin(async move {
-            let stan = format!("{:06}", op % 1_000_000);
+            let stan = stan(op);
             let body = json!({
                 "merchant_id": self.lane.merchant_id, "terminal_id": self.lane.terminal_id, "stan": stan,
                 "transmission_time": TransmissionTime::from_unix_secs(SystemClock.now_unix()).to_string(),
-                "amount": AMOUNT_MINOR, "currency": "978", "account_ref": self.lane.account_ref,
+                "amount": AMOUNT_MINOR, "currency": CURRENCY, "account_ref": self.lane.account_ref,
                 "dvv": self.lane.dvv, "entry_mode": "071",
             });
             let response = self.http.post(&self.url).bearer_auth(&self.lane.terminal_key).json(&body).send().await?;
@@ -239,6 +326,53 @@ impl BenchClient for AuthorizeClient {
             let answer: AuthorizeAnswer = serde_json::from_slice(&bytes)?;
             if answer.response_code != "00" || answer.authorization_code.is_none() || answer.stan != stan {
                 bail!("not approved: {} {} (stan {})", answer.response_code, answer.reason, answer.stan);
+            }
+            Ok(())
+        })
+    }
+}
+
+/// `authorize-iso8583`: a payment switch's 0100s for one lane on its own connection.
+struct SwitchClient {
+    connection: Iso8583Client,
+    /// The lane's 0100; DE 7 and DE 11 change per request.
+    request: Message,
+    lane: Lane,
+}
+
+impl SwitchClient {
+    fn new(lane: Lane, connection: Iso8583Client) -> anyhow::Result<SwitchClient> {
+        let request = AuthorizationMessage {
+            account_ref: lane.account_ref.clone(),
+            amount_minor: u64::try_from(AMOUNT_MINOR)?,
+            currency_numeric: CURRENCY.to_owned(),
+            iso_terminal_id: lane.iso_terminal_id.clone(),
+            card_acceptor_id: lane.card_acceptor_id.clone(),
+            dvv: lane.dvv.clone(),
+            ..AuthorizationMessage::default()
+        }
+        .to_message()?;
+        Ok(SwitchClient { connection, request, lane })
+    }
+}
+
+impl BenchClient for SwitchClient {
+    fn device_id(&self) -> &str {
+        &self.lane.terminal_id
+    }
+
+    fn request(&mut self, op: u64) -> OpFuture<'_> {
+        Box::pin(async move {
+            let stan = stan(op);
+            let now = TransmissionTime::from_unix_secs(SystemClock.now_unix()).to_string();
+            self.request.set(TRANSMISSION_TIME_FIELD, now)?.set(STAN_FIELD, stan.as_str())?;
+            let answer = self.connection.send(&self.request).await?;
+            let code = answer.get(RESPONSE_CODE_FIELD).unwrap_or_default();
+            if code != APPROVED
+                || answer.get(AUTHORIZATION_CODE_FIELD).is_none()
+                || answer.get(STAN_FIELD) != Some(&stan)
+            {
+                bail!("0110 not approved: DE 39 {code:?} (DE 11 {:?})", answer.get(STAN_FIELD));
             }
             Ok(())
         })

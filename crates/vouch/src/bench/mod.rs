@@ -67,8 +67,18 @@ pub enum Scenario {
     /// DVV authorization over HTTP: `POST /v1/authorizations` from a terminal (server: no
     /// signatures; 4 reads + 1 write of 3 statements). Its bounds are HTTP (`GET
     /// /healthz` at the same concurrency) and the database (the decision called
-    /// in-process, without HTTP), both measured in the same run.
+    /// in-process, without HTTP), both measured in the same run. JSON keys:
+    /// `http_bound_ops_per_sec`, `db_bound_ops_per_sec`, `http_share`, `db_share`.
     Authorize,
+    /// DVV authorization over ISO 8583: the `authorize` lanes, each client a payment
+    /// switch holding one connection to the listener and sending 0100s (DE 7 now, a STAN
+    /// of its own per request), each answered 0110 `00` with DE 38 (server: the same
+    /// decision). Its bounds are the transport (0800 echo tests over as many
+    /// connections) and the database, as for `authorize`. JSON keys:
+    /// `transport_bound_ops_per_sec`, `db_bound_ops_per_sec`, `transport_share`,
+    /// `db_share`.
+    #[value(name = "authorize-iso8583")]
+    AuthorizeIso8583,
 }
 
 #[derive(Debug, clap::Args)]
@@ -116,12 +126,68 @@ struct BenchReport {
     parts: Option<PartBounds>,
 }
 
-#[derive(Debug, Serialize)]
+/// The two parts of a flow without signatures: carrying a request and its answer
+/// (`transport`) and the decision with its database work.
+#[derive(Debug)]
 struct PartBounds {
-    http_bound_ops_per_sec: f64,
+    transport: Transport,
+    transport_bound_ops_per_sec: f64,
     db_bound_ops_per_sec: f64,
-    http_share: f64,
+    transport_share: f64,
     db_share: f64,
+}
+
+impl PartBounds {
+    fn new(ops_per_sec: f64, transport: Transport, transport_bound: f64, db_bound: f64) -> PartBounds {
+        let share = |bound: f64| if bound > 0.0 { ops_per_sec / bound } else { 0.0 };
+        PartBounds {
+            transport,
+            transport_bound_ops_per_sec: transport_bound,
+            db_bound_ops_per_sec: db_bound,
+            transport_share: share(transport_bound),
+            db_share: share(db_bound),
+        }
+    }
+}
+
+/// What a transport bound measured, which names its keys in the report.
+#[derive(Debug, Clone, Copy)]
+enum Transport {
+    /// `GET /healthz`: `http_bound_ops_per_sec`, `http_share` (`authorize`).
+    Http,
+    /// ISO 8583 0800 echo tests: `transport_bound_ops_per_sec`, `transport_share`.
+    Iso8583Echo,
+}
+
+impl Transport {
+    /// The prefix of its keys in the text line.
+    fn label(self) -> &'static str {
+        match self {
+            Transport::Http => "http",
+            Transport::Iso8583Echo => "transport",
+        }
+    }
+
+    /// Its bound's and its share's JSON keys.
+    fn keys(self) -> (&'static str, &'static str) {
+        match self {
+            Transport::Http => ("http_bound_ops_per_sec", "http_share"),
+            Transport::Iso8583Echo => ("transport_bound_ops_per_sec", "transport_share"),
+        }
+    }
+}
+
+impl Serialize for PartBounds {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let (bound_key, share_key) = self.transport.keys();
+        let mut map = serializer.serialize_map(Some(4))?;
+        map.serialize_entry(bound_key, &self.transport_bound_ops_per_sec)?;
+        map.serialize_entry("db_bound_ops_per_sec", &self.db_bound_ops_per_sec)?;
+        map.serialize_entry(share_key, &self.transport_share)?;
+        map.serialize_entry("db_share", &self.db_share)?;
+        map.end()
+    }
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
@@ -139,6 +205,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         Scenario::Token => token(&args).await?,
         Scenario::Session => session(&args).await?,
         Scenario::Authorize => authorize::authorize(&args).await?,
+        Scenario::AuthorizeIso8583 => authorize::authorize_iso8583(&args).await?,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -146,8 +213,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         let bounds = match (&report.crypto_bound_ops_per_sec, &report.ratio, &report.parts) {
             (Some(bound), Some(ratio), _) => format!("crypto_bound={bound:.0}/s ratio={ratio:.3}"),
             (_, _, Some(parts)) => format!(
-                "http_bound={:.0}/s db_bound={:.0}/s http_share={:.2} db_share={:.2}",
-                parts.http_bound_ops_per_sec, parts.db_bound_ops_per_sec, parts.http_share, parts.db_share
+                "{transport}_bound={:.0}/s db_bound={:.0}/s {transport}_share={:.2} db_share={:.2}",
+                parts.transport_bound_ops_per_sec,
+                parts.db_bound_ops_per_sec,
+                parts.transport_share,
+                parts.db_share,
+                transport = parts.transport.label(),
             ),
             _ => String::new(),
         };
@@ -801,5 +872,26 @@ fn measured(
         crypto_bound_ops_per_sec: None,
         ratio: None,
         parts: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_bounds_name_their_transport_in_stable_keys() {
+        let keys = |transport| {
+            let parts = PartBounds::new(50.0, transport, 200.0, 100.0);
+            let value = serde_json::to_value(&parts).unwrap();
+            let mut keys: Vec<String> = value.as_object().unwrap().keys().cloned().collect();
+            keys.sort();
+            (keys, value)
+        };
+        let (http, value) = keys(Transport::Http);
+        assert_eq!(http, ["db_bound_ops_per_sec", "db_share", "http_bound_ops_per_sec", "http_share"]);
+        assert_eq!((value["http_share"].as_f64(), value["db_share"].as_f64()), (Some(0.25), Some(0.5)));
+        let (echo, _) = keys(Transport::Iso8583Echo);
+        assert_eq!(echo, ["db_bound_ops_per_sec", "db_share", "transport_bound_ops_per_sec", "transport_share"]);
     }
 }
