@@ -391,7 +391,7 @@ pub(super) async fn authorize_http(
         ));
     }
     let request = check_body(&state, body)?;
-    Ok(Json(decide(&state, &terminal, &merchant, request).await?.into()))
+    Ok(Json(decide(&state, terminal, merchant, request).await?.into()))
 }
 
 async fn calling_terminal(state: &AppState, caller: &ApiCaller) -> ApiResult<std::sync::Arc<(Terminal, Merchant)>> {
