@@ -255,14 +255,22 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Background upkeep: reloads signing keys (so rotations made elsewhere are picked
-/// up) and purges expired nonces. Runs until the returned handle is aborted.
+/// Background upkeep: links recorded audit entries into the chain, reloads signing keys
+/// (so rotations made elsewhere are picked up) and purges expired nonces. Runs until
+/// the returned handle is aborted.
 pub fn spawn_upkeep(state: AppState) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut key_refresh = tokio::time::interval(Duration::from_secs(state.config.key_refresh_secs));
         let mut nonce_purge = tokio::time::interval(NONCE_PURGE_EVERY);
+        let mut chain = tokio::time::interval(vouch_store::CHAIN_EVERY);
+        chain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = chain.tick() => {
+                    if let Err(e) = state.store.chain_audit().await {
+                        tracing::error!(error = %e, "linking audit entries into the chain failed");
+                    }
+                }
                 _ = key_refresh.tick() => {
                     if let Err(e) = state.keys.refresh(state.now()).await {
                         tracing::error!(error = %e, "signing key refresh failed");
@@ -337,6 +345,10 @@ pub async fn serve_with_iso8583(
     let (result, ()) = tokio::join!(http, iso8583);
     signal.abort();
     upkeep.abort();
+    // What the last requests recorded joins the chain before the database closes.
+    if let Err(e) = store.chain_audit().await {
+        tracing::error!(error = %e, "linking the last audit entries into the chain failed");
+    }
     store.close().await;
     result
 }

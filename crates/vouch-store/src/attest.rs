@@ -51,7 +51,8 @@ pub struct AttestationRecord {
     pub observations: String,
     pub issued_at: i64,
     pub expires_at: i64,
-    /// Sequence number of the audit entry recorded with it; orders a device's results.
+    /// The id its audit entry was recorded under ([`crate::Tx::append_audit`]); orders a
+    /// device's results.
     pub audit_seq: i64,
 }
 

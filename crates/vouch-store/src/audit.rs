@@ -15,6 +15,12 @@ use crate::{Store, StoreError, Tx};
 const HASH_DOMAIN: &[u8] = b"vouch-audit-v1";
 const VERIFY_PAGE_ROWS: i64 = 1_000;
 const GENESIS_HASH: [u8; 32] = [0; 32];
+/// Entries linked per chaining transaction.
+pub const CHAIN_BATCH_ROWS: i64 = 1_000;
+/// Rows per INSERT when linking (8 parameters each, well under every back-end's limit).
+const CHAIN_INSERT_ROWS: usize = 100;
+/// How often a server links what has been recorded.
+pub const CHAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// What a caller records; the chain fields are added by [`Tx::append_audit`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,66 +122,134 @@ fn record_from_row(row: &AnyRow) -> Result<AuditRecord, StoreError> {
 }
 
 impl Tx {
-    /// Appends `entry` to the chain inside this transaction; it commits or rolls back
-    /// with the change it records.
+    /// Records `entry` inside this transaction, so it commits or rolls back with the
+    /// change it records. It joins the hash chain when [`Store::chain_audit`] next runs
+    /// (the server does so every [`CHAIN_EVERY`], and before any read of the log): the
+    /// chain's head is not touched here, so concurrent decisions never wait for each
+    /// other's commit to record themselves. Returns the id the entry is recorded
+    /// under: unique, and increasing from one transaction of a caller to its next.
     pub async fn append_audit(&mut self, entry: &AuditEntry) -> Result<i64, StoreError> {
-        let (last_seq, prev_hash) = match self.audit_head.take() {
-            Some(head) => head,
-            None => {
-                // Locks the head for the rest of the transaction (SQLite's write
-                // transaction holds it already), so no other writer can chain after
-                // the same entry.
-                let lock = if self.postgres { " FOR UPDATE" } else { "" };
-                let sql = sqlx::AssertSqlSafe(format!("SELECT seq, hash FROM audit_head WHERE id = 1{lock}"));
-                let head = sqlx::query(sql).fetch_one(self.conn()).await?;
-                (head.try_get("seq")?, head.try_get("hash")?)
-            }
-        };
-        let seq = last_seq + 1;
-        let hash = chain_hash(seq, entry, &prev_hash);
-        let inserted = sqlx::query(
-            "INSERT INTO audit_log (seq, at, actor, action, subject, detail, prev_hash, hash) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        let id = sqlx::query_scalar(
+            "INSERT INTO audit_pending (at, actor, action, subject, detail) VALUES ($1, $2, $3, $4, $5) RETURNING id",
         )
-        .bind(seq)
         .bind(entry.at)
         .bind(&entry.actor)
         .bind(&entry.action)
         .bind(&entry.subject)
         .bind(&entry.detail)
-        .bind(&prev_hash)
-        .bind(hash.as_slice())
-        .execute(self.conn())
-        .await;
-        match inserted {
-            Ok(_) => {
-                self.audit_head = Some((seq, hash.to_vec()));
-                self.audit_head_moved = true;
-                Ok(seq)
-            }
-            Err(e) => {
-                self.audit_head = Some((last_seq, prev_hash));
-                Err(e.into())
-            }
-        }
+        .fetch_one(self.conn())
+        .await?;
+        Ok(id)
     }
 
-    /// Writes the chain's head once for every entry this transaction appended.
-    pub(crate) async fn store_audit_head(&mut self) -> Result<(), StoreError> {
-        if let (true, Some((seq, hash))) = (self.audit_head_moved, &self.audit_head) {
-            sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
-                .bind(*seq)
-                .bind(hash.as_slice())
-                .execute(&mut *self.inner)
+    /// Links up to [`CHAIN_BATCH_ROWS`] recorded entries into the chain, in the order
+    /// they are found, and moves the head; returns how many. The head is locked for
+    /// the transaction, so chainers on several instances take turns and never link one
+    /// entry twice.
+    pub async fn chain_audit(&mut self) -> Result<usize, StoreError> {
+        let lock = if self.postgres { " FOR UPDATE" } else { "" };
+        let head = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT seq, hash FROM audit_head WHERE id = 1{lock}")))
+            .fetch_one(self.conn())
+            .await?;
+        let (mut seq, mut prev_hash): (i64, Vec<u8>) = (head.try_get("seq")?, head.try_get("hash")?);
+        let pending =
+            sqlx::query("SELECT id, at, actor, action, subject, detail FROM audit_pending ORDER BY id LIMIT $1")
+                .bind(CHAIN_BATCH_ROWS)
+                .fetch_all(self.conn())
                 .await?;
-            self.audit_head_moved = false;
+        if pending.is_empty() {
+            return Ok(0);
         }
-        Ok(())
+        let mut ids = Vec::with_capacity(pending.len());
+        let mut links = Vec::with_capacity(pending.len());
+        for row in &pending {
+            ids.push(row.try_get::<i64, _>("id")?);
+            let entry = AuditEntry {
+                at: row.try_get("at")?,
+                actor: row.try_get("actor")?,
+                action: row.try_get("action")?,
+                subject: row.try_get("subject")?,
+                detail: row.try_get("detail")?,
+            };
+            seq += 1;
+            let hash = chain_hash(seq, &entry, &prev_hash).to_vec();
+            links.push(AuditRecord { seq, entry, prev_hash: std::mem::replace(&mut prev_hash, hash.clone()), hash });
+        }
+        for chunk in links.chunks(CHAIN_INSERT_ROWS) {
+            let values = (0..chunk.len())
+                .map(|i| {
+                    let p = i * 8;
+                    format!(
+                        "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                        p + 1,
+                        p + 2,
+                        p + 3,
+                        p + 4,
+                        p + 5,
+                        p + 6,
+                        p + 7,
+                        p + 8
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = sqlx::AssertSqlSafe(format!(
+                "INSERT INTO audit_log (seq, at, actor, action, subject, detail, prev_hash, hash) VALUES {values}"
+            ));
+            let mut insert = sqlx::query(sql);
+            for link in chunk {
+                insert = insert
+                    .bind(link.seq)
+                    .bind(link.entry.at)
+                    .bind(&link.entry.actor)
+                    .bind(&link.entry.action)
+                    .bind(&link.entry.subject)
+                    .bind(&link.entry.detail)
+                    .bind(&link.prev_hash)
+                    .bind(&link.hash);
+            }
+            insert.execute(self.conn()).await?;
+        }
+        for chunk in ids.chunks(CHAIN_INSERT_ROWS * 8) {
+            let list = (1..=chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+            let sql = sqlx::AssertSqlSafe(format!("DELETE FROM audit_pending WHERE id IN ({list})"));
+            let mut delete = sqlx::query(sql);
+            for id in chunk {
+                delete = delete.bind(*id);
+            }
+            delete.execute(self.conn()).await?;
+        }
+        sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+            .bind(seq)
+            .bind(prev_hash.as_slice())
+            .execute(self.conn())
+            .await?;
+        Ok(links.len())
     }
 }
 
 impl Store {
+    /// Links every entry recorded so far into the chain, batch by batch; returns how
+    /// many.
+    pub async fn chain_audit(&self) -> Result<usize, StoreError> {
+        let mut chained = 0;
+        loop {
+            let batch = self.write(|tx| Box::pin(async move { tx.chain_audit().await })).await?;
+            chained += batch;
+            if batch < CHAIN_BATCH_ROWS as usize {
+                return Ok(chained);
+            }
+        }
+    }
+
+    /// Chained entries after `after_seq`, in order. Entries recorded but not yet
+    /// chained are chained first, so every committed entry is among them.
     pub async fn audit_records(&self, after_seq: i64, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {
+        self.chain_audit().await?;
+        self.chained_records(after_seq, limit).await
+    }
+
+    async fn chained_records(&self, after_seq: i64, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT seq, at, actor, action, subject, detail, prev_hash, hash FROM audit_log \
              WHERE seq > $1 ORDER BY seq LIMIT $2",
@@ -189,6 +263,7 @@ impl Store {
 
     /// Recomputes the whole chain, page by page, and reports the first break.
     pub async fn verify_audit(&self) -> Result<AuditReport, StoreError> {
+        self.chain_audit().await?;
         let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1").fetch_one(self.pool()).await?;
         let head_seq: i64 = head.try_get("seq")?;
         let head_hash: Vec<u8> = head.try_get("hash")?;
@@ -196,7 +271,7 @@ impl Store {
         let mut prev_hash = GENESIS_HASH.to_vec();
         let mut rows_checked = 0;
         loop {
-            let page = self.audit_records(expected_seq - 1, VERIFY_PAGE_ROWS).await?;
+            let page = self.chained_records(expected_seq - 1, VERIFY_PAGE_ROWS).await?;
             if page.is_empty() {
                 break;
             }

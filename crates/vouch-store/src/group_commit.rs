@@ -93,18 +93,15 @@ async fn run_batch(store: crate::Store, batch: Vec<Job>) {
             tracing::error!(error = %e, "group commit could not open a savepoint");
             continue;
         }
-        let audit = tx.audit_mark();
         match (job.work)(&mut tx).await {
             Some(completion) => {
                 if savepoint(&mut tx, "RELEASE SAVEPOINT job").await.is_ok() {
                     completions.push(completion);
                 } else {
-                    tx.reset_audit(audit);
                     completion(Err("could not release the job's savepoint".into()));
                 }
             }
             None => {
-                tx.reset_audit(audit);
                 let _ = savepoint(&mut tx, "ROLLBACK TO SAVEPOINT job").await;
                 let _ = savepoint(&mut tx, "RELEASE SAVEPOINT job").await;
             }

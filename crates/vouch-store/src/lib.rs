@@ -26,7 +26,7 @@ use sqlx::{Any, AnyPool, Executor};
 use tokio::sync::mpsc;
 
 pub use attest::{AttestationRecord, ChallengeRecord, ChallengeRejection, ReferenceValues};
-pub use audit::{AuditBreak, AuditEntry, AuditRecord, AuditReport, chain_hash};
+pub use audit::{AuditBreak, AuditEntry, AuditRecord, AuditReport, CHAIN_BATCH_ROWS, CHAIN_EVERY, chain_hash};
 pub use dvv::{ACCOUNT_DVVS_MAX, AuthorizationRecord, Consumer, DvvRecord, IssueRefusal, PaymentAccount, Terminal};
 pub use error::StoreError;
 pub use group_commit::{BATCH_JOBS_MAX, BoxFuture, QUEUE_JOBS_MAX};
@@ -130,7 +130,7 @@ impl Store {
             Backend::Sqlite => self.writer.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => self.writer.begin().await?,
         };
-        Ok(Tx { inner, postgres: self.backend == Backend::Postgres, audit_head: None, audit_head_moved: false })
+        Ok(Tx { inner, postgres: self.backend == Backend::Postgres })
     }
 
     /// Runs `work` in a transaction and returns its value once that transaction has
@@ -209,42 +209,16 @@ fn sqlite_pool(max_connections: u32) -> AnyPoolOptions {
 }
 
 /// One database transaction. Dropping it without [`Tx::commit`] rolls back.
-///
-/// The audit chain's head is read once per transaction and written once at commit,
-/// however many entries the transaction appends (a group-commit batch appends one per
-/// job), instead of a read and a write per entry.
 #[derive(Debug)]
 pub struct Tx {
     inner: sqlx::Transaction<'static, Any>,
     postgres: bool,
-    /// The last entry appended or read in this transaction: sequence and hash.
-    audit_head: Option<(i64, Vec<u8>)>,
-    /// Whether `audit_head` is ahead of the stored head.
-    audit_head_moved: bool,
-}
-
-/// Where the audit chain stood before a job, so a job rolled back to its savepoint
-/// takes its entries' place in the chain with it.
-#[derive(Debug, Clone)]
-pub(crate) struct AuditMark {
-    head: Option<(i64, Vec<u8>)>,
-    moved: bool,
 }
 
 impl Tx {
-    pub async fn commit(mut self) -> Result<(), StoreError> {
-        self.store_audit_head().await?;
+    pub async fn commit(self) -> Result<(), StoreError> {
         self.inner.commit().await?;
         Ok(())
-    }
-
-    pub(crate) fn audit_mark(&self) -> AuditMark {
-        AuditMark { head: self.audit_head.clone(), moved: self.audit_head_moved }
-    }
-
-    pub(crate) fn reset_audit(&mut self, mark: AuditMark) {
-        self.audit_head = mark.head;
-        self.audit_head_moved = mark.moved;
     }
 
     pub(crate) fn conn(&mut self) -> &mut sqlx::AnyConnection {

@@ -37,6 +37,11 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/sqlite/0005_dvv.sql"),
         postgres: include_str!("../migrations/postgres/0005_dvv.sql"),
     },
+    Migration {
+        version: 6,
+        sqlite: include_str!("../migrations/sqlite/0006_audit_pending.sql"),
+        postgres: include_str!("../migrations/postgres/0006_audit_pending.sql"),
+    },
 ];
 
 /// Serialises concurrent starts of several instances on one PostgreSQL.

@@ -21,9 +21,10 @@ async fn append(t: &TestStore, rows: i64) {
 async fn append_range(t: &TestStore, seqs: std::ops::RangeInclusive<i64>) {
     for n in seqs {
         let mut tx = t.store.begin().await.unwrap();
-        assert_eq!(tx.append_audit(&entry(n)).await.unwrap(), n);
+        tx.append_audit(&entry(n)).await.unwrap();
         tx.commit().await.unwrap();
     }
+    t.store.chain_audit().await.unwrap();
 }
 
 /// Tampers with the database behind the store's back, as an attacker with SQL access would.
@@ -62,8 +63,34 @@ conformance! {
         assert_eq!(succeeded, 8);
         let report = t.store.verify_audit().await.unwrap();
         assert_eq!((report.rows_checked, report.head_seq, report.first_break), (16, 16, None));
+        append_range(&t, 999..=999).await;
+        let last = t.store.audit_records(16, 10).await.unwrap();
+        assert_eq!((last.len(), last[0].seq), (1, 17), "the stored head is where the chain ends");
+    }
+
+    async fn entries_join_the_chain_in_batches_and_once(t: TestStore) {
+        let total = vouch_store::CHAIN_BATCH_ROWS + 5;
         let mut tx = t.store.begin().await.unwrap();
-        assert_eq!(tx.append_audit(&entry(999)).await.unwrap(), 17, "the stored head is where the chain ends");
+        for n in 1..=total {
+            tx.append_audit(&entry(n)).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+        // Chainers race, as on two instances: each entry is linked exactly once.
+        let chainers: Vec<_> = (0..3)
+            .map(|_| {
+                let store = t.store.clone();
+                tokio::spawn(async move { store.chain_audit().await.unwrap() })
+            })
+            .collect();
+        let mut chained = 0;
+        for chainer in chainers {
+            chained += chainer.await.unwrap();
+        }
+        assert_eq!(chained as i64, total);
+        let report = t.store.verify_audit().await.unwrap();
+        assert_eq!((report.rows_checked, report.head_seq, report.first_break), (total, total, None));
+        let records = t.store.audit_records(0, 3).await.unwrap();
+        assert_eq!(records.iter().map(|r| r.entry.at).collect::<Vec<_>>(), [1, 2, 3], "in the order recorded");
     }
 
     async fn intact_chain_verifies(t: TestStore) {
