@@ -5,7 +5,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use crate::registry::{MERCHANT_COLUMNS, merchant_from_row};
-use crate::{Merchant, Store, StoreError, Tx};
+use crate::{AuditEntry, Merchant, Store, StoreError, Tx};
 
 /// A point-of-sale terminal of a merchant, and the API key it authenticates with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -317,6 +317,104 @@ impl Tx {
         .execute(self.conn())
         .await?;
         Ok(taken.rows_affected() == 1)
+    }
+
+    /// An approval's whole write: takes one use of `dvv_id` and records `approved`, or,
+    /// when the value has no use left (another request took the last one), the same
+    /// authorization declined with `used_up` (code, reason) and no authorization code;
+    /// and `audit`, whose detail is `declined_detail` for a decline. Returns whether the
+    /// use was taken.
+    ///
+    /// On SQLite the statements go to the connection in one call, under a savepoint of
+    /// their own, because each call to the connection's thread costs more than the
+    /// statements; run it with [`Store::write_statement`]. The write lock makes the
+    /// check and the use one step. On PostgreSQL they run one by one, the conditional
+    /// update deciding.
+    pub async fn record_approval(
+        &mut self,
+        dvv_id: &str,
+        now: i64,
+        approved: &AuthorizationRecord,
+        used_up: (&str, &str),
+        audit: &AuditEntry,
+        declined_detail: &str,
+    ) -> Result<bool, StoreError> {
+        if self.postgres {
+            let taken = self.take_dvv_use(dvv_id, now).await?;
+            let declined;
+            let record = if taken {
+                approved
+            } else {
+                declined = AuthorizationRecord {
+                    response_code: used_up.0.to_owned(),
+                    reason: used_up.1.to_owned(),
+                    authorization_code: None,
+                    ..approved.clone()
+                };
+                &declined
+            };
+            self.insert_authorization(record).await?;
+            if taken {
+                self.append_audit(audit).await?;
+            } else {
+                self.append_audit(&AuditEntry { detail: declined_detail.to_owned(), ..audit.clone() }).await?;
+            }
+            return Ok(taken);
+        }
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SAVEPOINT approval; \
+             INSERT INTO authorizations ({AUTHORIZATION_COLUMNS}) \
+               SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
+                      CASE WHEN flag.ok THEN $11 ELSE $17 END, CASE WHEN flag.ok THEN $12 ELSE $18 END, \
+                      CASE WHEN flag.ok THEN $13 END, $14, $15, $16 \
+               FROM (SELECT EXISTS (SELECT 1 FROM dvvs WHERE id = $19 AND uses < max_uses \
+                     AND expires_at > $20 AND superseded_at IS NULL) AS ok) AS flag; \
+             UPDATE dvvs SET uses = uses + 1 \
+               WHERE id = $19 AND EXISTS (SELECT 1 FROM authorizations WHERE id = $1 AND response_code = $11); \
+             INSERT INTO audit_pending (at, actor, action, subject, detail) \
+               SELECT $21, $22, $23, $24, CASE WHEN response_code = $11 THEN $25 ELSE $26 END \
+               FROM authorizations WHERE id = $1; \
+             RELEASE approval; \
+             SELECT response_code FROM authorizations WHERE id = $1"
+        ));
+        let outcome = sqlx::query_scalar::<_, String>(sql)
+            .bind(&approved.id)
+            .bind(&approved.terminal_id)
+            .bind(&approved.stan)
+            .bind(&approved.transmission_time)
+            .bind(&approved.request_hash)
+            .bind(&approved.payment_account_id)
+            .bind(&approved.dvv_id)
+            .bind(approved.amount_minor)
+            .bind(&approved.currency)
+            .bind(&approved.entry_mode)
+            .bind(&approved.response_code)
+            .bind(&approved.reason)
+            .bind(&approved.authorization_code)
+            .bind(&approved.retrieval_reference)
+            .bind(&approved.channel)
+            .bind(approved.created_at)
+            .bind(used_up.0)
+            .bind(used_up.1)
+            .bind(dvv_id)
+            .bind(now)
+            .bind(audit.at)
+            .bind(&audit.actor)
+            .bind(&audit.action)
+            .bind(&audit.subject)
+            .bind(&audit.detail)
+            .bind(declined_detail)
+            .fetch_all(self.conn())
+            .await;
+        match outcome {
+            // The rows of the final SELECT: every statement before it ran.
+            Ok(codes) => Ok(codes.last().map(String::as_str) == Some(approved.response_code.as_str())),
+            Err(e) => {
+                // Nothing of the approval may stay in the batch's transaction.
+                sqlx::raw_sql("ROLLBACK TO approval; RELEASE approval").execute(self.conn()).await?;
+                Err(StoreError::on_insert("authorization", "terminal")(e))
+            }
+        }
     }
 
     /// Counts a wrong value against the account and locks it at `tries_max`; returns

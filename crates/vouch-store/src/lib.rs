@@ -145,9 +145,10 @@ impl Store {
         self.submit(work, false).await
     }
 
-    /// [`Store::write`] for work that runs exactly one SQL statement: a statement that
-    /// fails undoes itself, so on SQLite the job skips its savepoint. Work of two or
-    /// more statements must use [`Store::write`].
+    /// [`Store::write`] for work that undoes itself when it fails: exactly one SQL
+    /// statement (a statement that fails undoes itself), or statements that keep a
+    /// savepoint of their own ([`Tx::record_approval`]). On SQLite the job then skips
+    /// the writer's savepoint. Any other work must use [`Store::write`].
     pub async fn write_statement<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,

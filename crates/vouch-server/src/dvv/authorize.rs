@@ -24,6 +24,7 @@ const LOOKBACK_SECS: i64 = 24 * 3600;
 const AUTHORIZATION_CODE_CHARS: usize = 6;
 const RETRIEVAL_REFERENCE_DIGITS: usize = 12;
 const AMOUNT_MINOR_MAX: i64 = 999_999_999_999;
+const USED_UP: &str = "dvv-used-up";
 
 /// ISO 8583 (DE 39) response codes Vouch answers with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,48 +161,80 @@ pub async fn decide(
     let tries_max = state.config.dvv_wrong_tries_max;
     let actor = format!("terminal:{}", terminal.id);
     let account_last4 = account.as_ref().map(|a| a.ref_last4.clone());
-    let written = state
-        .store
-        .write(move |tx| {
-            Box::pin(async move {
-                let (code, reason) = match plan {
-                    Plan::Approve { dvv_id, clear_wrong_tries } => {
-                        if tx.take_dvv_use(&dvv_id, now).await? {
-                            if clear_wrong_tries && let Some(account) = &record.payment_account_id {
-                                tx.clear_wrong_dvvs(account).await?;
+    let entry = move |record: &AuthorizationRecord| {
+        let detail = json!({
+            "response_code": record.response_code, "reason": record.reason, "stan": record.stan,
+            "transmission_time": record.transmission_time, "amount_minor": record.amount_minor,
+            "currency": record.currency, "payment_account_id": record.payment_account_id,
+            "account_ref_last4": account_last4, "dvv_id": record.dvv_id, "channel": record.channel,
+        });
+        audit::entry(now, &actor, "authorization.decided", &record.id, detail)
+    };
+    let written = match plan {
+        // The common case, written in one call to the database.
+        Plan::Approve { dvv_id, clear_wrong_tries: false } => {
+            record.response_code = ResponseCode::Approved.as_str().to_owned();
+            record.reason = "approved".to_owned();
+            record.authorization_code = Some(authorization_code);
+            let approved = entry(&record);
+            let used_up = AuthorizationRecord {
+                response_code: ResponseCode::Expired.as_str().to_owned(),
+                reason: USED_UP.to_owned(),
+                authorization_code: None,
+                ..record.clone()
+            };
+            let declined_detail = entry(&used_up).detail;
+            state
+                .store
+                .write_statement(move |tx| {
+                    Box::pin(async move {
+                        let code = (ResponseCode::Expired.as_str(), USED_UP);
+                        let taken =
+                            tx.record_approval(&dvv_id, now, &record, code, &approved, &declined_detail).await?;
+                        Ok(if taken { record } else { used_up })
+                    })
+                })
+                .await
+        }
+        plan => {
+            state
+                .store
+                .write(move |tx| {
+                    Box::pin(async move {
+                        let (code, reason) = match plan {
+                            Plan::Approve { dvv_id, clear_wrong_tries } => {
+                                if tx.take_dvv_use(&dvv_id, now).await? {
+                                    if clear_wrong_tries && let Some(account) = &record.payment_account_id {
+                                        tx.clear_wrong_dvvs(account).await?;
+                                    }
+                                    record.authorization_code = Some(authorization_code);
+                                    (ResponseCode::Approved, "approved")
+                                } else {
+                                    // Another request took the last use, or the value ran
+                                    // out between the read and now.
+                                    (ResponseCode::Expired, USED_UP)
+                                }
                             }
-                            record.authorization_code = Some(authorization_code);
-                            (ResponseCode::Approved, "approved")
-                        } else {
-                            // Another request took the last use, or the value ran out
-                            // between the read and now.
-                            (ResponseCode::Expired, "dvv-used-up")
-                        }
-                    }
-                    Plan::CountWrong { code, reason } => {
-                        let account = record.payment_account_id.as_deref().unwrap_or_default();
-                        if tx.count_wrong_dvv(account, tries_max, now).await? {
-                            (ResponseCode::TriesExceeded, "too-many-wrong-dvvs")
-                        } else {
-                            (code, reason)
-                        }
-                    }
-                    Plan::Decline { code, reason } => (code, reason),
-                };
-                record.response_code = code.as_str().to_owned();
-                record.reason = reason.to_owned();
-                tx.insert_authorization(&record).await?;
-                let detail = json!({
-                    "response_code": record.response_code, "reason": record.reason, "stan": record.stan,
-                    "transmission_time": record.transmission_time, "amount_minor": record.amount_minor,
-                    "currency": record.currency, "payment_account_id": record.payment_account_id,
-                    "account_ref_last4": account_last4, "dvv_id": record.dvv_id, "channel": record.channel,
-                });
-                tx.append_audit(&audit::entry(now, &actor, "authorization.decided", &record.id, detail)).await?;
-                Ok(record)
-            })
-        })
-        .await;
+                            Plan::CountWrong { code, reason } => {
+                                let account = record.payment_account_id.as_deref().unwrap_or_default();
+                                if tx.count_wrong_dvv(account, tries_max, now).await? {
+                                    (ResponseCode::TriesExceeded, "too-many-wrong-dvvs")
+                                } else {
+                                    (code, reason)
+                                }
+                            }
+                            Plan::Decline { code, reason } => (code, reason),
+                        };
+                        record.response_code = code.as_str().to_owned();
+                        record.reason = reason.to_owned();
+                        tx.insert_authorization(&record).await?;
+                        tx.append_audit(&entry(&record)).await?;
+                        Ok(record)
+                    })
+                })
+                .await
+        }
+    };
     match written {
         Ok(record) => Ok(record),
         // A retry decided on another instance (or connection) first: its answer stands.
@@ -279,7 +312,7 @@ async fn plan(
     } else if now >= dvv.expires_at {
         decline(ResponseCode::Expired, "dvv-expired")
     } else if dvv.uses >= dvv.max_uses {
-        decline(ResponseCode::Expired, "dvv-used-up")
+        decline(ResponseCode::Expired, USED_UP)
     } else if dvv.merchant_category.is_some() && dvv.merchant_category != merchant.merchant_category {
         decline(ResponseCode::DoNotHonor, "dvv-for-another-merchant-category")
     } else if request.amount_minor > dvv.amount_limit_minor {

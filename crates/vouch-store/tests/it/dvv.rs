@@ -1,6 +1,6 @@
 use vouch_store::{
-    ApiKeyRecord, AuthorizationRecord, Consumer, DvvRecord, IssueRefusal, Merchant, PaymentAccount, StoreError,
-    Terminal,
+    ApiKeyRecord, AuditEntry, AuthorizationRecord, Consumer, DvvRecord, IssueRefusal, Merchant, PaymentAccount,
+    StoreError, Terminal,
 };
 
 use crate::conformance;
@@ -188,6 +188,59 @@ conformance! {
         assert_eq!(first, authorization("auth1", "000001", "00"));
         assert!(t.store.authorization_by_key("term1", "000002", "1124103000").await.unwrap().is_none());
         assert_eq!(t.store.authorization("auth1").await.unwrap(), first);
+    }
+
+    async fn approvals_take_a_use_each_and_the_rest_are_used_up(t: TestStore) {
+        with_parties(&t).await;
+        t.store.write(|tx| Box::pin(async move { tx.issue_dvv(&value("v1", "pac1", "d1", 100, 3), 0, 10).await })).await.unwrap().unwrap();
+        let racers: Vec<_> = (0..8)
+            .map(|i| {
+                let store = t.store.clone();
+                tokio::spawn(async move {
+                    let approved = AuthorizationRecord { dvv_id: Some("v1".into()), ..authorization(&format!("auth{i}"), &format!("{i:06}"), "00") };
+                    let entry = AuditEntry { at: 150, actor: "terminal:term1".into(), action: "authorization.decided".into(), subject: approved.id.clone(), detail: "{\"ok\":true}".into() };
+                    store
+                        .write_statement(move |tx| {
+                            Box::pin(async move { tx.record_approval("v1", 150, &approved, ("54", "dvv-used-up"), &entry, "{\"ok\":false}").await })
+                        })
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut taken = 0;
+        for racer in racers {
+            taken += usize::from(racer.await.unwrap());
+        }
+        assert_eq!(taken, 3);
+        assert_eq!(t.store.dvv("v1").await.unwrap().uses, 3);
+        let mut codes = Vec::new();
+        for i in 0..8 {
+            let record = t.store.authorization(&format!("auth{i}")).await.unwrap();
+            assert_eq!(record.authorization_code.is_some(), record.response_code == "00", "{record:?}");
+            codes.push(record.response_code);
+        }
+        codes.sort();
+        assert_eq!(codes, ["00", "00", "00", "54", "54", "54", "54", "54"]);
+        let audited = t.store.audit_records(0, 100).await.unwrap();
+        let declined = audited.iter().filter(|r| r.entry.detail == "{\"ok\":false}").count();
+        assert_eq!((audited.len(), declined), (8, 5), "one entry per decision, saying which");
+    }
+
+    async fn an_approval_under_a_used_retry_key_changes_nothing(t: TestStore) {
+        with_parties(&t).await;
+        t.store.write(|tx| Box::pin(async move { tx.issue_dvv(&value("v1", "pac1", "d1", 100, 3), 0, 10).await })).await.unwrap().unwrap();
+        t.store.write(|tx| Box::pin(async move { tx.insert_authorization(&authorization("first", "000001", "05")).await })).await.unwrap();
+        let again = AuthorizationRecord { dvv_id: Some("v1".into()), ..authorization("again", "000001", "00") };
+        let entry = AuditEntry { at: 150, actor: "t".into(), action: "a".into(), subject: "again".into(), detail: "{}".into() };
+        let refused = t
+            .store
+            .write_statement(move |tx| Box::pin(async move { tx.record_approval("v1", 150, &again, ("54", "x"), &entry, "{}").await }))
+            .await;
+        assert!(matches!(refused, Err(StoreError::Conflict { .. })), "{refused:?}");
+        assert_eq!(t.store.dvv("v1").await.unwrap().uses, 0, "no use taken");
+        assert!(t.store.audit_records(0, 10).await.unwrap().is_empty(), "nothing audited");
+        assert!(matches!(t.store.authorization("again").await, Err(StoreError::NotFound { .. })));
     }
 
     async fn a_live_value_of_another_account_is_found(t: TestStore) {
