@@ -16,11 +16,11 @@ const HASH_DOMAIN: &[u8] = b"vouch-audit-v1";
 const VERIFY_PAGE_ROWS: i64 = 1_000;
 const GENESIS_HASH: [u8; 32] = [0; 32];
 /// Entries linked per chaining transaction.
-pub const CHAIN_BATCH_ROWS: i64 = 1_000;
+pub const CHAIN_BATCH_ROWS: i64 = 500;
 /// Rows per INSERT when linking (8 parameters each, well under every back-end's limit).
 const CHAIN_INSERT_ROWS: usize = 100;
 /// How often a server links what has been recorded.
-pub const CHAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+pub const CHAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// What a caller records; the chain fields are added by [`Tx::append_audit`].
 #[derive(Debug, Clone, PartialEq, Eq)]
