@@ -325,11 +325,10 @@ impl Tx {
     /// and `audit`, whose detail is `declined_detail` for a decline. Returns whether the
     /// use was taken.
     ///
-    /// On SQLite the statements go to the connection in one call, under a savepoint of
-    /// their own, because each call to the connection's thread costs more than the
-    /// statements; run it with [`Store::write_statement`]. The write lock makes the
-    /// check and the use one step. On PostgreSQL they run one by one, the conditional
-    /// update deciding.
+    /// One call to the database, to be run with [`Store::write_statement`]: on SQLite a
+    /// list of statements under a savepoint of their own (each call to the connection's
+    /// thread costs more than the statements; the write lock makes the check and the
+    /// use one step), on PostgreSQL one statement that commits by itself.
     pub async fn record_approval(
         &mut self,
         dvv_id: &str,
@@ -339,30 +338,30 @@ impl Tx {
         audit: &AuditEntry,
         declined_detail: &str,
     ) -> Result<bool, StoreError> {
-        if self.postgres {
-            let taken = self.take_dvv_use(dvv_id, now).await?;
-            let declined;
-            let record = if taken {
-                approved
-            } else {
-                declined = AuthorizationRecord {
-                    response_code: used_up.0.to_owned(),
-                    reason: used_up.1.to_owned(),
-                    authorization_code: None,
-                    ..approved.clone()
-                };
-                &declined
-            };
-            self.insert_authorization(record).await?;
-            if taken {
-                self.append_audit(audit).await?;
-            } else {
-                self.append_audit(&AuditEntry { detail: declined_detail.to_owned(), ..audit.clone() }).await?;
-            }
-            return Ok(taken);
-        }
-        let sql = sqlx::AssertSqlSafe(format!(
-            "SAVEPOINT approval; \
+        let sql = if self.postgres {
+            // One statement: PostgreSQL runs no statement lists with parameters, and one
+            // statement commits by itself. The update's row lock decides between
+            // concurrent approvals; every part sees the others' results, not the table.
+            sqlx::AssertSqlSafe(format!(
+                "WITH used AS ( \
+                   UPDATE dvvs SET uses = uses + 1 \
+                   WHERE id = $19 AND uses < max_uses AND expires_at > $20 AND superseded_at IS NULL \
+                   RETURNING id), \
+                 decided AS ( \
+                   INSERT INTO authorizations ({AUTHORIZATION_COLUMNS}) \
+                   SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
+                          CASE WHEN flag.ok THEN $11 ELSE $17 END, CASE WHEN flag.ok THEN $12 ELSE $18 END, \
+                          CASE WHEN flag.ok THEN $13 END, $14, $15, $16 \
+                   FROM (SELECT EXISTS (SELECT 1 FROM used) AS ok) AS flag \
+                   RETURNING response_code), \
+                 audited AS ( \
+                   INSERT INTO audit_pending (at, actor, action, subject, detail) \
+                   SELECT $21, $22, $23, $24, CASE WHEN response_code = $11 THEN $25 ELSE $26 END FROM decided) \
+                 SELECT response_code FROM decided"
+            ))
+        } else {
+            sqlx::AssertSqlSafe(format!(
+                "SAVEPOINT approval; \
              INSERT INTO authorizations ({AUTHORIZATION_COLUMNS}) \
                SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
                       CASE WHEN flag.ok THEN $11 ELSE $17 END, CASE WHEN flag.ok THEN $12 ELSE $18 END, \
@@ -376,7 +375,8 @@ impl Tx {
                FROM authorizations WHERE id = $1; \
              RELEASE approval; \
              SELECT response_code FROM authorizations WHERE id = $1"
-        ));
+            ))
+        };
         let outcome = sqlx::query_scalar::<_, String>(sql)
             .bind(&approved.id)
             .bind(&approved.terminal_id)
@@ -410,8 +410,10 @@ impl Tx {
             // The rows of the final SELECT: every statement before it ran.
             Ok(codes) => Ok(codes.last().map(String::as_str) == Some(approved.response_code.as_str())),
             Err(e) => {
-                // Nothing of the approval may stay in the batch's transaction.
-                sqlx::raw_sql("ROLLBACK TO approval; RELEASE approval").execute(self.conn()).await?;
+                if !self.postgres {
+                    // Nothing of the approval may stay in the batch's transaction.
+                    sqlx::raw_sql("ROLLBACK TO approval; RELEASE approval").execute(self.conn()).await?;
+                }
                 Err(StoreError::on_insert("authorization", "terminal")(e))
             }
         }

@@ -130,7 +130,7 @@ impl Store {
             Backend::Sqlite => self.writer.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => self.writer.begin().await?,
         };
-        Ok(Tx { inner, postgres: self.backend == Backend::Postgres })
+        Ok(Tx { inner: TxInner::Transaction(inner), postgres: self.backend == Backend::Postgres })
     }
 
     /// Runs `work` in a transaction and returns its value once that transaction has
@@ -163,7 +163,16 @@ impl Store {
         F: for<'t> FnOnce(&'t mut Tx) -> BoxFuture<'t, Result<T, StoreError>> + Send + 'static,
     {
         let Some(queue) = &self.jobs else {
-            let mut tx = self.begin().await?;
+            // Work that undoes itself when it fails needs no transaction around it:
+            // without one, it costs a single round trip on PostgreSQL.
+            let mut tx = if single_statement {
+                Tx {
+                    inner: TxInner::Autocommit(self.writer.acquire().await?),
+                    postgres: self.backend == Backend::Postgres,
+                }
+            } else {
+                self.begin().await?
+            };
             let value = work(&mut tx).await?;
             tx.commit().await?;
             return Ok(value);
@@ -212,17 +221,30 @@ fn sqlite_pool(max_connections: u32) -> AnyPoolOptions {
 /// One database transaction. Dropping it without [`Tx::commit`] rolls back.
 #[derive(Debug)]
 pub struct Tx {
-    inner: sqlx::Transaction<'static, Any>,
+    inner: TxInner,
     postgres: bool,
+}
+
+#[derive(Debug)]
+enum TxInner {
+    Transaction(sqlx::Transaction<'static, Any>),
+    /// On PostgreSQL, for work of one statement ([`Store::write_statement`]): each
+    /// statement commits by itself.
+    Autocommit(sqlx::pool::PoolConnection<Any>),
 }
 
 impl Tx {
     pub async fn commit(self) -> Result<(), StoreError> {
-        self.inner.commit().await?;
+        if let TxInner::Transaction(inner) = self.inner {
+            inner.commit().await?;
+        }
         Ok(())
     }
 
     pub(crate) fn conn(&mut self) -> &mut sqlx::AnyConnection {
-        &mut self.inner
+        match &mut self.inner {
+            TxInner::Transaction(inner) => inner,
+            TxInner::Autocommit(conn) => conn,
+        }
     }
 }
