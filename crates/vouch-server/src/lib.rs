@@ -182,6 +182,7 @@ pub fn api() -> (Router<AppState>, OpenApi) {
         .merge(dvv::routes())
         .split_for_parts();
     describe_responses(&mut openapi);
+    merge_flattened_objects(&mut openapi);
     openapi.info.title = "Vouch".into();
     openapi.info.version = env!("CARGO_PKG_VERSION").into();
     openapi.info.description = Some("Trust server for payment devices".into());
@@ -199,6 +200,43 @@ pub fn api() -> (Router<AppState>, OpenApi) {
         ))),
     );
     (router, openapi)
+}
+
+/// A struct that flattens another (`#[serde(flatten)]` with `#[schema(inline)]`) comes
+/// out as `allOf` of two objects; when one of them is closed (`deny_unknown_fields`),
+/// no body satisfies both, and schema-driven clients cannot make one. Such a schema
+/// becomes the one closed object it stands for.
+fn merge_flattened_objects(openapi: &mut OpenApi) {
+    use utoipa::openapi::RefOr;
+    use utoipa::openapi::schema::{AdditionalProperties, Object, Schema};
+    let Some(components) = openapi.components.as_mut() else { return };
+    for schema in components.schemas.values_mut() {
+        let RefOr::T(Schema::AllOf(all)) = schema else { continue };
+        let objects: Option<Vec<&Object>> = all
+            .items
+            .iter()
+            .map(|item| match item {
+                RefOr::T(Schema::Object(object)) => Some(object),
+                _ => None,
+            })
+            .collect();
+        let Some(objects) = objects else { continue };
+        let closed = objects
+            .iter()
+            .any(|o| matches!(o.additional_properties.as_deref(), Some(AdditionalProperties::FreeForm(false))));
+        if !closed {
+            continue;
+        }
+        let mut merged = Object::new();
+        merged.schema_type = utoipa::openapi::schema::SchemaType::Type(utoipa::openapi::schema::Type::Object);
+        merged.description = all.description.clone().or_else(|| objects.iter().find_map(|o| o.description.clone()));
+        for object in &objects {
+            merged.properties.extend(object.properties.clone());
+            merged.required.extend(object.required.iter().cloned());
+        }
+        merged.additional_properties = Some(Box::new(AdditionalProperties::FreeForm(false)));
+        *schema = RefOr::T(Schema::Object(merged));
+    }
 }
 
 /// OpenAPI 3.1 requires a description on every response; the route macros leave the

@@ -516,7 +516,10 @@ async fn device_attestations(
 pub struct ReferenceValuesView {
     pub model: String,
     pub firmware_version: String,
+    // Inlined, so the document lists one object with every property; a reference
+    // would make it `allOf` two closed objects, which no body could satisfy.
     #[serde(flatten)]
+    #[schema(inline)]
     pub values: ReferenceDocument,
 }
 

@@ -203,6 +203,21 @@ async fn openapi_document_describes_every_api_operation() {
     assert!(doc["components"]["securitySchemes"]["api_key"].is_object(), "no api_key security scheme");
     assert!(doc["components"]["securitySchemes"]["dpop"].is_object(), "no dpop security scheme");
     assert!(doc["components"]["schemas"]["Problem"].is_object(), "no Problem schema");
+    // A body must be able to satisfy every schema: `allOf` over a closed object (no
+    // additional properties) and anything that adds a property cannot be satisfied.
+    for (name, schema) in doc["components"]["schemas"].as_object().unwrap() {
+        let closed_part = schema["allOf"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|part| part["additionalProperties"] == false || part["$ref"].is_string());
+        assert!(!(closed_part && schema["allOf"].as_array().is_some_and(|a| a.len() > 1)), "{name}: {schema}");
+    }
+    let reference = &doc["components"]["schemas"]["ReferenceValuesView"];
+    assert_eq!(reference["additionalProperties"], false, "{reference}");
+    for property in ["model", "firmware_version", "measurements", "reader_firmware", "min_os_patch_level"] {
+        assert!(reference["properties"][property].is_object(), "ReferenceValuesView lacks {property}");
+    }
 }
 
 /// The operations in the table are really served: none answers 404 or 405.
