@@ -5,6 +5,7 @@
 pub mod attest;
 pub mod b64;
 pub mod clock;
+pub mod cose;
 pub mod crypto;
 pub mod dpop;
 pub mod dvv;
