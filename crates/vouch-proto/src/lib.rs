@@ -15,6 +15,7 @@ pub mod iso8583;
 pub mod jwk;
 pub mod jws;
 pub mod jwt;
+pub mod offline;
 pub mod pem;
 pub mod session;
 pub mod token;
