@@ -33,6 +33,10 @@ pub enum ProtoError {
     RecordRefused { why: crate::session::RecordRefusal, detail: String },
     #[error("the secure channel is closed after a refused record")]
     ChannelClosed,
+    #[error("COSE_Sign1 refused ({}): {detail}", why.as_str())]
+    CoseRefused { why: crate::cose::CoseRefusal, detail: String },
+    #[error("offline payment refused ({}): {detail}", check.as_str())]
+    OfflineRefused { check: crate::offline::OfflineCheck, detail: String },
     #[error("random number generator failed")]
     Rng,
     #[error("ISO 8583 {0}")]

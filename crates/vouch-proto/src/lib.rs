@@ -5,6 +5,7 @@
 pub mod attest;
 pub mod b64;
 pub mod clock;
+pub mod cose;
 pub mod crypto;
 pub mod dpop;
 pub mod dvv;
@@ -14,6 +15,7 @@ pub mod iso8583;
 pub mod jwk;
 pub mod jws;
 pub mod jwt;
+pub mod offline;
 pub mod pem;
 pub mod session;
 pub mod token;
