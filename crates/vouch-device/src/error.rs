@@ -36,7 +36,7 @@ pub enum DeviceError {
     Pipe(#[from] crate::session::PipeError),
     /// Card data that is not the BER-TLV it should be.
     #[error("card data: {0}")]
-    CardData(#[from] crate::session::tlv::TlvError),
+    CardData(#[from] vouch_proto::tlv::TlvError),
     /// The ISO 8583 host could not be reached, or the TLS handshake with it failed.
     #[error("cannot connect to {addr}: {source}")]
     Connect { addr: String, source: std::io::Error },

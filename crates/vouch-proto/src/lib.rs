@@ -18,6 +18,7 @@ pub mod jwt;
 pub mod offline;
 pub mod pem;
 pub mod session;
+pub mod tlv;
 pub mod token;
 
 pub use clock::{Clock, FixedClock, SystemClock};

@@ -10,7 +10,7 @@
 
 use vouch_proto::crypto::sha256;
 
-use super::tlv::{self, Tag, Tlv, TlvError};
+use vouch_proto::tlv::{self, Tag, Tlv, TlvError};
 
 pub const TAG_PAN: Tag = Tag::new(0x5A);
 pub const TAG_EXPIRY: Tag = Tag::new(0x5F24);
@@ -219,8 +219,13 @@ fn parse_digits(tag: Tag, digits: &str) -> Result<u64, TlvError> {
 mod tests {
     use proptest::prelude::*;
 
-    use super::super::tlv::tests::hex;
     use super::*;
+
+    /// Bytes from hex digits, spaces allowed between them.
+    fn hex(text: &str) -> Vec<u8> {
+        let text: String = text.split_whitespace().collect();
+        (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap()).collect()
+    }
 
     #[test]
     fn a_card_read_encodes_as_emv_says_and_reads_back() {

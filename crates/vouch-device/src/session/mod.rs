@@ -22,7 +22,6 @@
 
 pub mod card;
 pub mod pipe;
-pub mod tlv;
 
 use serde::Deserialize;
 use serde_json::json;

@@ -206,7 +206,7 @@ pub(super) mod tests {
     use super::*;
 
     /// Bytes from hex digits, spaces allowed between them.
-    pub(crate) fn hex(text: &str) -> Vec<u8> {
+    fn hex(text: &str) -> Vec<u8> {
         let text: String = text.split_whitespace().collect();
         (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap()).collect()
     }
