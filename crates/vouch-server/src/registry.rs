@@ -216,22 +216,38 @@ pub struct NewAccount {
     pub currency: String,
 }
 
+/// A ledger account. The owner is `merchant_id` or `consumer_id`, as the kind says;
+/// an issuer account has neither.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AccountView {
     pub account_id: String,
-    pub merchant_id: String,
+    /// `merchant_settlement`, `consumer_funding`, `consumer_offline_reserve` or `issuer`.
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merchant_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consumer_id: Option<String>,
     pub label: String,
     pub currency: String,
+    pub debits_minor: i64,
+    pub credits_minor: i64,
+    /// Credits minus debits; below zero only for an issuer account.
+    pub balance_minor: i64,
     pub created_at: i64,
 }
 
 impl From<Account> for AccountView {
     fn from(a: Account) -> Self {
         AccountView {
+            balance_minor: a.balance_minor(),
             account_id: a.id,
+            kind: a.kind.as_str().to_owned(),
             merchant_id: a.merchant_id,
+            consumer_id: a.consumer_id,
             label: a.label,
             currency: a.currency,
+            debits_minor: a.debits_minor,
+            credits_minor: a.credits_minor,
             created_at: a.created_at,
         }
     }
@@ -254,8 +270,7 @@ async fn create_account(
     }
     state.store.merchant(&merchant_id).await?;
     let now = state.now();
-    let account =
-        Account { id: new_id("acc"), merchant_id, label: body.label, currency: body.currency, created_at: now };
+    let account = Account::merchant_settlement(&new_id("acc"), &merchant_id, &body.label, &body.currency, now);
     let detail = json!({ "merchant_id": account.merchant_id, "currency": account.currency });
     let entry = audit::entry(now, &caller.actor(), "account.created", &account.id, detail);
     let record = account.clone();

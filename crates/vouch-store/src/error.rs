@@ -13,6 +13,8 @@ pub enum StoreError {
     MissingReference { what: &'static str, missing: &'static str },
     #[error("a {from} device cannot become {to}")]
     StatusTransition { from: &'static str, to: &'static str },
+    #[error("at most {max} {what} at once, got {got}")]
+    TooMany { what: &'static str, max: usize, got: usize },
     #[error("stored {what} is corrupt: {detail}")]
     Corrupt { what: &'static str, detail: String },
     #[error("the transaction did not commit: {detail}")]

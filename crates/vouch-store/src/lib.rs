@@ -14,6 +14,7 @@ mod audit;
 mod dvv;
 mod error;
 mod group_commit;
+mod ledger;
 mod migrate;
 mod registry;
 mod secrets;
@@ -30,7 +31,10 @@ pub use audit::{AuditBreak, AuditEntry, AuditRecord, AuditReport, CHAIN_BATCH_RO
 pub use dvv::{ACCOUNT_DVVS_MAX, AuthorizationRecord, Consumer, DvvRecord, IssueRefusal, PaymentAccount, Terminal};
 pub use error::StoreError;
 pub use group_commit::{BATCH_JOBS_MAX, BoxFuture, QUEUE_JOBS_MAX};
-pub use registry::{Account, Device, DeviceFilter, DeviceStatus, Merchant, ServiceProvider};
+pub use ledger::{
+    Account, AccountKind, TRANSFER_BATCH_MAX, Transfer, TransferOutcome, TransferRefusal, issuer_account_id,
+};
+pub use registry::{Device, DeviceFilter, DeviceStatus, Merchant, ServiceProvider};
 pub use secrets::{ApiKeyRecord, NonceRejection, SigningKeyRecord};
 pub use token::{ReaderSession, TokenSession, TokenSessionState};
 

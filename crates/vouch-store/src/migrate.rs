@@ -42,6 +42,11 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/sqlite/0006_audit_pending.sql"),
         postgres: include_str!("../migrations/postgres/0006_audit_pending.sql"),
     },
+    Migration {
+        version: 7,
+        sqlite: include_str!("../migrations/sqlite/0007_ledger.sql"),
+        postgres: include_str!("../migrations/postgres/0007_ledger.sql"),
+    },
 ];
 
 /// Serialises concurrent starts of several instances on one PostgreSQL.
@@ -52,19 +57,23 @@ pub(crate) async fn run(store: &Store) -> Result<(), StoreError> {
     if store.backend() == Backend::Postgres {
         sqlx::query("SELECT pg_advisory_lock($1)").bind(POSTGRES_MIGRATION_LOCK).execute(&mut *conn).await?;
     }
-    let result = apply_pending(store, &mut conn).await;
+    let result = apply_pending(store.backend(), &mut conn, MIGRATIONS).await;
     if store.backend() == Backend::Postgres {
         sqlx::query("SELECT pg_advisory_unlock($1)").bind(POSTGRES_MIGRATION_LOCK).execute(&mut *conn).await?;
     }
     result
 }
 
-async fn apply_pending(store: &Store, conn: &mut sqlx::AnyConnection) -> Result<(), StoreError> {
+async fn apply_pending(
+    backend: Backend,
+    conn: &mut sqlx::AnyConnection,
+    migrations: &[Migration],
+) -> Result<(), StoreError> {
     conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
     )
     .await?;
-    for migration in MIGRATIONS {
+    for migration in migrations {
         let applied: Option<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
             .bind(migration.version)
             .fetch_optional(&mut *conn)
@@ -72,12 +81,12 @@ async fn apply_pending(store: &Store, conn: &mut sqlx::AnyConnection) -> Result<
         if applied.is_some() {
             continue;
         }
-        let ddl = match store.backend() {
+        let ddl = match backend {
             Backend::Sqlite => migration.sqlite,
             Backend::Postgres => migration.postgres,
         };
         let fail = |source| StoreError::Migration { version: migration.version, source };
-        let begin = if store.backend() == Backend::Sqlite { "BEGIN IMMEDIATE" } else { "BEGIN" };
+        let begin = if backend == Backend::Sqlite { "BEGIN IMMEDIATE" } else { "BEGIN" };
         conn.execute(begin).await.map_err(fail)?;
         let applied = async {
             conn.execute(sqlx::raw_sql(ddl)).await?;
@@ -101,4 +110,65 @@ async fn apply_pending(store: &Store, conn: &mut sqlx::AnyConnection) -> Result<
 
 fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::{Connection, Row};
+
+    use super::*;
+
+    /// Accounts opened before the ledger migration become merchant settlement
+    /// accounts at zero.
+    async fn accounts_survive_the_ledger_migration(backend: Backend, url: &str) {
+        sqlx::any::install_default_drivers();
+        let mut conn = sqlx::AnyConnection::connect(url).await.unwrap();
+        let before_ledger = MIGRATIONS.iter().position(|m| m.version == 7).unwrap();
+        apply_pending(backend, &mut conn, &MIGRATIONS[..before_ledger]).await.unwrap();
+        conn.execute("INSERT INTO merchants (id, name, created_at) VALUES ('m1', 'Shop', 1)").await.unwrap();
+        conn.execute(
+            "INSERT INTO accounts (id, merchant_id, label, currency, created_at) \
+             VALUES ('a1', 'm1', 'settlement', 'EUR', 2)",
+        )
+        .await
+        .unwrap();
+        apply_pending(backend, &mut conn, MIGRATIONS).await.unwrap();
+        let row = sqlx::query(
+            "SELECT kind, merchant_id, consumer_id, label, currency, debits_minor, credits_minor, created_at \
+             FROM accounts WHERE id = 'a1'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        let kind: String = row.get("kind");
+        let merchant_id: Option<String> = row.get("merchant_id");
+        let consumer_id: Option<String> = row.get("consumer_id");
+        let (debits, credits, created_at): (i64, i64, i64) =
+            (row.get("debits_minor"), row.get("credits_minor"), row.get("created_at"));
+        assert_eq!(kind, "merchant_settlement");
+        assert_eq!((merchant_id.as_deref(), consumer_id), (Some("m1"), None));
+        assert_eq!((debits, credits, created_at), (0, 0, 2));
+    }
+
+    #[tokio::test]
+    async fn sqlite_accounts_survive_the_ledger_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("vouch.db").display());
+        accounts_survive_the_ledger_migration(Backend::Sqlite, &url).await;
+    }
+
+    #[tokio::test]
+    async fn postgres_accounts_survive_the_ledger_migration() {
+        let Ok(base) = std::env::var("VOUCH_TEST_DATABASE_URL") else {
+            eprintln!("skipping PostgreSQL case: VOUCH_TEST_DATABASE_URL is not set");
+            return;
+        };
+        sqlx::any::install_default_drivers();
+        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = sqlx::AnyConnection::connect(&base).await.unwrap();
+        admin.execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).await.unwrap();
+        let separator = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
+        accounts_survive_the_ledger_migration(Backend::Postgres, &url).await;
+    }
 }

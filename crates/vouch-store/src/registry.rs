@@ -1,4 +1,4 @@
-//! Merchants, their accounts, devices and service providers.
+//! Merchants, devices and service providers. Accounts are in [`crate::ledger`].
 
 use sqlx::any::AnyRow;
 use sqlx::{Executor, Row};
@@ -15,15 +15,6 @@ pub struct Merchant {
     pub card_acceptor_id: Option<String>,
     /// ISO 18245 merchant category code, 4 digits.
     pub merchant_category: Option<String>,
-    pub created_at: i64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Account {
-    pub id: String,
-    pub merchant_id: String,
-    pub label: String,
-    pub currency: String,
     pub created_at: i64,
 }
 
@@ -119,16 +110,6 @@ pub(crate) fn merchant_from_row(row: &AnyRow) -> Result<Merchant, StoreError> {
     })
 }
 
-fn account_from_row(row: &AnyRow) -> Result<Account, StoreError> {
-    Ok(Account {
-        id: row.try_get("id")?,
-        merchant_id: row.try_get("merchant_id")?,
-        label: row.try_get("label")?,
-        currency: row.try_get("currency")?,
-        created_at: row.try_get("created_at")?,
-    })
-}
-
 fn provider_from_row(row: &AnyRow) -> Result<ServiceProvider, StoreError> {
     Ok(ServiceProvider {
         id: row.try_get("id")?,
@@ -159,19 +140,6 @@ impl Tx {
         .execute(self.conn())
         .await
         .map_err(StoreError::on_insert("merchant", "merchant"))?;
-        Ok(())
-    }
-
-    pub async fn insert_account(&mut self, account: &Account) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO accounts (id, merchant_id, label, currency, created_at) VALUES ($1, $2, $3, $4, $5)")
-            .bind(&account.id)
-            .bind(&account.merchant_id)
-            .bind(&account.label)
-            .bind(&account.currency)
-            .bind(account.created_at)
-            .execute(self.conn())
-            .await
-            .map_err(StoreError::on_insert("account", "merchant"))?;
         Ok(())
     }
 
@@ -282,14 +250,6 @@ impl Store {
         .fetch_all(self.pool())
         .await?;
         rows.iter().map(merchant_from_row).collect()
-    }
-
-    pub async fn account(&self, id: &str) -> Result<Account, StoreError> {
-        let row = sqlx::query("SELECT id, merchant_id, label, currency, created_at FROM accounts WHERE id = $1")
-            .bind(id)
-            .fetch_optional(self.pool())
-            .await?;
-        row.as_ref().map(account_from_row).transpose()?.ok_or(StoreError::NotFound { what: "account" })
     }
 
     pub async fn service_provider(&self, id: &str) -> Result<ServiceProvider, StoreError> {

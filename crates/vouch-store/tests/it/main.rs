@@ -4,6 +4,7 @@
 mod audit;
 mod dvv;
 mod harness;
+mod ledger;
 mod registry;
 mod secrets;
 mod token;

@@ -33,7 +33,7 @@ conformance! {
     async fn merchant_and_account_round_trip(t: TestStore) {
         let mut tx = t.store.begin().await.unwrap();
         tx.insert_merchant(&merchant("m1")).await.unwrap();
-        let account = Account { id: "a1".into(), merchant_id: "m1".into(), label: "settlement".into(), currency: "EUR".into(), created_at: 5 };
+        let account = Account::merchant_settlement("a1", "m1", "settlement", "EUR", 5);
         tx.insert_account(&account).await.unwrap();
         tx.commit().await.unwrap();
         assert_eq!(t.store.merchant("m1").await.unwrap(), merchant("m1"));
@@ -50,7 +50,7 @@ conformance! {
 
     async fn account_for_unknown_merchant_is_refused(t: TestStore) {
         let mut tx = t.store.begin().await.unwrap();
-        let account = Account { id: "a1".into(), merchant_id: "ghost".into(), label: "x".into(), currency: "EUR".into(), created_at: 5 };
+        let account = Account::merchant_settlement("a1", "ghost", "x", "EUR", 5);
         assert!(matches!(tx.insert_account(&account).await, Err(StoreError::MissingReference { .. })));
     }
 
