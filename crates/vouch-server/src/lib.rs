@@ -16,6 +16,7 @@ pub mod error;
 mod extract;
 mod files;
 pub mod keys;
+pub mod ledger;
 mod metrics;
 mod ops;
 pub mod registry;
@@ -180,6 +181,7 @@ pub fn api() -> (Router<AppState>, OpenApi) {
         .merge(token::routes())
         .merge(session::routes())
         .merge(dvv::routes())
+        .merge(ledger::routes())
         .split_for_parts();
     describe_responses(&mut openapi);
     merge_flattened_objects(&mut openapi);

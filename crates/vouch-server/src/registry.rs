@@ -1,6 +1,6 @@
-//! The registry: merchants, their accounts, service providers, and devices with their
-//! enrolment (proof of possession over a single-use nonce) and lifecycle
-//! (active, suspended, revoked).
+//! The registry: merchants, their settlement accounts (balances and transfers are in
+//! `ledger`), service providers, and devices with their enrolment (proof of
+//! possession over a single-use nonce) and lifecycle (active, suspended, revoked).
 
 use axum::Json;
 use axum::extract::State;
@@ -59,6 +59,14 @@ pub fn check_text(field: &str, value: &str, max_chars: usize) -> ApiResult<()> {
     Ok(())
 }
 
+/// An ISO 4217 alphabetic code: three upper-case letters.
+pub fn check_currency(value: &str) -> ApiResult<()> {
+    if value.len() != 3 || !value.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(ApiError::unprocessable("invalid-field", "currency must be an ISO 4217 code such as EUR"));
+    }
+    Ok(())
+}
+
 pub const CARD_ACCEPTOR_ID_CHARS: usize = 15;
 pub const ISO_TERMINAL_ID_CHARS: usize = 8;
 
@@ -80,7 +88,7 @@ pub fn check_merchant_category(value: &str) -> ApiResult<()> {
     Ok(())
 }
 
-fn page_limit(limit: Option<u32>) -> ApiResult<u32> {
+pub(crate) fn page_limit(limit: Option<u32>) -> ApiResult<u32> {
     match limit {
         None => Ok(PAGE_LIMIT_DEFAULT),
         Some(n @ 1..=PAGE_LIMIT_MAX) => Ok(n),
@@ -265,9 +273,7 @@ async fn create_account(
 ) -> ApiResult<(StatusCode, Json<AccountView>)> {
     caller.require(Scope::Admin)?;
     check_text("label", &body.label, NAME_CHARS_MAX)?;
-    if body.currency.len() != 3 || !body.currency.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Err(ApiError::unprocessable("invalid-field", "currency must be an ISO 4217 code such as EUR"));
-    }
+    check_currency(&body.currency)?;
     state.store.merchant(&merchant_id).await?;
     let now = state.now();
     let account = Account::merchant_settlement(&new_id("acc"), &merchant_id, &body.label, &body.currency, now);

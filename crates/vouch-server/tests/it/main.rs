@@ -12,6 +12,7 @@ mod dvv;
 mod enrolment;
 mod foundation;
 mod iso8583;
+mod ledger;
 mod ops;
 mod registry;
 mod session;

@@ -51,6 +51,9 @@ const OPERATIONS: &[(&str, &str)] = &[
     ("post", "/v1/dvv"),
     ("post", "/v1/authorizations"),
     ("get", "/v1/authorizations/{}"),
+    ("post", "/v1/consumers/{}/accounts"),
+    ("post", "/v1/consumers/{}/funding"),
+    ("get", "/v1/accounts/{}/transfers"),
 ];
 
 /// Authenticated by the device's signature inside the body or its DPoP proof alone,
