@@ -303,16 +303,40 @@ impl Tx {
     }
 
     /// Posts up to [`TRANSFER_BATCH_MAX`] transfers in this transaction, one outcome
-    /// each, in order.
+    /// each, in order. Concurrent batches over the same accounts do not deadlock; a
+    /// transaction that posts several transfers with [`Tx::post_transfer`] should use
+    /// this instead.
     pub async fn post_transfers(&mut self, transfers: &[Transfer]) -> Result<Vec<TransferOutcome>, StoreError> {
         if transfers.len() > TRANSFER_BATCH_MAX {
             return Err(StoreError::TooMany { what: "transfers", max: TRANSFER_BATCH_MAX, got: transfers.len() });
         }
+        self.lock_accounts(transfers).await?;
         let mut outcomes = Vec::with_capacity(transfers.len());
         for transfer in transfers {
             outcomes.push(self.post_transfer(transfer).await?);
         }
         Ok(outcomes)
+    }
+
+    /// On PostgreSQL, takes the row locks of every account the transfers touch, in id
+    /// order, before the first posting: two batches over the same accounts in different
+    /// orders would otherwise each hold an account the other waits for. SQLite has one
+    /// writer at a time and needs none.
+    async fn lock_accounts(&mut self, transfers: &[Transfer]) -> Result<(), StoreError> {
+        if !self.postgres {
+            return Ok(());
+        }
+        let mut ids: Vec<&str> =
+            transfers.iter().flat_map(|t| [t.debit_account_id.as_str(), t.credit_account_id.as_str()]).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            sqlx::query("SELECT id FROM accounts WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_optional(self.conn())
+                .await?;
+        }
+        Ok(())
     }
 
     pub async fn transfer(&mut self, id: &str) -> Result<Option<Transfer>, StoreError> {

@@ -221,3 +221,40 @@ conformance! {
         assert!(matches!(tx.insert_account(&orphan).await, Err(StoreError::MissingReference { missing: "consumer", .. })));
     }
 }
+
+conformance! {
+    async fn overlapping_batches_in_opposite_orders_post_each_transfer_once(t: TestStore) {
+        with_accounts(&t).await;
+        let ring: Vec<String> = (0..6).map(|i| format!("ring{i}")).collect();
+        let mut tx = t.store.begin().await.unwrap();
+        for id in &ring {
+            tx.insert_account(&Account::consumer(id, AccountKind::ConsumerFunding, "c1", id, "EUR", 1)).await.unwrap();
+            assert_eq!(tx.post_transfer(&transfer(&format!("seed-{id}"), &eur_issuer(), id, 1_000)).await.unwrap(), TransferOutcome::Posted);
+        }
+        tx.commit().await.unwrap();
+        for round in 0..5 {
+            let batch: Vec<_> = (0..ring.len())
+                .map(|i| transfer(&format!("{round}-{i}"), &ring[i], &ring[(i + 1) % ring.len()], 10))
+                .collect();
+            let mut reversed = batch.clone();
+            reversed.reverse();
+            let racers: Vec<_> = [batch, reversed]
+                .into_iter()
+                .map(|batch| {
+                    let store = t.store.clone();
+                    tokio::spawn(async move { store.write(move |tx| Box::pin(async move { tx.post_transfers(&batch).await })).await })
+                })
+                .collect();
+            let mut posted = 0;
+            for racer in racers {
+                let outcomes = racer.await.unwrap().unwrap();
+                posted += outcomes.iter().filter(|o| **o == TransferOutcome::Posted).count();
+            }
+            assert_eq!(posted, ring.len(), "round {round}");
+        }
+        for id in &ring {
+            assert_eq!(balance(&t, id).await, 1_000, "{id}");
+        }
+        assert!(t.store.ledger_imbalance().await.unwrap().is_empty());
+    }
+}
