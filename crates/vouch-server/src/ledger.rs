@@ -10,7 +10,7 @@ use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use vouch_store::{Account, AccountKind, Transfer, TransferOutcome, TransferRefusal};
+use vouch_store::{Account, AccountKind, TRANSFER_AMOUNT_MAX_MINOR, Transfer, TransferOutcome, TransferRefusal};
 
 use crate::auth::{ApiCaller, Scope};
 use crate::error::{ApiError, ApiResult, Problem};
@@ -88,7 +88,7 @@ pub struct NewFunding {
     pub transfer_id: String,
     /// The consumer's funding account.
     pub account_id: String,
-    /// In minor units of the currency; more than zero.
+    /// In minor units of the currency; 1 to 10^12.
     pub amount_minor: i64,
     pub currency: String,
 }
@@ -135,8 +135,8 @@ async fn fund_consumer(
     caller.require(Scope::Admin)?;
     check_text("transfer_id", &body.transfer_id, TRANSFER_ID_CHARS_MAX)?;
     check_currency(&body.currency)?;
-    if body.amount_minor <= 0 {
-        return Err(ApiError::unprocessable("invalid-amount", "amount_minor must be more than zero"));
+    if !(1..=TRANSFER_AMOUNT_MAX_MINOR).contains(&body.amount_minor) {
+        return Err(invalid_amount());
     }
     state.store.consumer(&consumer_id).await?;
     let account = state.store.account(&body.account_id).await?;
@@ -208,10 +208,12 @@ fn refused(refusal: TransferRefusal) -> ApiError {
             ApiError::unprocessable("insufficient-funds", "the debit account holds too little")
         }
         TransferRefusal::SameAccount => ApiError::unprocessable("same-account", "a transfer needs two accounts"),
-        TransferRefusal::InvalidAmount => {
-            ApiError::unprocessable("invalid-amount", "amount_minor must be more than zero")
-        }
+        TransferRefusal::InvalidAmount => invalid_amount(),
     }
+}
+
+fn invalid_amount() -> ApiError {
+    ApiError::unprocessable("invalid-amount", format!("amount_minor must be 1 to {TRANSFER_AMOUNT_MAX_MINOR}"))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -20,6 +20,11 @@ use crate::{Store, StoreError, Tx};
 /// The most transfers [`Tx::post_transfers`] takes at once.
 pub const TRANSFER_BATCH_MAX: usize = 1_000;
 
+/// The largest amount one transfer moves, in minor units: far above any payment,
+/// and far enough below `i64::MAX` that running debits and credits cannot overflow
+/// (an overflowing update would fail, and abort a PostgreSQL transaction).
+pub const TRANSFER_AMOUNT_MAX_MINOR: i64 = 1_000_000_000_000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AccountKind {
     /// A merchant's account, credited by settled payments.
@@ -156,7 +161,7 @@ pub enum TransferRefusal {
     CurrencyMismatch,
     UnknownAccount,
     SameAccount,
-    /// The amount is zero or negative.
+    /// The amount is zero, negative, or above [`TRANSFER_AMOUNT_MAX_MINOR`].
     InvalidAmount,
 }
 
@@ -242,7 +247,7 @@ impl Tx {
     /// Posts one transfer; see the module header for why no statement here fails
     /// on business grounds.
     pub async fn post_transfer(&mut self, transfer: &Transfer) -> Result<TransferOutcome, StoreError> {
-        if transfer.amount_minor <= 0 {
+        if !(1..=TRANSFER_AMOUNT_MAX_MINOR).contains(&transfer.amount_minor) {
             return Ok(TransferOutcome::Refused(TransferRefusal::InvalidAmount));
         }
         if transfer.debit_account_id == transfer.credit_account_id {

@@ -32,7 +32,8 @@ pub use dvv::{ACCOUNT_DVVS_MAX, AuthorizationRecord, Consumer, DvvRecord, IssueR
 pub use error::StoreError;
 pub use group_commit::{BATCH_JOBS_MAX, BoxFuture, QUEUE_JOBS_MAX};
 pub use ledger::{
-    Account, AccountKind, TRANSFER_BATCH_MAX, Transfer, TransferOutcome, TransferRefusal, issuer_account_id,
+    Account, AccountKind, TRANSFER_AMOUNT_MAX_MINOR, TRANSFER_BATCH_MAX, Transfer, TransferOutcome, TransferRefusal,
+    issuer_account_id,
 };
 pub use registry::{Device, DeviceFilter, DeviceStatus, Merchant, ServiceProvider};
 pub use secrets::{ApiKeyRecord, NonceRejection, SigningKeyRecord};

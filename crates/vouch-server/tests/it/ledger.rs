@@ -123,6 +123,8 @@ async fn bad_ledger_input_gets_a_problem_document() {
         ),
         (fund.clone(), funding("f1", &p.funding_id, 0), 422, "invalid-amount"),
         (fund.clone(), funding("f1", &p.funding_id, -5), 422, "invalid-amount"),
+        (fund.clone(), funding("f1", &p.funding_id, 1_000_000_000_001), 422, "invalid-amount"),
+        (fund.clone(), funding("f1", &p.funding_id, i64::MAX), 422, "invalid-amount"),
         (fund.clone(), funding("", &p.funding_id, 5), 422, "invalid-field"),
         (fund.clone(), funding("f1", "ghost", 5), 404, "not-found"),
         (fund.clone(), funding("f1", &p.reserve_id, 5), 422, "wrong-account"),

@@ -1,8 +1,8 @@
 use std::collections::HashSet;
 
 use vouch_store::{
-    Account, AccountKind, Consumer, StoreError, TRANSFER_BATCH_MAX, Transfer, TransferOutcome, TransferRefusal,
-    issuer_account_id,
+    Account, AccountKind, Consumer, StoreError, TRANSFER_AMOUNT_MAX_MINOR, TRANSFER_BATCH_MAX, Transfer,
+    TransferOutcome, TransferRefusal, issuer_account_id,
 };
 
 use crate::conformance;
@@ -109,6 +109,7 @@ conformance! {
             (transfer("t5", "fund", "fund", 10), TransferRefusal::SameAccount),
             (transfer("t6", "fund", "reserve", 0), TransferRefusal::InvalidAmount),
             (transfer("t7", "fund", "reserve", -5), TransferRefusal::InvalidAmount),
+            (transfer("t10", &eur_issuer(), "fund", TRANSFER_AMOUNT_MAX_MINOR + 1), TransferRefusal::InvalidAmount),
             // The reserve holds nothing, whichever account comes first in id order.
             (transfer("t8", "reserve", "fund", 1), TransferRefusal::InsufficientFunds),
             (transfer("t9", "shop", "fund", 1), TransferRefusal::InsufficientFunds),
