@@ -70,6 +70,10 @@ pub struct ConfigLayer {
     pub dvv_velocity_max: Option<i64>,
     pub dvv_velocity_window_secs: Option<i64>,
     pub dvv_wrong_tries_max: Option<i64>,
+    pub offline_credential_ttl_secs: Option<i64>,
+    pub offline_limit_max_minor: Option<i64>,
+    pub offline_risk_threshold: Option<u8>,
+    pub terminal_certificate_ttl_secs: Option<i64>,
     pub iso8583_listen: Option<SocketAddr>,
     pub iso8583_allow_remote: Option<bool>,
     pub iso8583_tls_cert: Option<PathBuf>,
@@ -158,6 +162,10 @@ impl ConfigLayer {
             dvv_velocity_max: get(&lookup, "dvv_velocity_max", "a positive integer")?,
             dvv_velocity_window_secs: get(&lookup, "dvv_velocity_window_secs", "seconds")?,
             dvv_wrong_tries_max: get(&lookup, "dvv_wrong_tries_max", "a positive integer")?,
+            offline_credential_ttl_secs: get(&lookup, "offline_credential_ttl_secs", "seconds")?,
+            offline_limit_max_minor: get(&lookup, "offline_limit_max_minor", "a positive integer")?,
+            offline_risk_threshold: get(&lookup, "offline_risk_threshold", "1 to 101")?,
+            terminal_certificate_ttl_secs: get(&lookup, "terminal_certificate_ttl_secs", "seconds")?,
             iso8583_listen: get(&lookup, "iso8583_listen", "a socket address such as 127.0.0.1:8583")?,
             iso8583_allow_remote: get(&lookup, "iso8583_allow_remote", "true or false")?,
             iso8583_tls_cert: get(&lookup, "iso8583_tls_cert", "a PEM certificate chain file")?,
@@ -204,6 +212,10 @@ impl ConfigLayer {
             dvv_velocity_max,
             dvv_velocity_window_secs,
             dvv_wrong_tries_max,
+            offline_credential_ttl_secs,
+            offline_limit_max_minor,
+            offline_risk_threshold,
+            terminal_certificate_ttl_secs,
             iso8583_listen,
             iso8583_allow_remote,
             iso8583_tls_cert,
@@ -273,6 +285,14 @@ pub struct Config {
     pub dvv_velocity_window_secs: i64,
     /// Wrong DVVs that lock an account until its phone is validated again.
     pub dvv_wrong_tries_max: i64,
+    /// How long an offline credential lasts.
+    pub offline_credential_ttl_secs: i64,
+    /// The largest offline limit a credential may carry, in minor units.
+    pub offline_limit_max_minor: i64,
+    /// A phone whose ticket's risk is at or above this gets no offline credential.
+    pub offline_risk_threshold: u8,
+    /// How long a terminal certificate lasts.
+    pub terminal_certificate_ttl_secs: i64,
     /// Where the ISO 8583 listener binds; none without it.
     pub iso8583_listen: Option<SocketAddr>,
     /// Allow the listener on a non-loopback address (put it behind mutual TLS).
@@ -332,6 +352,10 @@ impl Config {
             dvv_velocity_max: layer.dvv_velocity_max.unwrap_or(20),
             dvv_velocity_window_secs: layer.dvv_velocity_window_secs.unwrap_or(3600),
             dvv_wrong_tries_max: layer.dvv_wrong_tries_max.unwrap_or(3),
+            offline_credential_ttl_secs: layer.offline_credential_ttl_secs.unwrap_or(7 * 24 * 3600),
+            offline_limit_max_minor: layer.offline_limit_max_minor.unwrap_or(100_000),
+            offline_risk_threshold: layer.offline_risk_threshold.unwrap_or(50),
+            terminal_certificate_ttl_secs: layer.terminal_certificate_ttl_secs.unwrap_or(30 * 24 * 3600),
             iso8583_listen: layer.iso8583_listen,
             iso8583_allow_remote: layer.iso8583_allow_remote.unwrap_or(false),
             iso8583_tls_cert: layer.iso8583_tls_cert,
@@ -369,6 +393,8 @@ impl Config {
             ("reader_grant_ttl_secs", self.reader_grant_ttl_secs),
             ("dvv_ttl_secs", self.dvv_policy.ttl_secs),
             ("dvv_velocity_window_secs", self.dvv_velocity_window_secs),
+            ("offline_credential_ttl_secs", self.offline_credential_ttl_secs),
+            ("terminal_certificate_ttl_secs", self.terminal_certificate_ttl_secs),
         ] {
             if !(1..=10 * 365 * 24 * 3600).contains(&secs) {
                 return Err(invalid(name, secs, "1 second to 10 years"));
@@ -396,6 +422,12 @@ impl Config {
             if !(1..=1_000_000).contains(&policy.max_uses) || !(1..=365 * 24 * 3600).contains(&policy.ttl_secs) {
                 return Err(invalid(&name, format!("{policy:?}"), "max_uses 1 to 1000000 and ttl_secs 1 s to 1 year"));
             }
+        }
+        if !(1..=vouch_store::TRANSFER_AMOUNT_MAX_MINOR).contains(&self.offline_limit_max_minor) {
+            return Err(invalid("offline_limit_max_minor", self.offline_limit_max_minor, "1 to 10^12"));
+        }
+        if !(1..=101).contains(&self.offline_risk_threshold) {
+            return Err(invalid("offline_risk_threshold", self.offline_risk_threshold, "1 to 101"));
         }
         if !(1..=101).contains(&self.dvv_risk_threshold) {
             return Err(invalid(

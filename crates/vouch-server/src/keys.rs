@@ -137,6 +137,10 @@ pub type KeyFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, KeyError>> + S
 pub trait KeyStore: Send + Sync + std::fmt::Debug {
     /// Signs a compact JWS with the active key, setting `kid` in the header.
     fn sign_jws(&self, header: Header, payload: &[u8]) -> Result<String, KeyError>;
+    /// Signs `payload` as a tagged COSE_Sign1 (ES256) with the active key and the COSE
+    /// external data `aad`; the kid header holds the bytes of the key's id, as published
+    /// in the JWK Set.
+    fn sign_cose(&self, payload: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeyError>;
     /// A published key by id, for verifying what the server signed.
     fn verifying_key(&self, kid: &str) -> Option<VerifyingKey>;
     /// The keys to publish at `/.well-known/jwks.json`.
@@ -220,6 +224,13 @@ impl KeyStore for DatabaseKeyStore {
         let (kid, key) =
             loaded.keys.iter().find_map(|k| Some((&k.kid, k.signing.as_ref()?))).ok_or(KeyError::NoActiveKey)?;
         Ok(jws::sign(&header.with_kid(kid.clone()), payload, key, &*self.rng)?)
+    }
+
+    fn sign_cose(&self, payload: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let loaded = self.loaded.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (kid, key) =
+            loaded.keys.iter().find_map(|k| Some((&k.kid, k.signing.as_ref()?))).ok_or(KeyError::NoActiveKey)?;
+        Ok(vouch_proto::cose::sign1_with_aad(payload, aad, Some(kid.as_bytes()), key, &*self.rng)?)
     }
 
     fn verifying_key(&self, kid: &str) -> Option<VerifyingKey> {

@@ -18,6 +18,7 @@ mod files;
 pub mod keys;
 pub mod ledger;
 mod metrics;
+pub mod offline;
 mod ops;
 pub mod registry;
 pub mod session;
@@ -182,6 +183,7 @@ pub fn api() -> (Router<AppState>, OpenApi) {
         .merge(session::routes())
         .merge(dvv::routes())
         .merge(ledger::routes())
+        .merge(offline::routes())
         .split_for_parts();
     describe_responses(&mut openapi);
     merge_flattened_objects(&mut openapi);

@@ -13,6 +13,7 @@ mod enrolment;
 mod foundation;
 mod iso8583;
 mod ledger;
+mod offline;
 mod ops;
 mod registry;
 mod session;
