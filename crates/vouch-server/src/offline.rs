@@ -3,27 +3,282 @@
 //! phone holding only the server's key can tell that a payment request comes from an
 //! enrolled merchant and show the merchant's name. The wire types and their checks live
 //! in `vouch_proto::offline`.
+//!
+//! A consumer's phone, over its DPoP-bound token, obtains an offline credential: the
+//! server's signature over the phone's enrolled key, a limit and currency, a counter
+//! start and an expiry. Issuing it moves the limit from the consumer's funding account to
+//! their offline reserve account in the same transaction (the transfer's id is derived
+//! from the credential's), with the credential's row and its audit entry, so whatever
+//! the phone pays under it is already set aside.
 
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::http::header::{CACHE_CONTROL, HeaderValue};
+use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
+use vouch_proto::attest::EarStatus;
 use vouch_proto::b64;
 use vouch_proto::enrol::DeviceKind;
-use vouch_proto::offline::{ID_BYTES, Id, TerminalCertificate, WireType};
-use vouch_store::DeviceStatus;
+use vouch_proto::offline::{ID_BYTES, Id, OfflineCredential, TerminalCertificate, WireType};
+use vouch_store::{
+    Account, AccountKind, DeviceStatus, OfflineCredentialRecord, TRANSFER_AMOUNT_MAX_MINOR, Transfer, TransferOutcome,
+    TransferRefusal,
+};
 
 use crate::auth::{ApiCaller, Scope};
 use crate::error::{ApiError, ApiResult, Problem};
-use crate::extract::ApiPath;
+use crate::extract::{ApiJson, ApiPath};
+use crate::registry::{check_currency, new_id};
+use crate::token::DpopCaller;
 use crate::{AppState, audit};
 
+/// The operation a phone's ticket must allow.
+const OFFLINE_OPERATION: &str = "offline";
+
 pub fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(issue_terminal_certificate))
+    OpenApiRouter::new().routes(routes!(issue_terminal_certificate)).routes(routes!(issue_credential))
+}
+
+/// ISO 4217 numeric code of the alphabetic codes accounts are opened in; an offline
+/// credential carries the numeric one.
+const CURRENCIES: &[(&str, u16)] = &[
+    ("AUD", 36),
+    ("CAD", 124),
+    ("CHF", 756),
+    ("CZK", 203),
+    ("DKK", 208),
+    ("EUR", 978),
+    ("GBP", 826),
+    ("JPY", 392),
+    ("NOK", 578),
+    ("PLN", 985),
+    ("SEK", 752),
+    ("USD", 840),
+];
+
+pub fn currency_numeric(alpha: &str) -> Option<u16> {
+    CURRENCIES.iter().find(|(code, _)| *code == alpha).map(|(_, numeric)| *numeric)
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialRequest {
+    /// ISO 4217 alphabetic code, e.g. `EUR`.
+    pub currency: String,
+    /// What the phone may pay offline under the credential, in minor units.
+    pub limit_minor: i64,
+    /// The consumer's funding account to set the limit aside from; by default their
+    /// oldest funding account in the currency.
+    pub funding_account_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct IssuedCredential {
+    /// base64url (unpadded) tagged COSE_Sign1 of the offline credential, signed by the
+    /// server's active key (kid in the protected header).
+    pub credential: String,
+    pub credential_id: String,
+    pub limit_minor: i64,
+    pub currency: String,
+    /// The first counter value the phone may use under this credential.
+    pub counter_start: i64,
+    pub not_after: i64,
+}
+
+/// Issues an offline credential to the calling consumer phone, moving its limit from
+/// the consumer's funding account to their offline reserve.
+#[utoipa::path(post, path = "/v1/offline/credentials", tag = "offline", request_body = CredentialRequest,
+    params(("DPoP" = String, Header, description = "DPoP proof (RFC 9449) of the phone")),
+    security(("dpop" = [])),
+    responses((status = 201, body = IssuedCredential), (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+async fn issue_credential(
+    State(state): State<AppState>,
+    caller: DpopCaller,
+    ApiJson(body): ApiJson<CredentialRequest>,
+) -> ApiResult<impl IntoResponse> {
+    let issued = issue_checked(&state, &caller, body).await?;
+    Ok((StatusCode::CREATED, [(CACHE_CONTROL, HeaderValue::from_static("no-store"))], Json(issued)))
+}
+
+async fn issue_checked(state: &AppState, caller: &DpopCaller, body: CredentialRequest) -> ApiResult<IssuedCredential> {
+    check_currency(&body.currency)?;
+    let Some(currency_code) = currency_numeric(&body.currency) else {
+        return Err(ApiError::unprocessable("unsupported-currency", format!("{} is not supported", body.currency)));
+    };
+    let config = &state.config;
+    let phone = caller.device_id();
+    let Some(consumer_id) = state.store.consumer_of_device(phone).await? else {
+        return Err(ApiError::forbidden("not-a-consumer-phone", "the calling device belongs to no consumer"));
+    };
+    let token = &caller.token;
+    if token.ear_status != EarStatus::Affirming {
+        return Err(ApiError::forbidden(
+            "ticket-not-affirming",
+            format!("the phone's attestation is {}, expected affirming", token.ear_status.as_str()),
+        ));
+    }
+    if !token.operations.iter().any(|op| op == OFFLINE_OPERATION) {
+        return Err(ApiError::forbidden("operation-not-allowed", "the phone's ticket does not allow offline"));
+    }
+    if token.risk >= config.offline_risk_threshold {
+        return Err(ApiError::forbidden(
+            "risk-too-high",
+            format!("the phone's risk {} is at or above the threshold {}", token.risk, config.offline_risk_threshold),
+        ));
+    }
+    let limit_max = token.max_amount_minor.min(config.offline_limit_max_minor).min(TRANSFER_AMOUNT_MAX_MINOR);
+    if !(1..=limit_max).contains(&body.limit_minor) {
+        return Err(ApiError::unprocessable("invalid-limit", format!("limit_minor must be 1 to {limit_max}")));
+    }
+    let device = state.store.device(phone).await?;
+    let phone_key = crate::attest::device_key(&device)?;
+    let now = state.now();
+    let credential_id = new_id("ocr");
+    let not_after = now.saturating_add(config.offline_credential_ttl_secs);
+    let reserve_account = Account::consumer(
+        &new_id("acc"),
+        AccountKind::ConsumerOfflineReserve,
+        &consumer_id,
+        AccountKind::ConsumerOfflineReserve.as_str(),
+        &body.currency,
+        now,
+    );
+    let record = OfflineCredentialRecord {
+        id: credential_id.clone(),
+        device_id: phone.to_owned(),
+        consumer_id: consumer_id.clone(),
+        reserve_account_id: String::new(),
+        public_key: phone_key.sec1().to_vec(),
+        limit_minor: body.limit_minor,
+        currency: body.currency.clone(),
+        counter_start: 0,
+        issued_at: now,
+        not_after,
+        revoked_at: None,
+    };
+    let (actor, ticket_id, risk) = (format!("device:{phone}"), token.ticket_id.clone(), token.risk);
+    let funding_account_id = body.funding_account_id;
+    let written = state
+        .store
+        .write(move |tx| {
+            Box::pin(async move {
+                let funding = match funding_account_id {
+                    Some(id) => match tx.account(&id).await {
+                        Ok(account) => Some(account),
+                        Err(vouch_store::StoreError::NotFound { .. }) => None,
+                        Err(e) => return Err(e),
+                    },
+                    None => tx.consumer_account(&consumer_id, AccountKind::ConsumerFunding, &record.currency).await?,
+                };
+                let Some(funding) = funding.filter(|a| {
+                    a.kind == AccountKind::ConsumerFunding
+                        && a.consumer_id.as_deref() == Some(consumer_id.as_str())
+                        && a.currency == record.currency
+                }) else {
+                    return Ok(Err(Refusal::NoFundingAccount));
+                };
+                // Checked before anything is written, so a refusal leaves no trace;
+                // the transfer checks again under the account's lock.
+                if funding.balance_minor() < record.limit_minor {
+                    return Ok(Err(Refusal::InsufficientFunds));
+                }
+                let reserve = match tx
+                    .consumer_account(&consumer_id, AccountKind::ConsumerOfflineReserve, &record.currency)
+                    .await?
+                {
+                    Some(reserve) => reserve,
+                    None => {
+                        tx.insert_account(&reserve_account).await?;
+                        reserve_account
+                    }
+                };
+                let record = OfflineCredentialRecord {
+                    reserve_account_id: reserve.id.clone(),
+                    counter_start: tx.next_counter_start(&record.device_id).await?,
+                    ..record
+                };
+                let transfer = Transfer {
+                    id: reserve_transfer_id(&record.id),
+                    debit_account_id: funding.id.clone(),
+                    credit_account_id: reserve.id.clone(),
+                    amount_minor: record.limit_minor,
+                    currency: record.currency.clone(),
+                    reference: format!("offline-credential:{}", record.id),
+                    created_at: now,
+                };
+                match tx.post_transfer(&transfer).await? {
+                    TransferOutcome::Posted => {}
+                    // Another request spent the funds between the check and the lock:
+                    // failing the work undoes the reserve account opened above.
+                    TransferOutcome::Refused(TransferRefusal::InsufficientFunds) => {
+                        return Err(vouch_store::StoreError::Conflict { what: "funding" });
+                    }
+                    other => {
+                        return Err(vouch_store::StoreError::Corrupt {
+                            what: "offline reserve transfer",
+                            detail: format!("{other:?}"),
+                        });
+                    }
+                }
+                tx.insert_offline_credential(&record).await?;
+                let detail = json!({
+                    "consumer_id": record.consumer_id, "funding_account_id": funding.id,
+                    "reserve_account_id": reserve.id, "transfer_id": transfer.id,
+                    "limit_minor": record.limit_minor, "currency": record.currency,
+                    "counter_start": record.counter_start, "not_after": record.not_after,
+                    "ticket_id": ticket_id, "risk": risk,
+                });
+                tx.append_audit(&audit::entry(now, &actor, "offline.credential_issued", &record.id, detail)).await?;
+                Ok(Ok(record))
+            })
+        })
+        .await;
+    let record = match written {
+        Ok(Ok(record)) => record,
+        Ok(Err(Refusal::NoFundingAccount)) => {
+            return Err(ApiError::unprocessable(
+                "no-funding-account",
+                format!("the consumer has no funding account in {} to set the limit aside from", body.currency),
+            ));
+        }
+        Ok(Err(Refusal::InsufficientFunds)) | Err(vouch_store::StoreError::Conflict { what: "funding" }) => {
+            return Err(ApiError::conflict("insufficient-funds", "the funding account cannot cover the limit"));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let credential = OfflineCredential {
+        credential_id: id_bytes(&record.id)?,
+        phone_key,
+        limit_minor: u64::try_from(record.limit_minor).map_err(ApiError::internal)?,
+        currency: currency_code,
+        counter_start: u64::try_from(record.counter_start).map_err(ApiError::internal)?,
+        not_after: record.not_after,
+        issued_at: record.issued_at,
+    };
+    let bytes = sign_wire(state, &credential)?;
+    Ok(IssuedCredential {
+        credential: b64::encode(&bytes),
+        credential_id: record.id,
+        limit_minor: record.limit_minor,
+        currency: record.currency,
+        counter_start: record.counter_start,
+        not_after: record.not_after,
+    })
+}
+
+enum Refusal {
+    NoFundingAccount,
+    InsufficientFunds,
+}
+
+/// The id of the transfer that sets a credential's limit aside: one per credential.
+pub fn reserve_transfer_id(credential_id: &str) -> String {
+    format!("offline-reserve:{credential_id}")
 }
 
 /// The 16 bytes of the UUID behind a server id (`prefix_<32 hex digits>`).

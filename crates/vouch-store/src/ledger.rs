@@ -228,6 +228,22 @@ impl Tx {
         fetch_account(self.conn(), id).await?.ok_or(StoreError::NotFound { what: "account" })
     }
 
+    /// The oldest account of `kind` that `consumer_id` holds in `currency`, if any.
+    pub async fn consumer_account(
+        &mut self,
+        consumer_id: &str,
+        kind: AccountKind,
+        currency: &str,
+    ) -> Result<Option<Account>, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE consumer_id = $1 AND kind = $2 AND currency = $3 \
+             ORDER BY created_at, id LIMIT 1"
+        ));
+        let row =
+            sqlx::query(sql).bind(consumer_id).bind(kind.as_str()).bind(currency).fetch_optional(self.conn()).await?;
+        row.as_ref().map(account_from_row).transpose()
+    }
+
     /// The issuer account of `currency`, opened on first use. Concurrent first uses
     /// open it once: the insert is a no-op when another got there first.
     pub async fn issuer_account(&mut self, currency: &str, now: i64) -> Result<Account, StoreError> {

@@ -16,6 +16,7 @@ mod error;
 mod group_commit;
 mod ledger;
 mod migrate;
+mod offline;
 mod registry;
 mod secrets;
 mod token;
@@ -35,6 +36,7 @@ pub use ledger::{
     Account, AccountKind, TRANSFER_AMOUNT_MAX_MINOR, TRANSFER_BATCH_MAX, Transfer, TransferOutcome, TransferRefusal,
     issuer_account_id,
 };
+pub use offline::OfflineCredentialRecord;
 pub use registry::{Device, DeviceFilter, DeviceStatus, Merchant, ServiceProvider};
 pub use secrets::{ApiKeyRecord, NonceRejection, SigningKeyRecord};
 pub use token::{ReaderSession, TokenSession, TokenSessionState};

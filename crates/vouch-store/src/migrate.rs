@@ -47,6 +47,11 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/sqlite/0007_ledger.sql"),
         postgres: include_str!("../migrations/postgres/0007_ledger.sql"),
     },
+    Migration {
+        version: 8,
+        sqlite: include_str!("../migrations/sqlite/0008_offline.sql"),
+        postgres: include_str!("../migrations/postgres/0008_offline.sql"),
+    },
 ];
 
 /// Serialises concurrent starts of several instances on one PostgreSQL.

@@ -1,14 +1,21 @@
 //! offline: terminal certificates and offline credentials, checked as a phone and a
 //! terminal would check them, with the server's key from the JWK Set.
 
-use serde_json::json;
+use serde_json::{Value, json};
 use vouch_proto::crypto::SystemRandom;
 use vouch_proto::enrol::DeviceKind;
-use vouch_proto::offline::{PaymentRequest, WireType, verify_payment_request, verify_terminal_certificate};
+use vouch_proto::offline::{
+    PaymentRequest, WireType, verify_credential, verify_payment_request, verify_terminal_certificate,
+};
 use vouch_proto::{ProtoError, VerifyingKey, b64};
+use vouch_server::Config;
 
-use crate::attest::fixture;
-use crate::support::{TestServer, assert_problem};
+use crate::attest::{DeviceHealth, fixture};
+use crate::dvv::Market;
+use crate::support::{Reply, TestServer, assert_problem};
+use crate::token::Holder;
+
+const CREDENTIALS: &str = "/v1/offline/credentials";
 
 /// The server's key named by a COSE kid, from the published JWK Set.
 pub async fn server_key(server: &TestServer) -> impl Fn(Option<&[u8]>) -> Result<VerifyingKey, ProtoError> {
@@ -87,4 +94,167 @@ async fn only_an_enrolled_active_terminal_is_certified() {
     assert_problem("suspended", &reply, 409, "device-not-active");
     let reply = server.call("POST", &certificate_path(&terminal.device_id), None, None).await;
     assert_eq!(reply.status.as_u16(), 401);
+}
+
+/// A consumer phone with a session whose consumer has a funding account in EUR.
+struct Wallet {
+    market: Market,
+    funding_id: String,
+}
+
+impl Wallet {
+    async fn new(funded_minor: i64) -> Wallet {
+        Self::on(Market::new().await, funded_minor).await
+    }
+
+    async fn on(market: Market, funded_minor: i64) -> Wallet {
+        let server = &market.phone.fx.server;
+        let admin = Some(server.admin_key.as_str());
+        let consumer_id = &market.consumer_id;
+        let body = json!({"kind": "consumer_funding", "currency": "EUR"});
+        let path = format!("/v1/consumers/{consumer_id}/accounts");
+        let account = server.expect(201, "POST", &path, admin, Some(body)).await;
+        let funding_id = account["account_id"].as_str().unwrap().to_owned();
+        if funded_minor > 0 {
+            let body = json!({"transfer_id": "fund-1", "account_id": funding_id, "amount_minor": funded_minor,
+                "currency": "EUR"});
+            server.expect(201, "POST", &format!("/v1/consumers/{consumer_id}/funding"), admin, Some(body)).await;
+        }
+        Wallet { market, funding_id }
+    }
+
+    fn server(&self) -> &TestServer {
+        &self.market.phone.fx.server
+    }
+
+    async fn ask(&mut self, body: Value) -> Reply {
+        ask(&mut self.market.phone, &self.market.session.token.clone(), body).await
+    }
+
+    async fn balance(&self, account_id: &str) -> i64 {
+        let admin = Some(self.server().admin_key.as_str());
+        let account = self.server().expect(200, "GET", &format!("/v1/accounts/{account_id}"), admin, None).await;
+        account["balance_minor"].as_i64().unwrap()
+    }
+}
+
+async fn ask(phone: &mut Holder, token: &str, body: Value) -> Reply {
+    let proof = phone.proof("POST", CREDENTIALS, Some(token));
+    phone.protected(CREDENTIALS, Some(format!("DPoP {token}")), &[proof], body).await
+}
+
+#[tokio::test]
+async fn a_credential_sets_its_limit_aside_and_verifies_with_the_server_key() {
+    let mut wallet = Wallet::new(10_000).await;
+    let mark = wallet.server().audit_mark().await;
+    let reply = wallet.ask(json!({"currency": "EUR", "limit_minor": 4_000})).await;
+    assert_eq!(reply.status.as_u16(), 201, "{}", reply.json);
+    assert_eq!(reply.headers["cache-control"], "no-store");
+    let issued = reply.json;
+    let credential_id = issued["credential_id"].as_str().unwrap().to_owned();
+    let bytes = b64::decode("credential", issued["credential"].as_str().unwrap()).unwrap();
+    let credential = verify_credential(&bytes, server_key(wallet.server()).await).unwrap();
+    let c = credential.value();
+    let now = wallet.server().now();
+    assert_eq!(c.credential_id, id_bytes(&credential_id));
+    assert_eq!(c.phone_key, wallet.market.phone.key().verifying_key());
+    assert_eq!((c.limit_minor, c.currency, c.counter_start), (4_000, 978, 0));
+    assert_eq!((c.issued_at, c.not_after), (now, now + 7 * 24 * 3600));
+    assert_eq!(
+        (&issued["limit_minor"], &issued["currency"], &issued["counter_start"], &issued["not_after"]),
+        (&json!(4_000), &json!("EUR"), &json!(0), &json!(c.not_after))
+    );
+    c.check_valid_at(now).unwrap();
+
+    let record = wallet.server().state.store.offline_credential(&credential_id).await.unwrap();
+    assert_eq!(record.public_key, c.phone_key.sec1());
+    assert_eq!(record.device_id, wallet.market.phone.device.device_id);
+    assert_eq!(wallet.balance(&wallet.funding_id.clone()).await, 6_000);
+    assert_eq!(wallet.balance(&record.reserve_account_id).await, 4_000);
+    assert!(wallet.server().state.store.ledger_imbalance().await.unwrap().is_empty());
+    let transfer = wallet.server().state.store.transfer(&format!("offline-reserve:{credential_id}")).await.unwrap();
+    assert_eq!(transfer.unwrap().amount_minor, 4_000);
+    wallet.server().assert_audited("issued", mark, &[("offline.credential_issued", &credential_id)]).await;
+
+    // A second credential uses the same reserve account and a counter range of its own.
+    let second =
+        wallet.ask(json!({"currency": "EUR", "limit_minor": 1_000, "funding_account_id": wallet.funding_id})).await;
+    assert_eq!(second.status.as_u16(), 201, "{}", second.json);
+    assert_eq!(second.json["counter_start"], 1_i64 << 32);
+    let again = wallet.server().state.store.offline_credential(second.json["credential_id"].as_str().unwrap()).await;
+    assert_eq!(again.unwrap().reserve_account_id, record.reserve_account_id);
+    assert_eq!(wallet.balance(&record.reserve_account_id).await, 5_000);
+    wallet.server().assert_audit_intact("after issuing").await;
+}
+
+#[tokio::test]
+async fn each_credential_refusal_names_its_reason_and_writes_nothing() {
+    let mut wallet = Wallet::new(500).await;
+    let cases = [
+        (json!({"currency": "EUR", "limit_minor": 501}), 409, "insufficient-funds"),
+        (json!({"currency": "EUR", "limit_minor": 100_001}), 422, "invalid-limit"),
+        (json!({"currency": "EUR", "limit_minor": 0}), 422, "invalid-limit"),
+        (json!({"currency": "EUR", "limit_minor": -5}), 422, "invalid-limit"),
+        (json!({"currency": "USD", "limit_minor": 100}), 422, "no-funding-account"),
+        (
+            json!({"currency": "EUR", "limit_minor": 100, "funding_account_id": "acc_issuer_EUR"}),
+            422,
+            "no-funding-account",
+        ),
+        (json!({"currency": "EUR", "limit_minor": 100, "funding_account_id": "acc_nope"}), 422, "no-funding-account"),
+        (json!({"currency": "XXX", "limit_minor": 100}), 422, "unsupported-currency"),
+        (json!({"currency": "eur", "limit_minor": 100}), 422, "invalid-field"),
+        (json!({"currency": "EUR"}), 422, "invalid-body"),
+        (json!({"currency": "EUR", "limit_minor": "100"}), 422, "invalid-body"),
+        (json!({"currency": "EUR", "limit_minor": 100, "extra": 1}), 422, "invalid-body"),
+    ];
+    let mark = wallet.server().audit_mark().await;
+    for (body, status, problem) in cases {
+        let reply = wallet.ask(body.clone()).await;
+        assert_problem(&body.to_string(), &reply, status, problem);
+    }
+    wallet.server().assert_audited("nothing refused is audited", mark, &[]).await;
+    assert_eq!(wallet.balance(&wallet.funding_id.clone()).await, 500);
+    let device_id = wallet.market.phone.device.device_id.clone();
+    assert!(wallet.server().state.store.offline_credentials_of_device(&device_id).await.unwrap().is_empty());
+    let admin = Some(wallet.server().admin_key.as_str());
+    let accounts = wallet.server().state.store.ledger_imbalance().await.unwrap();
+    assert!(accounts.is_empty());
+    let reply =
+        wallet.server().call("POST", CREDENTIALS, admin, Some(json!({"currency": "EUR", "limit_minor": 1}))).await;
+    assert_eq!(reply.status.as_u16(), 401, "an API key is not a phone: {}", reply.json);
+}
+
+#[tokio::test]
+async fn the_ticket_limit_and_the_configured_cap_bound_the_limit() {
+    let market = Market::with(|c: &mut Config| c.offline_limit_max_minor = 10_000_000, &DeviceHealth::clean()).await;
+    let mut wallet = Wallet::on(market, 1_000_000).await;
+    let max = wallet.market.session.claims.max_amount_minor;
+    let reply = wallet.ask(json!({"currency": "EUR", "limit_minor": max + 1})).await;
+    assert_problem("over the ticket", &reply, 422, "invalid-limit");
+    let reply = wallet.ask(json!({"currency": "EUR", "limit_minor": max})).await;
+    assert_eq!(reply.status.as_u16(), 201, "{}", reply.json);
+
+    let market = Market::with(|c: &mut Config| c.offline_limit_max_minor = 50, &DeviceHealth::clean()).await;
+    let mut wallet = Wallet::on(market, 1_000).await;
+    let reply = wallet.ask(json!({"currency": "EUR", "limit_minor": 51})).await;
+    assert_problem("over the cap", &reply, 422, "invalid-limit");
+}
+
+#[tokio::test]
+async fn a_ticket_must_allow_offline() {
+    let policy = vouch_server::attest::DEFAULT_POLICY.replace(r#""token", "dvv", "offline""#, r#""token", "dvv""#);
+    assert_ne!(policy, vouch_server::attest::DEFAULT_POLICY);
+    let market = Market::with_policy(&policy, |_| {}, &DeviceHealth::clean()).await;
+    let mut wallet = Wallet::on(market, 1_000).await;
+    let reply = wallet.ask(json!({"currency": "EUR", "limit_minor": 100})).await;
+    assert_problem("no offline operation", &reply, 403, "operation-not-allowed");
+}
+
+#[tokio::test]
+async fn a_device_that_is_not_a_consumer_phone_gets_no_credential() {
+    let mut pos = Holder::on(fixture().await, DeviceKind::Pos, &DeviceHealth::clean()).await;
+    let session = pos.session().await;
+    let reply = ask(&mut pos, &session.token, json!({"currency": "EUR", "limit_minor": 100})).await;
+    assert_problem("pos", &reply, 403, "not-a-consumer-phone");
 }

@@ -55,6 +55,7 @@ const OPERATIONS: &[(&str, &str)] = &[
     ("post", "/v1/consumers/{}/funding"),
     ("get", "/v1/accounts/{}/transfers"),
     ("post", "/v1/devices/{}/terminal-certificate"),
+    ("post", "/v1/offline/credentials"),
 ];
 
 /// Authenticated by the device's signature inside the body or its DPoP proof alone,
