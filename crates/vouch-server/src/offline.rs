@@ -22,9 +22,9 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use vouch_proto::attest::EarStatus;
-use vouch_proto::b64;
 use vouch_proto::enrol::DeviceKind;
 use vouch_proto::offline::{ID_BYTES, Id, OfflineCredential, TerminalCertificate, WireType};
+use vouch_proto::{VerifyingKey, b64};
 use vouch_store::{
     Account, AccountKind, DeviceStatus, OfflineCredentialRecord, TRANSFER_AMOUNT_MAX_MINOR, Transfer, TransferOutcome,
     TransferRefusal,
@@ -33,6 +33,7 @@ use vouch_store::{
 use crate::auth::{ApiCaller, Scope};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::{ApiJson, ApiPath};
+use crate::keys::KeyStore;
 use crate::registry::{check_currency, new_id};
 use crate::token::DpopCaller;
 use crate::{AppState, audit};
@@ -163,6 +164,7 @@ async fn issue_checked(state: &AppState, caller: &DpopCaller, body: CredentialRe
     };
     let (actor, ticket_id, risk) = (format!("device:{phone}"), token.ticket_id.clone(), token.risk);
     let funding_account_id = body.funding_account_id;
+    let keys = state.keys.clone();
     let written = state
         .store
         .write(move |tx| {
@@ -187,6 +189,13 @@ async fn issue_checked(state: &AppState, caller: &DpopCaller, body: CredentialRe
                 if funding.balance_minor() < record.limit_minor {
                     return Ok(Err(Refusal::InsufficientFunds));
                 }
+                let counter_start = tx.next_counter_start(&record.device_id).await?;
+                // Signed before anything is written: a credential is recorded only
+                // together with the signature the phone receives.
+                let signed = match sign_credential(&*keys, &record, counter_start, &phone_key, currency_code) {
+                    Ok(signed) => signed,
+                    Err(e) => return Ok(Err(Refusal::Signing(e))),
+                };
                 let reserve = match tx
                     .consumer_account(&consumer_id, AccountKind::ConsumerOfflineReserve, &record.currency)
                     .await?
@@ -197,11 +206,8 @@ async fn issue_checked(state: &AppState, caller: &DpopCaller, body: CredentialRe
                         reserve_account
                     }
                 };
-                let record = OfflineCredentialRecord {
-                    reserve_account_id: reserve.id.clone(),
-                    counter_start: tx.next_counter_start(&record.device_id).await?,
-                    ..record
-                };
+                let record =
+                    OfflineCredentialRecord { reserve_account_id: reserve.id.clone(), counter_start, ..record };
                 let transfer = Transfer {
                     id: reserve_transfer_id(&record.id),
                     debit_account_id: funding.id.clone(),
@@ -234,12 +240,13 @@ async fn issue_checked(state: &AppState, caller: &DpopCaller, body: CredentialRe
                     "ticket_id": ticket_id, "risk": risk,
                 });
                 tx.append_audit(&audit::entry(now, &actor, "offline.credential_issued", &record.id, detail)).await?;
-                Ok(Ok(record))
+                Ok(Ok((record, signed)))
             })
         })
         .await;
-    let record = match written {
-        Ok(Ok(record)) => record,
+    let (record, bytes) = match written {
+        Ok(Ok(written)) => written,
+        Ok(Err(Refusal::Signing(e))) => return Err(ApiError::internal(e)),
         Ok(Err(Refusal::NoFundingAccount)) => {
             return Err(ApiError::unprocessable(
                 "no-funding-account",
@@ -251,16 +258,6 @@ async fn issue_checked(state: &AppState, caller: &DpopCaller, body: CredentialRe
         }
         Err(e) => return Err(e.into()),
     };
-    let credential = OfflineCredential {
-        credential_id: id_bytes(&record.id)?,
-        phone_key,
-        limit_minor: u64::try_from(record.limit_minor).map_err(ApiError::internal)?,
-        currency: currency_code,
-        counter_start: u64::try_from(record.counter_start).map_err(ApiError::internal)?,
-        not_after: record.not_after,
-        issued_at: record.issued_at,
-    };
-    let bytes = sign_wire(state, &credential)?;
     Ok(IssuedCredential {
         credential: b64::encode(&bytes),
         credential_id: record.id,
@@ -274,6 +271,29 @@ async fn issue_checked(state: &AppState, caller: &DpopCaller, body: CredentialRe
 enum Refusal {
     NoFundingAccount,
     InsufficientFunds,
+    Signing(String),
+}
+
+/// The COSE credential for `record`, starting to count at `counter_start`.
+fn sign_credential(
+    keys: &dyn KeyStore,
+    record: &OfflineCredentialRecord,
+    counter_start: i64,
+    phone_key: &VerifyingKey,
+    currency: u16,
+) -> Result<Vec<u8>, String> {
+    let credential = OfflineCredential {
+        credential_id: id_bytes(&record.id).map_err(|_| format!("credential id {} is not a UUID", record.id))?,
+        phone_key: *phone_key,
+        limit_minor: u64::try_from(record.limit_minor).map_err(|e| e.to_string())?,
+        currency,
+        counter_start: u64::try_from(counter_start).map_err(|e| e.to_string())?,
+        not_after: record.not_after,
+        issued_at: record.issued_at,
+    };
+    let payload = credential.to_cbor();
+    OfflineCredential::from_cbor(&payload).map_err(|e| e.to_string())?;
+    keys.sign_cose(&payload, OfflineCredential::AAD).map_err(|e| e.to_string())
 }
 
 /// The id of the transfer that sets a credential's limit aside: one per credential.

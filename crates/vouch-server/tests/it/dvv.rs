@@ -259,14 +259,14 @@ async fn a_suspended_phone_values_stop_at_once() {
 
 /// The default policy, except that medium signals alone leave a device affirming (with
 /// their risk), as a deployment that grades phones by risk would have it.
-fn risk_tolerant_policy() -> String {
+pub fn risk_tolerant_policy() -> String {
     let policy =
         vouch_server::attest::DEFAULT_POLICY.replace("} else := \"warning\" if {\n\tcount(cautionary) > 0\n", "");
     assert_ne!(policy, vouch_server::attest::DEFAULT_POLICY, "the default policy still has the cautionary rule");
     policy
 }
 
-fn outdated_phone() -> DeviceHealth {
+pub fn outdated_phone() -> DeviceHealth {
     DeviceHealth { os_patch_level: "2019-01-01".into(), ..DeviceHealth::clean() }
 }
 

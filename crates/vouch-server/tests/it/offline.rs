@@ -11,7 +11,7 @@ use vouch_proto::{ProtoError, VerifyingKey, b64};
 use vouch_server::Config;
 
 use crate::attest::{DeviceHealth, fixture};
-use crate::dvv::Market;
+use crate::dvv::{Market, outdated_phone, risk_tolerant_policy};
 use crate::support::{Reply, TestServer, assert_problem};
 use crate::token::Holder;
 
@@ -257,4 +257,22 @@ async fn a_device_that_is_not_a_consumer_phone_gets_no_credential() {
     let session = pos.session().await;
     let reply = ask(&mut pos, &session.token, json!({"currency": "EUR", "limit_minor": 100})).await;
     assert_problem("pos", &reply, 403, "not-a-consumer-phone");
+}
+
+#[tokio::test]
+async fn a_risky_or_unaffirmed_phone_gets_no_credential() {
+    let configure = |c: &mut Config| {
+        c.attest_spot_check_share = 1.0;
+        c.offline_risk_threshold = 1;
+    };
+    let market = Market::with_policy(&risk_tolerant_policy(), configure, &outdated_phone()).await;
+    let mut wallet = Wallet::on(market, 1_000).await;
+    let reply = wallet.ask(json!({"currency": "EUR", "limit_minor": 100})).await;
+    assert_problem("risk", &reply, 403, "risk-too-high");
+
+    let market = Market::with(|c| c.attest_spot_check_share = 1.0, &outdated_phone()).await;
+    let mut wallet = Wallet::on(market, 1_000).await;
+    let reply = wallet.ask(json!({"currency": "EUR", "limit_minor": 100})).await;
+    assert_problem("warning", &reply, 403, "ticket-not-affirming");
+    assert_eq!(wallet.balance(&wallet.funding_id.clone()).await, 1_000);
 }
