@@ -471,7 +471,7 @@ impl WireType for MerchantCountersignature {
 pub struct SignedReceipt {
     /// [`payment_id`]: SHA-256 of the signed approval's bytes.
     pub payment_id: Digest,
-    pub transfer_id: Id,
+    pub transfer_id: Digest,
     pub amount_minor: u64,
     pub currency: u16,
     pub settled_at: i64,

@@ -52,6 +52,11 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/sqlite/0008_offline.sql"),
         postgres: include_str!("../migrations/postgres/0008_offline.sql"),
     },
+    Migration {
+        version: 9,
+        sqlite: include_str!("../migrations/sqlite/0009_offline_payments.sql"),
+        postgres: include_str!("../migrations/postgres/0009_offline_payments.sql"),
+    },
 ];
 
 /// Serialises concurrent starts of several instances on one PostgreSQL.

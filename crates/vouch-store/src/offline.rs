@@ -96,3 +96,171 @@ impl Store {
         rows.iter().map(from_row).collect()
     }
 }
+
+/// A settled offline payment, with the receipt the server signed for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfflinePaymentRecord {
+    /// SHA-256 of the signed approval, hex; also the id of its transfer.
+    pub payment_id: String,
+    pub credential_id: String,
+    pub counter: i64,
+    /// The request's nonce, hex.
+    pub nonce: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub merchant_id: String,
+    pub terminal_id: String,
+    pub receipt: Vec<u8>,
+    pub settled_at: i64,
+}
+
+const PAYMENT_COLUMNS: &str =
+    "payment_id, credential_id, counter, nonce, amount_minor, currency, merchant_id, terminal_id, receipt, settled_at";
+
+fn payment_from_row(row: &AnyRow) -> Result<OfflinePaymentRecord, StoreError> {
+    Ok(OfflinePaymentRecord {
+        payment_id: row.try_get("payment_id")?,
+        credential_id: row.try_get("credential_id")?,
+        counter: row.try_get("counter")?,
+        nonce: row.try_get("nonce")?,
+        amount_minor: row.try_get("amount_minor")?,
+        currency: row.try_get("currency")?,
+        merchant_id: row.try_get("merchant_id")?,
+        terminal_id: row.try_get("terminal_id")?,
+        receipt: row.try_get("receipt")?,
+        settled_at: row.try_get("settled_at")?,
+    })
+}
+
+impl Tx {
+    /// The payment stored under `column` = `value` (`payment_id` or `nonce`), if any.
+    async fn offline_payment_where(
+        &mut self,
+        column: &'static str,
+        value: &str,
+    ) -> Result<Option<OfflinePaymentRecord>, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!("SELECT {PAYMENT_COLUMNS} FROM offline_payments WHERE {column} = $1"));
+        let row = sqlx::query(sql).bind(value).fetch_optional(self.conn()).await?;
+        row.as_ref().map(payment_from_row).transpose()
+    }
+
+    pub async fn offline_payment(&mut self, payment_id: &str) -> Result<Option<OfflinePaymentRecord>, StoreError> {
+        self.offline_payment_where("payment_id", payment_id).await
+    }
+
+    pub async fn offline_payment_by_nonce(&mut self, nonce: &str) -> Result<Option<OfflinePaymentRecord>, StoreError> {
+        self.offline_payment_where("nonce", nonce).await
+    }
+
+    pub async fn offline_payment_by_counter(
+        &mut self,
+        credential_id: &str,
+        counter: i64,
+    ) -> Result<Option<OfflinePaymentRecord>, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {PAYMENT_COLUMNS} FROM offline_payments WHERE credential_id = $1 AND counter = $2"
+        ));
+        let row = sqlx::query(sql).bind(credential_id).bind(counter).fetch_optional(self.conn()).await?;
+        row.as_ref().map(payment_from_row).transpose()
+    }
+
+    /// Counts `amount_minor` against the credential's limit, if it is not revoked and
+    /// the amount fits what is left; false (nothing written) otherwise. One statement,
+    /// so concurrent payments under one credential cannot together pass its limit.
+    pub async fn spend_offline_credential(&mut self, id: &str, amount_minor: i64) -> Result<bool, StoreError> {
+        let spent = sqlx::query(
+            "UPDATE offline_credentials SET settled_minor = settled_minor + $2 \
+             WHERE id = $1 AND revoked_at IS NULL AND settled_minor + $2 <= limit_minor",
+        )
+        .bind(id)
+        .bind(amount_minor)
+        .execute(self.conn())
+        .await?;
+        Ok(spent.rows_affected() == 1)
+    }
+
+    /// Revokes a credential at `now`; false if it was revoked already.
+    pub async fn revoke_offline_credential(&mut self, id: &str, now: i64) -> Result<bool, StoreError> {
+        let revoked =
+            sqlx::query("UPDATE offline_credentials SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL")
+                .bind(id)
+                .bind(now)
+                .execute(self.conn())
+                .await?;
+        Ok(revoked.rows_affected() == 1)
+    }
+
+    pub async fn insert_offline_payment(&mut self, payment: &OfflinePaymentRecord) -> Result<(), StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "INSERT INTO offline_payments ({PAYMENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+        ));
+        sqlx::query(sql)
+            .bind(&payment.payment_id)
+            .bind(&payment.credential_id)
+            .bind(payment.counter)
+            .bind(&payment.nonce)
+            .bind(payment.amount_minor)
+            .bind(&payment.currency)
+            .bind(&payment.merchant_id)
+            .bind(&payment.terminal_id)
+            .bind(&payment.receipt)
+            .bind(payment.settled_at)
+            .execute(self.conn())
+            .await
+            .map_err(StoreError::on_insert("offline payment", "credential or merchant"))?;
+        Ok(())
+    }
+
+    /// The oldest settlement account of `merchant_id` in `currency`, opened on first
+    /// use under an id derived from both, so concurrent first uses open it once.
+    pub async fn merchant_settlement_account(
+        &mut self,
+        merchant_id: &str,
+        currency: &str,
+        now: i64,
+    ) -> Result<crate::Account, StoreError> {
+        let existing: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM accounts WHERE merchant_id = $1 AND kind = 'merchant_settlement' AND currency = $2 \
+             ORDER BY created_at, id LIMIT 1",
+        )
+        .bind(merchant_id)
+        .bind(currency)
+        .fetch_optional(self.conn())
+        .await?;
+        let id = match existing {
+            Some(id) => id,
+            None => {
+                let id = format!("acc_settle_{merchant_id}_{currency}");
+                sqlx::query(
+                    "INSERT INTO accounts (id, kind, merchant_id, label, currency, overdraft_allowed, created_at) \
+                     VALUES ($1, 'merchant_settlement', $2, 'offline settlement', $3, 0, $4) ON CONFLICT DO NOTHING",
+                )
+                .bind(&id)
+                .bind(merchant_id)
+                .bind(currency)
+                .bind(now)
+                .execute(self.conn())
+                .await?;
+                id
+            }
+        };
+        self.account(&id).await
+    }
+}
+
+impl Store {
+    pub async fn offline_payment(&self, payment_id: &str) -> Result<Option<OfflinePaymentRecord>, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!("SELECT {PAYMENT_COLUMNS} FROM offline_payments WHERE payment_id = $1"));
+        let row = sqlx::query(sql).bind(payment_id).fetch_optional(self.pool()).await?;
+        row.as_ref().map(payment_from_row).transpose()
+    }
+
+    /// What a credential's settled payments have moved so far.
+    pub async fn offline_credential_settled(&self, id: &str) -> Result<i64, StoreError> {
+        let settled: Option<i64> = sqlx::query_scalar("SELECT settled_minor FROM offline_credentials WHERE id = $1")
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?;
+        settled.ok_or(StoreError::NotFound { what: "offline credential" })
+    }
+}

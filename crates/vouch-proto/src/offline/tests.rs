@@ -113,7 +113,7 @@ fn a_whole_purchase_verifies_as_settlement_would() {
 
     let receipt = SignedReceipt {
         payment_id: payment_id(approval.bytes()),
-        transfer_id: [9; ID_BYTES],
+        transfer_id: [9; DIGEST_BYTES],
         amount_minor: request.value().amount_minor,
         currency: request.value().currency,
         settled_at: NOW + 60,
@@ -457,7 +457,7 @@ proptest! {
 
     #[test]
     fn receipt_round_trips(
-        payment_id in any_digest(), transfer_id in any_id(), amount_minor in any::<u64>(), currency in any_currency(),
+        payment_id in any_digest(), transfer_id in any_digest(), amount_minor in any::<u64>(), currency in any_currency(),
         settled_at in any::<i64>(),
     ) {
         round_trips(SignedReceipt { payment_id, transfer_id, amount_minor, currency, settled_at })?;

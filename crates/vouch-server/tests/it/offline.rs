@@ -5,12 +5,13 @@ use serde_json::{Value, json};
 use vouch_proto::crypto::SystemRandom;
 use vouch_proto::enrol::DeviceKind;
 use vouch_proto::offline::{
-    PaymentRequest, WireType, verify_credential, verify_payment_request, verify_terminal_certificate,
+    ConsumerApproval, MerchantCountersignature, PaymentRequest, TerminalCertificate, WireType, countersignature_digest,
+    payment_id, verify_credential, verify_payment_request, verify_receipt, verify_terminal_certificate,
 };
 use vouch_proto::{ProtoError, VerifyingKey, b64};
 use vouch_server::Config;
 
-use crate::attest::{DeviceHealth, fixture};
+use crate::attest::{DeviceHealth, Enrolled, fixture};
 use crate::dvv::{Market, outdated_phone, risk_tolerant_policy};
 use crate::support::{Reply, TestServer, assert_problem};
 use crate::token::Holder;
@@ -275,4 +276,165 @@ async fn a_risky_or_unaffirmed_phone_gets_no_credential() {
     let reply = wallet.ask(json!({"currency": "EUR", "limit_minor": 100})).await;
     assert_problem("warning", &reply, 403, "ticket-not-affirming");
     assert_eq!(wallet.balance(&wallet.funding_id.clone()).await, 1_000);
+}
+
+const SETTLE: &str = "/v1/offline-payments";
+
+/// A funded phone holding a credential, and a certified terminal of the merchant.
+struct Shop {
+    wallet: Wallet,
+    terminal: Enrolled,
+    certificate: Vec<u8>,
+    credential_id: String,
+    reserve_id: String,
+    counter: u64,
+    nonce: u8,
+}
+
+impl Shop {
+    async fn new(limit_minor: i64) -> Shop {
+        let mut wallet = Wallet::new(10_000).await;
+        let reply = wallet.ask(json!({"currency": "EUR", "limit_minor": limit_minor})).await;
+        assert_eq!(reply.status.as_u16(), 201, "{}", reply.json);
+        let credential_id = reply.json["credential_id"].as_str().unwrap().to_owned();
+        let terminal = wallet.market.phone.fx.enrol(DeviceKind::Terminal).await;
+        let server = wallet.server();
+        let admin = Some(server.admin_key.as_str());
+        let issued = server.expect(201, "POST", &certificate_path(&terminal.device_id), admin, None).await;
+        let certificate = b64::decode("certificate", issued["certificate"].as_str().unwrap()).unwrap();
+        let reserve_id = server.state.store.offline_credential(&credential_id).await.unwrap().reserve_account_id;
+        Shop { wallet, terminal, certificate, credential_id, reserve_id, counter: 0, nonce: 0 }
+    }
+
+    fn server(&self) -> &TestServer {
+        self.wallet.server()
+    }
+
+    fn cert(&self) -> TerminalCertificate {
+        let sign1 = vouch_proto::cose::UnverifiedSign1::parse(&self.certificate).unwrap();
+        TerminalCertificate::from_cbor(sign1.payload_unverified()).unwrap()
+    }
+
+    fn request(&mut self, amount_minor: u64) -> PaymentRequest {
+        let cert = self.cert();
+        self.nonce += 1;
+        PaymentRequest {
+            merchant_id: cert.merchant_id,
+            terminal_id: cert.terminal_id,
+            amount_minor,
+            currency: 978,
+            nonce: [self.nonce; 16],
+            time: self.server().now(),
+        }
+    }
+
+    /// The three legs of a payment of `request`, approved under `counter`.
+    fn legs(&self, request: PaymentRequest, counter: u64) -> Value {
+        let rng = SystemRandom::new();
+        let request = request.sign(None, &self.terminal.device.key, &rng).unwrap();
+        let approval = ConsumerApproval {
+            request_hash: vouch_proto::crypto::sha256(request.bytes()),
+            credential_id: id_bytes(&self.credential_id),
+            counter,
+            time: self.server().now(),
+        }
+        .sign(None, self.wallet.market.phone.key(), &rng)
+        .unwrap();
+        let countersignature = MerchantCountersignature {
+            digest: countersignature_digest(request.bytes(), approval.bytes()),
+            time: self.server().now(),
+        }
+        .sign(None, &self.terminal.device.key, &rng)
+        .unwrap();
+        json!({
+            "terminal_certificate": b64::encode(&self.certificate),
+            "request": b64::encode(request.bytes()),
+            "approval": b64::encode(approval.bytes()),
+            "countersignature": b64::encode(countersignature.bytes()),
+        })
+    }
+
+    /// A fresh, valid payment of `amount_minor` under the next counter.
+    fn payment(&mut self, amount_minor: u64) -> Value {
+        let request = self.request(amount_minor);
+        self.counter += 1;
+        self.legs(request, self.counter)
+    }
+
+    async fn settle(&self, payments: &[Value]) -> Vec<Value> {
+        let admin = Some(self.server().admin_key.as_str());
+        let reply = self.server().expect(200, "POST", SETTLE, admin, Some(json!({"payments": payments}))).await;
+        reply["results"].as_array().unwrap().clone()
+    }
+
+    async fn settle_one(&self, payment: &Value) -> Value {
+        self.settle(std::slice::from_ref(payment)).await.remove(0)
+    }
+
+    async fn merchant_balance(&self) -> i64 {
+        let id = format!("acc_settle_{}_EUR", self.wallet.market.phone.fx.merchant_id);
+        self.wallet.balance(&id).await
+    }
+}
+
+fn assert_refused(what: &str, result: &Value, reason: &str) {
+    assert_eq!(result["status"], "refused", "{what}: {result}");
+    assert_eq!(result["reason"], reason, "{what}: {result}");
+    assert!(result.get("receipt").is_none(), "{what}: {result}");
+}
+
+#[tokio::test]
+async fn a_payment_settles_once_with_a_receipt_that_verifies() {
+    let mut shop = Shop::new(4_000).await;
+    let payment = shop.payment(1_250);
+    let approval = b64::decode("approval", payment["approval"].as_str().unwrap()).unwrap();
+    let expected_id: String = payment_id(&approval).iter().map(|b| format!("{b:02x}")).collect();
+    let mark = shop.server().audit_mark().await;
+    let result = shop.settle_one(&payment).await;
+    assert_eq!(result["status"], "settled", "{result}");
+    assert_eq!(result["payment_id"], expected_id.as_str());
+    assert_eq!(result["transfer_id"], expected_id.as_str());
+    shop.server().assert_audited("settled", mark, &[("offline.settled", &expected_id)]).await;
+    assert_eq!(shop.merchant_balance().await, 1_250);
+    assert_eq!(shop.wallet.balance(&shop.reserve_id.clone()).await, 2_750);
+    assert!(shop.server().state.store.ledger_imbalance().await.unwrap().is_empty());
+    let receipt_bytes = b64::decode("receipt", result["receipt"].as_str().unwrap()).unwrap();
+    let receipt = verify_receipt(&receipt_bytes, server_key(shop.server()).await).unwrap();
+    let r = receipt.value();
+    assert_eq!(r.payment_id, payment_id(&approval));
+    assert_eq!(r.transfer_id, payment_id(&approval));
+    assert_eq!((r.amount_minor, r.currency, r.settled_at), (1_250, 978, shop.server().now()));
+    let transfer = shop.server().state.store.transfer(&expected_id).await.unwrap().unwrap();
+    assert_eq!((transfer.amount_minor, transfer.debit_account_id.as_str()), (1_250, shop.reserve_id.as_str()));
+
+    // The same payment again: the same receipt, and nothing moves.
+    let again = shop.settle_one(&payment).await;
+    assert_eq!(again["status"], "already_settled", "{again}");
+    assert_eq!(again["receipt"], result["receipt"]);
+    assert_eq!(again["transfer_id"], result["transfer_id"]);
+    assert_eq!(shop.merchant_balance().await, 1_250);
+    assert_eq!(shop.wallet.balance(&shop.reserve_id.clone()).await, 2_750);
+    shop.server().assert_audit_intact("after settling").await;
+}
+
+#[tokio::test]
+async fn a_double_spend_is_refused_revokes_the_credential_and_is_audited() {
+    let mut shop = Shop::new(4_000).await;
+    let first = shop.payment(1_000);
+    assert_eq!(shop.settle_one(&first).await["status"], "settled");
+    let request = shop.request(500);
+    let double = shop.legs(request, shop.counter);
+    let mark = shop.server().audit_mark().await;
+    let result = shop.settle_one(&double).await;
+    assert_refused("double spend", &result, "double-spend");
+    let credential_id = shop.credential_id.clone();
+    shop.server().assert_audited("fraud", mark, &[("offline.double_spend", &credential_id)]).await;
+    let record = shop.server().state.store.offline_credential(&credential_id).await.unwrap();
+    assert!(record.revoked_at.is_some());
+    let later = shop.payment(100);
+    assert_refused("after revocation", &shop.settle_one(&later).await, "credential-revoked");
+    // What was settled before stays settled.
+    assert_eq!(shop.settle_one(&first).await["status"], "already_settled");
+    assert_eq!(shop.merchant_balance().await, 1_000);
+    assert!(shop.server().state.store.ledger_imbalance().await.unwrap().is_empty());
 }
