@@ -12,6 +12,7 @@
 //! the phone pays under it is already set aside.
 
 use axum::Json;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::http::header::{CACHE_CONTROL, HeaderValue};
@@ -386,6 +387,10 @@ async fn issue_terminal_certificate(
 /// Most payments in one settlement request.
 pub const SETTLEMENT_BATCH_MAX: usize = 1_000;
 
+/// The body limit of a settlement request: a full batch of payments, each well under
+/// 2 KiB in base64url, fits with room to spare; a batch over 1,000 is refused by count.
+pub const SETTLEMENT_BODY_BYTES_MAX: usize = 4 * 1024 * 1024;
+
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SettlementRequest {
@@ -478,7 +483,7 @@ impl SettlementResult {
 async fn settle_payments(
     State(state): State<AppState>,
     caller: ApiCaller,
-    ApiJson(body): ApiJson<SettlementRequest>,
+    SettlementJson(body): SettlementJson,
 ) -> ApiResult<Json<SettlementResults>> {
     caller.require(Scope::Terminal)?;
     let count = body.payments.len();
@@ -506,6 +511,20 @@ async fn settle_payments(
         results.push(settle_one(&state, &actor, legs).await?);
     }
     Ok(Json(SettlementResults { results }))
+}
+
+/// The settlement body, read under [`SETTLEMENT_BODY_BYTES_MAX`]: a full batch is far
+/// over the default body limit.
+struct SettlementJson(SettlementRequest);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for SettlementJson {
+    type Rejection = ApiError;
+
+    async fn from_request(mut req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        DefaultBodyLimit::max(SETTLEMENT_BODY_BYTES_MAX).apply(&mut req);
+        let ApiJson(body) = ApiJson::<SettlementRequest>::from_request(req, state).await?;
+        Ok(SettlementJson(body))
+    }
 }
 
 struct Legs {

@@ -438,3 +438,106 @@ async fn a_double_spend_is_refused_revokes_the_credential_and_is_audited() {
     assert_eq!(shop.merchant_balance().await, 1_000);
     assert!(shop.server().state.store.ledger_imbalance().await.unwrap().is_empty());
 }
+
+/// `payment` with the last byte of one leg's signature flipped.
+fn tampered(payment: &Value, leg: &'static str) -> Value {
+    let mut bytes = b64::decode(leg, payment[leg].as_str().unwrap()).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    let mut payment = payment.clone();
+    payment[leg] = json!(b64::encode(&bytes));
+    payment
+}
+
+#[tokio::test]
+async fn a_reused_nonce_and_an_amount_over_the_remaining_limit_are_refused() {
+    let mut shop = Shop::new(1_000).await;
+    let first = shop.payment(600);
+    assert_eq!(shop.settle_one(&first).await["status"], "settled");
+    // The same request (and nonce) approved again under a new counter.
+    let mut request = shop.request(100);
+    request.nonce = [shop.nonce - 1; 16];
+    shop.counter += 1;
+    let reused = shop.legs(request, shop.counter);
+    assert_refused("reused nonce", &shop.settle_one(&reused).await, "nonce-reused");
+    let over = shop.payment(401);
+    assert_refused("over the remaining limit", &shop.settle_one(&over).await, "over-limit");
+    let rest = shop.payment(400);
+    assert_eq!(shop.settle_one(&rest).await["status"], "settled");
+    assert_eq!(shop.merchant_balance().await, 1_000);
+    assert_eq!(shop.wallet.balance(&shop.reserve_id.clone()).await, 0);
+    let record = shop.server().state.store.offline_credential(&shop.credential_id).await.unwrap();
+    assert!(record.revoked_at.is_none(), "a refusal other than a double spend revokes nothing");
+    assert!(shop.server().state.store.ledger_imbalance().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn each_tampered_leg_is_refused_and_moves_nothing() {
+    let mut shop = Shop::new(4_000).await;
+    let payment = shop.payment(500);
+    for (leg, reason) in [
+        ("terminal_certificate", "server-signature"),
+        ("request", "terminal-signature"),
+        ("approval", "phone-signature"),
+        ("countersignature", "countersignature-signature"),
+    ] {
+        assert_refused(leg, &shop.settle_one(&tampered(&payment, leg)).await, reason);
+    }
+    // A request signed by another terminal's key, under this terminal's certificate.
+    let other = shop.wallet.market.phone.fx.enrol(DeviceKind::Terminal).await;
+    let rng = SystemRandom::new();
+    let mut forged = payment.clone();
+    let request = shop.request(500).sign(None, &other.device.key, &rng).unwrap();
+    forged["request"] = json!(b64::encode(request.bytes()));
+    assert_refused("another terminal's request", &shop.settle_one(&forged).await, "terminal-signature");
+    // A certificate signed by another key under the server's kid.
+    let kid = vouch_proto::cose::UnverifiedSign1::parse(&shop.certificate).unwrap().kid().unwrap().to_vec();
+    let certificate = shop.cert().sign(Some(&kid), &other.device.key, &rng).unwrap();
+    let mut forged = payment.clone();
+    forged["terminal_certificate"] = json!(b64::encode(certificate.bytes()));
+    assert_refused("certificate by another key", &shop.settle_one(&forged).await, "server-signature");
+    let certificate = shop.cert().sign(None, &other.device.key, &rng).unwrap();
+    forged["terminal_certificate"] = json!(b64::encode(certificate.bytes()));
+    assert_refused("certificate with no server kid", &shop.settle_one(&forged).await, "unknown-server-key");
+    assert_eq!(shop.wallet.balance(&shop.reserve_id.clone()).await, 4_000);
+    // Untouched, the payment settles.
+    assert_eq!(shop.settle_one(&payment).await["status"], "settled");
+}
+
+#[tokio::test]
+async fn a_batch_settles_its_good_payments_and_refuses_its_bad_ones() {
+    let mut shop = Shop::new(4_000).await;
+    let good = shop.payment(300);
+    let bad = tampered(&shop.payment(300), "approval");
+    let also_good = shop.payment(200);
+    let results = shop.settle(&[good.clone(), bad, also_good, good]).await;
+    let statuses: Vec<&str> = results.iter().map(|r| r["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["settled", "refused", "settled", "already_settled"]);
+    assert_eq!(results[1]["reason"], "phone-signature");
+    assert_eq!(results[3]["receipt"], results[0]["receipt"]);
+    assert_eq!(shop.merchant_balance().await, 500);
+    assert!(shop.server().state.store.ledger_imbalance().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_malformed_batch_is_a_problem_and_settlement_needs_a_terminal_key() {
+    let mut shop = Shop::new(4_000).await;
+    let payment = shop.payment(100);
+    let admin_key = shop.server().admin_key.clone();
+    let admin = Some(admin_key.as_str());
+    let reply = shop.server().call("POST", SETTLE, admin, Some(json!({"payments": []}))).await;
+    assert_problem("empty", &reply, 422, "invalid-batch");
+    let many = vec![payment.clone(); 1_001];
+    let reply = shop.server().call("POST", SETTLE, admin, Some(json!({"payments": many}))).await;
+    assert_problem("over 1,000", &reply, 422, "invalid-batch");
+    let mut broken = payment.clone();
+    broken["approval"] = json!("not base64url!");
+    let reply = shop.server().call("POST", SETTLE, admin, Some(json!({"payments": [payment, broken]}))).await;
+    assert_problem("bad base64", &reply, 400, "invalid-base64");
+    let payment = shop.payment(100);
+    let reply = shop.server().call("POST", SETTLE, None, Some(json!({"payments": [payment.clone()]}))).await;
+    assert_eq!(reply.status.as_u16(), 401);
+    let terminal_key = Some(shop.wallet.market.terminal_key.as_str());
+    let reply = shop.server().call("POST", SETTLE, terminal_key, Some(json!({"payments": [payment]}))).await;
+    assert_eq!(reply.status.as_u16(), 200, "{}", reply.json);
+    assert_eq!(reply.json["results"][0]["status"], "settled");
+}
