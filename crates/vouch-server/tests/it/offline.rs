@@ -293,7 +293,10 @@ struct Shop {
 
 impl Shop {
     async fn new(limit_minor: i64) -> Shop {
-        let mut wallet = Wallet::new(10_000).await;
+        Self::on(Wallet::new(10_000).await, limit_minor).await
+    }
+
+    async fn on(mut wallet: Wallet, limit_minor: i64) -> Shop {
         let reply = wallet.ask(json!({"currency": "EUR", "limit_minor": limit_minor})).await;
         assert_eq!(reply.status.as_u16(), 201, "{}", reply.json);
         let credential_id = reply.json["credential_id"].as_str().unwrap().to_owned();
@@ -415,6 +418,31 @@ async fn a_payment_settles_once_with_a_receipt_that_verifies() {
     assert_eq!(shop.merchant_balance().await, 1_250);
     assert_eq!(shop.wallet.balance(&shop.reserve_id.clone()).await, 2_750);
     shop.server().assert_audit_intact("after settling").await;
+}
+
+#[tokio::test]
+async fn settlement_holds_on_postgres() {
+    let Some(url) = crate::support::postgres_url().await else { return };
+    let market = Market::with(|config| config.database_url = url, &DeviceHealth::clean()).await;
+    let mut shop = Shop::on(Wallet::on(market, 10_000).await, 4_000).await;
+    let payment = shop.payment(1_250);
+    let result = shop.settle_one(&payment).await;
+    assert_eq!(result["status"], "settled", "{result}");
+    let again = shop.settle_one(&payment).await;
+    assert_eq!((again["status"].as_str(), &again["receipt"]), (Some("already_settled"), &result["receipt"]));
+    let mut reused = shop.request(300);
+    reused.nonce = [shop.nonce - 1; 16];
+    shop.counter += 1;
+    let reused = shop.legs(reused, shop.counter);
+    assert_refused("nonce", &shop.settle_one(&reused).await, "nonce-reused");
+    let request = shop.request(500);
+    let double = shop.legs(request, shop.counter - 1);
+    assert_refused("double spend", &shop.settle_one(&double).await, "double-spend");
+    let later = shop.payment(100);
+    assert_refused("after revocation", &shop.settle_one(&later).await, "credential-revoked");
+    assert_eq!(shop.merchant_balance().await, 1_250);
+    assert!(shop.server().state.store.ledger_imbalance().await.unwrap().is_empty());
+    shop.server().assert_audit_intact("on postgres").await;
 }
 
 #[tokio::test]

@@ -49,6 +49,22 @@ pub async fn server_with_clock(configure: impl FnOnce(&mut Config), clock: Arc<d
     TestServer { router: router(state.clone()), state, admin_key, _dir: dir }
 }
 
+/// A database URL naming a private schema in the PostgreSQL of
+/// `VOUCH_TEST_DATABASE_URL`; `None`, with a notice, when that is not set.
+pub async fn postgres_url() -> Option<String> {
+    use sqlx::Executor;
+    let Ok(base) = std::env::var("VOUCH_TEST_DATABASE_URL") else {
+        eprintln!("skipping PostgreSQL case: VOUCH_TEST_DATABASE_URL is not set");
+        return None;
+    };
+    sqlx::any::install_default_drivers();
+    let schema = format!("srv_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = <sqlx::AnyConnection as sqlx::Connection>::connect(&base).await.unwrap();
+    admin.execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).await.unwrap();
+    let separator = if base.contains('?') { '&' } else { '?' };
+    Some(format!("{base}{separator}options=-c%20search_path%3D{schema}"))
+}
+
 /// A server for tests that make many calls with one key: the rate limit is out of the way.
 pub async fn busy_server() -> TestServer {
     server_with(|config| {
