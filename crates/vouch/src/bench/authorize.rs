@@ -10,11 +10,10 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use reqwest::Method;
 use serde::Deserialize;
-use serde_json::{Value, json};
-use vouch_device::VouchClient;
+use serde_json::json;
 use vouch_device::iso8583::{self, APPROVED, AuthorizationMessage, Iso8583Client};
+use vouch_device::{NewMerchant, VouchClient, Wallet};
 use vouch_proto::dvv::AccountRef;
 use vouch_proto::enrol::DeviceKind;
 use vouch_proto::iso8583::{Message, TransmissionTime};
@@ -91,8 +90,7 @@ async fn start(args: &BenchArgs, scenario: &str) -> anyhow::Result<(crate::demo:
         config.dvv_policy.ttl_secs = BENCH_DVV_TTL_SECS;
     })
     .await?;
-    let admin =
-        Admin { client: VouchClient::new(&local.url)?.with_api_key(&local.admin_key), key: local.admin_key.clone() };
+    let admin = VouchClient::new(&local.url)?.with_api_key(&local.admin_key);
     let lanes = lanes(&admin, args.clients).await?;
     Ok((local, lanes))
 }
@@ -121,63 +119,34 @@ fn stan(op: u64) -> String {
     format!("{:06}", op % 1_000_000)
 }
 
-/// The admin client and its key, for the set-up calls the SDK has no method for.
-struct Admin {
-    client: VouchClient,
-    key: String,
-}
-
-async fn admin_post(admin: &Admin, path: &str, body: Value) -> anyhow::Result<Value> {
-    let response = bench_http()?
-        .post(format!("{}{path}", admin.client.base_url()))
-        .bearer_auth(&admin.key)
-        .json(&body)
-        .send()
-        .await?;
-    let status = response.status();
-    let text = response.text().await?;
-    if status != reqwest::StatusCode::CREATED {
-        bail!("setup: POST {path} answered {status}: {}", text.chars().take(ERROR_BODY_CHARS_MAX).collect::<String>());
-    }
-    Ok(serde_json::from_str(&text)?)
-}
-
-fn text(value: &Value, key: &str) -> anyhow::Result<String> {
-    value[key].as_str().map(str::to_owned).with_context(|| format!("setup: no {key} in {value}"))
-}
-
 /// One consumer with `count` attested phones, one account and one DVV each, and a
 /// terminal per phone at one merchant.
-async fn lanes(admin: &Admin, count: usize) -> anyhow::Result<Vec<Lane>> {
-    let (_, phones) = bound_devices(&admin.client, count, DeviceKind::Consumer).await?;
+async fn lanes(admin: &VouchClient, count: usize) -> anyhow::Result<Vec<Lane>> {
+    let (_, phones) = bound_devices(admin, count, DeviceKind::Consumer).await?;
     let run = SystemClock.now_unix() % 1_000_000_000;
-    let consumer = admin_post(admin, "/v1/consumers", json!({ "name": "Bench consumer" })).await?;
-    let consumer_id = text(&consumer, "consumer_id")?;
-    let shop =
-        json!({ "name": "Bench grocer", "card_acceptor_id": format!("BENCH{run:010}"), "merchant_category": "5411" });
-    let merchant_id = text(&admin_post(admin, "/v1/merchants", shop).await?, "merchant_id")?;
+    let consumer = admin.create_consumer("Bench consumer").await?;
+    let shop = NewMerchant {
+        name: "Bench grocer".into(),
+        card_acceptor_id: Some(format!("BENCH{run:010}")),
+        merchant_category: Some("5411".into()),
+    };
+    let merchant = admin.create_merchant_with(&shop).await?;
     let mut lanes = Vec::with_capacity(count);
     for (i, phone) in phones.into_iter().enumerate() {
-        admin_post(admin, &format!("/v1/consumers/{consumer_id}/devices"), json!({ "device_id": phone.device_id }))
-            .await?;
+        admin.add_consumer_device(&consumer.consumer_id, &phone.device_id).await?;
         let account_ref = AccountRef::with_check_digit(&format!("4{run:09}{i:05}"))?;
-        let accounts = format!("/v1/consumers/{consumer_id}/payment-accounts");
-        admin_post(admin, &accounts, json!({ "account_ref": account_ref.expose() })).await?;
-        let terminal = json!({ "iso_terminal_id": format!("BT{i:06}") });
-        let terminal = admin_post(admin, &format!("/v1/merchants/{merchant_id}/terminals"), terminal).await?;
-        let issued: Value = phone
-            .session
-            .request(Method::POST, "/v1/dvv", Some(&json!({ "account_ref": account_ref.expose() })))
-            .await
-            .context("setup: issuing a DVV")?;
+        admin.add_payment_account(&consumer.consumer_id, &account_ref).await?;
+        let terminal = admin.create_terminal(&merchant.merchant_id, &format!("BT{i:06}")).await?;
+        let issued =
+            Wallet::new(phone.session).request_dvv(&account_ref, None).await.context("setup: issuing a DVV")?;
         lanes.push(Lane {
-            terminal_id: text(&terminal, "terminal_id")?,
-            merchant_id: merchant_id.clone(),
-            terminal_key: text(&terminal, "api_key")?,
-            iso_terminal_id: text(&terminal, "iso_terminal_id")?,
-            card_acceptor_id: text(&terminal, "card_acceptor_id")?,
+            terminal_id: terminal.terminal_id,
+            merchant_id: merchant.merchant_id.clone(),
+            terminal_key: terminal.api_key,
+            iso_terminal_id: terminal.iso_terminal_id,
+            card_acceptor_id: terminal.card_acceptor_id,
             account_ref: account_ref.expose().to_owned(),
-            dvv: text(&issued, "dvv")?,
+            dvv: issued.dvv.expose().to_owned(),
         });
     }
     Ok(lanes)
