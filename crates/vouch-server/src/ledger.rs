@@ -15,7 +15,7 @@ use vouch_store::{Account, AccountKind, TRANSFER_AMOUNT_MAX_MINOR, Transfer, Tra
 use crate::auth::{ApiCaller, Scope};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
-use crate::registry::{AccountView, check_currency, check_text, new_id, page_limit};
+use crate::registry::{AccountView, check_currency, check_text, new_id, open_account, page_limit};
 use crate::{AppState, audit};
 
 const LABEL_CHARS_MAX: usize = 128;
@@ -66,18 +66,7 @@ async fn create_consumer_account(
     let now = state.now();
     let account = Account::consumer(&new_id("acc"), kind, &consumer_id, &label, &body.currency, now);
     let detail = json!({ "consumer_id": consumer_id, "kind": kind.as_str(), "currency": account.currency });
-    let entry = audit::entry(now, &caller.actor(), "account.created", &account.id, detail);
-    let record = account.clone();
-    state
-        .store
-        .write(move |tx| {
-            Box::pin(async move {
-                tx.insert_account(&record).await?;
-                tx.append_audit(&entry).await
-            })
-        })
-        .await?;
-    Ok((StatusCode::CREATED, Json(account.into())))
+    Ok((StatusCode::CREATED, Json(open_account(&state, &caller, account, detail).await?.into())))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

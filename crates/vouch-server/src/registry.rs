@@ -278,7 +278,17 @@ async fn create_account(
     let now = state.now();
     let account = Account::merchant_settlement(&new_id("acc"), &merchant_id, &body.label, &body.currency, now);
     let detail = json!({ "merchant_id": account.merchant_id, "currency": account.currency });
-    let entry = audit::entry(now, &caller.actor(), "account.created", &account.id, detail);
+    Ok((StatusCode::CREATED, Json(open_account(&state, &caller, account, detail).await?.into())))
+}
+
+/// Records a new account with its audit entry, in one write.
+pub(crate) async fn open_account(
+    state: &AppState,
+    caller: &ApiCaller,
+    account: Account,
+    detail: serde_json::Value,
+) -> ApiResult<Account> {
+    let entry = audit::entry(account.created_at, &caller.actor(), "account.created", &account.id, detail);
     let record = account.clone();
     state
         .store
@@ -289,7 +299,7 @@ async fn create_account(
             })
         })
         .await?;
-    Ok((StatusCode::CREATED, Json(account.into())))
+    Ok(account)
 }
 
 /// One account.
