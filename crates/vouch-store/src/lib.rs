@@ -19,6 +19,7 @@ mod migrate;
 mod offline;
 mod registry;
 mod secrets;
+mod sql;
 mod token;
 
 use std::time::Duration;
@@ -36,7 +37,7 @@ pub use ledger::{
     Account, AccountKind, TRANSFER_AMOUNT_MAX_MINOR, TRANSFER_BATCH_MAX, Transfer, TransferOutcome, TransferRefusal,
     issuer_account_id,
 };
-pub use offline::{OfflineCredentialRecord, OfflinePaymentRecord};
+pub use offline::{LockedCredential, OFFLINE_ROWS_PER_STATEMENT, OfflineCredentialRecord, OfflinePaymentRecord};
 pub use registry::{Device, DeviceFilter, DeviceStatus, Merchant, ServiceProvider};
 pub use secrets::{ApiKeyRecord, NonceRejection, SigningKeyRecord};
 pub use token::{ReaderSession, TokenSession, TokenSessionState};

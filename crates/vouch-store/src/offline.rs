@@ -1,12 +1,23 @@
-//! Offline credentials: the server's record of what it allowed a phone to pay offline.
+//! Offline credentials: the server's record of what it allowed a phone to pay offline,
+//! and the payments settled under them.
+//!
+//! Settlement decides a whole batch of payments in one transaction: it locks the
+//! batch's credentials ([`Tx::lock_offline_credentials`]), reads the stored payments
+//! its payments could collide with ([`Tx::offline_payments_colliding`]), and inserts
+//! the ones it settles with a statement that skips, rather than fails on, a payment
+//! stored meanwhile ([`Tx::insert_offline_payments`]).
 
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
+use crate::sql::{parameters, tuples};
 use crate::{Store, StoreError, Tx};
 
 /// Each credential of a phone gets its own range of counter values, this wide.
 pub const COUNTER_RANGE: i64 = 1 << 32;
+/// Rows one statement reads or writes at most when settling a batch (10 parameters
+/// each at the most, far below either back-end's limit).
+pub const OFFLINE_ROWS_PER_STATEMENT: usize = 250;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OfflineCredentialRecord {
@@ -78,7 +89,68 @@ impl Tx {
     }
 }
 
+/// A credential locked for the rest of a settlement's transaction, with what its
+/// settled payments have moved so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockedCredential {
+    pub record: OfflineCredentialRecord,
+    pub settled_minor: i64,
+}
+
+/// `ids` sorted, without repeats: the order rows are locked in.
+fn sorted_unique<'a>(ids: &[&'a str]) -> Vec<&'a str> {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+impl Tx {
+    /// Locks the credentials among `ids` for this transaction and reads them, in id
+    /// order; unknown ids are left out. On PostgreSQL the row locks are taken in id
+    /// order, so settlements over the same credentials, on one instance or several,
+    /// take turns without deadlocking, and each sees the payments the one before it
+    /// committed. SQLite has one writer at a time and needs no lock.
+    pub async fn lock_offline_credentials(&mut self, ids: &[&str]) -> Result<Vec<LockedCredential>, StoreError> {
+        let lock = if self.postgres { " FOR UPDATE" } else { "" };
+        let mut locked = Vec::with_capacity(ids.len());
+        for chunk in sorted_unique(ids).chunks(OFFLINE_ROWS_PER_STATEMENT) {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {COLUMNS}, settled_minor FROM offline_credentials WHERE id IN ({}) ORDER BY id{lock}",
+                parameters(1, chunk.len())
+            ));
+            let mut query = sqlx::query(sql);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            for row in query.fetch_all(self.conn()).await? {
+                locked.push(LockedCredential { record: from_row(&row)?, settled_minor: row.try_get("settled_minor")? });
+            }
+        }
+        Ok(locked)
+    }
+}
+
 impl Store {
+    /// The credentials among `ids`, in id order; unknown ids are left out.
+    pub async fn offline_credentials(&self, ids: &[&str]) -> Result<Vec<OfflineCredentialRecord>, StoreError> {
+        let mut records = Vec::with_capacity(ids.len());
+        for chunk in sorted_unique(ids).chunks(OFFLINE_ROWS_PER_STATEMENT) {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {COLUMNS} FROM offline_credentials WHERE id IN ({}) ORDER BY id",
+                parameters(1, chunk.len())
+            ));
+            let mut query = sqlx::query(sql);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            for row in query.fetch_all(self.pool()).await? {
+                records.push(from_row(&row)?);
+            }
+        }
+        Ok(records)
+    }
+
     pub async fn offline_credential(&self, id: &str) -> Result<OfflineCredentialRecord, StoreError> {
         let sql = sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM offline_credentials WHERE id = $1"));
         let row = sqlx::query(sql).bind(id).fetch_optional(self.pool()).await?;
@@ -133,37 +205,6 @@ fn payment_from_row(row: &AnyRow) -> Result<OfflinePaymentRecord, StoreError> {
 }
 
 impl Tx {
-    /// The payment stored under `column` = `value` (`payment_id` or `nonce`), if any.
-    async fn offline_payment_where(
-        &mut self,
-        column: &'static str,
-        value: &str,
-    ) -> Result<Option<OfflinePaymentRecord>, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!("SELECT {PAYMENT_COLUMNS} FROM offline_payments WHERE {column} = $1"));
-        let row = sqlx::query(sql).bind(value).fetch_optional(self.conn()).await?;
-        row.as_ref().map(payment_from_row).transpose()
-    }
-
-    pub async fn offline_payment(&mut self, payment_id: &str) -> Result<Option<OfflinePaymentRecord>, StoreError> {
-        self.offline_payment_where("payment_id", payment_id).await
-    }
-
-    pub async fn offline_payment_by_nonce(&mut self, nonce: &str) -> Result<Option<OfflinePaymentRecord>, StoreError> {
-        self.offline_payment_where("nonce", nonce).await
-    }
-
-    pub async fn offline_payment_by_counter(
-        &mut self,
-        credential_id: &str,
-        counter: i64,
-    ) -> Result<Option<OfflinePaymentRecord>, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT {PAYMENT_COLUMNS} FROM offline_payments WHERE credential_id = $1 AND counter = $2"
-        ));
-        let row = sqlx::query(sql).bind(credential_id).bind(counter).fetch_optional(self.conn()).await?;
-        row.as_ref().map(payment_from_row).transpose()
-    }
-
     /// Counts `amount_minor` against the credential's limit, if it is not revoked and
     /// the amount fits what is left; false (nothing written) otherwise. One statement,
     /// so concurrent payments under one credential cannot together pass its limit.
@@ -190,25 +231,76 @@ impl Tx {
         Ok(revoked.rows_affected() == 1)
     }
 
-    pub async fn insert_offline_payment(&mut self, payment: &OfflinePaymentRecord) -> Result<(), StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!(
-            "INSERT INTO offline_payments ({PAYMENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
-        ));
-        sqlx::query(sql)
-            .bind(&payment.payment_id)
-            .bind(&payment.credential_id)
-            .bind(payment.counter)
-            .bind(&payment.nonce)
-            .bind(payment.amount_minor)
-            .bind(&payment.currency)
-            .bind(&payment.merchant_id)
-            .bind(&payment.terminal_id)
-            .bind(&payment.receipt)
-            .bind(payment.settled_at)
-            .execute(self.conn())
-            .await
-            .map_err(StoreError::on_insert("offline payment", "credential or merchant"))?;
-        Ok(())
+    /// The stored payments that share a payment id, a nonce, or a credential and
+    /// counter with any of `payments`, each once.
+    pub async fn offline_payments_colliding(
+        &mut self,
+        payments: &[&OfflinePaymentRecord],
+    ) -> Result<Vec<OfflinePaymentRecord>, StoreError> {
+        let mut found: Vec<OfflinePaymentRecord> = Vec::new();
+        for chunk in payments.chunks(OFFLINE_ROWS_PER_STATEMENT) {
+            let n = chunk.len();
+            // Three lookups, each on its own unique index.
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {PAYMENT_COLUMNS} FROM offline_payments WHERE payment_id IN ({}) \
+                 UNION ALL SELECT {PAYMENT_COLUMNS} FROM offline_payments WHERE nonce IN ({}) \
+                 UNION ALL SELECT {PAYMENT_COLUMNS} FROM offline_payments \
+                 WHERE (credential_id, counter) IN (VALUES {})",
+                parameters(1, n),
+                parameters(n + 1, n),
+                tuples(2 * n + 1, n, 2)
+            ));
+            let mut query = sqlx::query(sql);
+            for payment in chunk {
+                query = query.bind(&payment.payment_id);
+            }
+            for payment in chunk {
+                query = query.bind(&payment.nonce);
+            }
+            for payment in chunk {
+                query = query.bind(&payment.credential_id).bind(payment.counter);
+            }
+            for row in query.fetch_all(self.conn()).await? {
+                let stored = payment_from_row(&row)?;
+                if !found.iter().any(|p| p.payment_id == stored.payment_id) {
+                    found.push(stored);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Inserts `payments`, in their order, skipping each that collides with a stored
+    /// payment (its id, its nonce, or its credential and counter) instead of failing;
+    /// returns the ids of those inserted. On PostgreSQL a payment another transaction
+    /// is inserting waits for that transaction to end.
+    pub async fn insert_offline_payments(
+        &mut self,
+        payments: &[&OfflinePaymentRecord],
+    ) -> Result<Vec<String>, StoreError> {
+        let mut inserted = Vec::with_capacity(payments.len());
+        for chunk in payments.chunks(OFFLINE_ROWS_PER_STATEMENT) {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "INSERT INTO offline_payments ({PAYMENT_COLUMNS}) VALUES {} ON CONFLICT DO NOTHING RETURNING payment_id",
+                tuples(1, chunk.len(), 10)
+            ));
+            let mut insert = sqlx::query_scalar::<_, String>(sql);
+            for payment in chunk {
+                insert = insert
+                    .bind(&payment.payment_id)
+                    .bind(&payment.credential_id)
+                    .bind(payment.counter)
+                    .bind(&payment.nonce)
+                    .bind(payment.amount_minor)
+                    .bind(&payment.currency)
+                    .bind(&payment.merchant_id)
+                    .bind(&payment.terminal_id)
+                    .bind(&payment.receipt)
+                    .bind(payment.settled_at);
+            }
+            inserted.extend(insert.fetch_all(self.conn()).await?);
+        }
+        Ok(inserted)
     }
 
     /// The oldest settlement account of `merchant_id` in `currency`, opened on first
@@ -245,22 +337,5 @@ impl Tx {
             }
         };
         self.account(&id).await
-    }
-}
-
-impl Store {
-    pub async fn offline_payment(&self, payment_id: &str) -> Result<Option<OfflinePaymentRecord>, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!("SELECT {PAYMENT_COLUMNS} FROM offline_payments WHERE payment_id = $1"));
-        let row = sqlx::query(sql).bind(payment_id).fetch_optional(self.pool()).await?;
-        row.as_ref().map(payment_from_row).transpose()
-    }
-
-    /// What a credential's settled payments have moved so far.
-    pub async fn offline_credential_settled(&self, id: &str) -> Result<i64, StoreError> {
-        let settled: Option<i64> = sqlx::query_scalar("SELECT settled_minor FROM offline_credentials WHERE id = $1")
-            .bind(id)
-            .fetch_optional(self.pool())
-            .await?;
-        settled.ok_or(StoreError::NotFound { what: "offline credential" })
     }
 }

@@ -1,4 +1,23 @@
-//! Settling the offline payments terminals collected.
+//! Settling the offline payments terminals collected, a batch at a time, in three steps
+//! so that a batch costs a few statements rather than several per payment:
+//!
+//! 1. Verification, spread over the cores ([`on_cores`]): each distinct terminal
+//!    certificate once, then per payment the request, the approval against its
+//!    credential (the batch's credentials are read in one query) and the
+//!    countersignature. A payment that passes gets its receipt signed.
+//! 2. Decision, in one write: the batch's credentials are locked and the stored payments
+//!    that share an id, a nonce or a (credential, counter) with the batch are read; then
+//!    each payment is decided in the order sent, against those and the batch's earlier
+//!    payments ([`decide`]): already settled, credential revoked, double spend, nonce
+//!    reused, over the remaining limit, or settled.
+//! 3. Writing, in the same transaction: the settled payments in one statement that skips
+//!    a payment colliding with one stored meanwhile (which is then decided against what
+//!    it collided with), each credential's spend, the transfers, the revocations and the
+//!    audit entries. No statement refuses on business grounds, so one payment's refusal
+//!    never fails the others.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, OnceLock};
 
 use axum::Json;
 use axum::extract::DefaultBodyLimit;
@@ -8,19 +27,22 @@ use serde_json::json;
 use utoipa::ToSchema;
 use vouch_proto::cose::UnverifiedSign1;
 use vouch_proto::offline::{
-    ConsumerApproval, SignedReceipt, WireType, payment_id, verify_approval, verify_countersignature,
-    verify_payment_request, verify_terminal_certificate,
+    ConsumerApproval, SignedReceipt, TerminalCertificate, WireType, payment_id, verify_approval,
+    verify_countersignature, verify_payment_request, verify_terminal_certificate,
 };
-use vouch_proto::{ProtoError, b64};
-use vouch_store::{OfflinePaymentRecord, Transfer, TransferOutcome};
+use vouch_proto::{ProtoError, VerifyingKey, b64};
+use vouch_store::{
+    AuditEntry, LockedCredential, OfflineCredentialRecord, OfflinePaymentRecord, StoreError, Transfer, TransferOutcome,
+    Tx,
+};
 
 use super::{credential_of, currency_alpha, server_id, sign_wire, to_hex};
 use crate::auth::{ApiCaller, Scope};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::ApiJson;
+use crate::keys::KeyStore;
 use crate::{AppState, audit};
 
-/// Most payments in one settlement request.
 pub const SETTLEMENT_BATCH_MAX: usize = 1_000;
 
 /// The body limit of a settlement request: a full batch of payments, each well under
@@ -107,11 +129,11 @@ impl SettlementResult {
 }
 
 /// Settles offline payments a terminal collected: each is verified leg by leg, then, in
-/// one transaction, checked for a reused nonce and a reused (credential, counter) — a
-/// double spend, which revokes the credential — and moved from the consumer's offline
-/// reserve to the merchant's settlement account by a transfer whose id is the payment
-/// id, with the signed receipt stored beside it. A refused payment does not fail the
-/// others.
+/// one transaction for the whole batch, checked for a reused nonce and a reused
+/// (credential, counter) — a double spend, which revokes the credential — and moved
+/// from the consumer's offline reserve to the merchant's settlement account by a
+/// transfer whose id is the payment id, with the signed receipt stored beside it. A
+/// refused payment does not fail the others.
 #[utoipa::path(post, path = "/v1/offline-payments", tag = "offline", request_body = SettlementRequest,
     security(("api_key" = ["terminal"])),
     responses((status = 200, body = SettlementResults),
@@ -141,11 +163,7 @@ pub(super) async fn settle_payments(
             countersignature: field("countersignature", &p.countersignature)?,
         });
     }
-    let actor = caller.actor();
-    let mut results = Vec::with_capacity(count);
-    for legs in decoded {
-        results.push(settle_one(&state, &actor, legs).await?);
-    }
+    let results = settle_batch(&state, &caller.actor(), decoded).await?;
     Ok(Json(SettlementResults { results }))
 }
 
@@ -170,188 +188,547 @@ struct Legs {
     countersignature: Vec<u8>,
 }
 
-/// Why a leg failed, as a refusal reason.
-fn check_reason(e: &ProtoError) -> (String, String) {
-    let reason = match e {
-        ProtoError::OfflineRefused { check, .. } => check.as_str(),
-        ProtoError::UnknownSigningKey { .. } => "unknown-server-key",
-        ProtoError::BadSignature => "bad-signature",
-        _ => "malformed",
-    };
-    (reason.to_owned(), e.to_string())
-}
-enum Settled {
-    New(OfflinePaymentRecord),
-    Already(OfflinePaymentRecord),
-    Refused(&'static str, String),
+/// A refused payment: the check that failed, and what it found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Refusal {
+    reason: &'static str,
+    detail: String,
 }
 
-async fn settle_one(state: &AppState, actor: &str, legs: Legs) -> ApiResult<SettlementResult> {
-    let digest = payment_id(&legs.approval);
-    let payment_id = to_hex(digest);
-    let pid = Some(payment_id.as_str());
-    let refuse = |e: ProtoError| {
-        let (reason, detail) = check_reason(&e);
-        SettlementResult::refused(pid, &reason, detail)
-    };
-    let keys = state.keys.clone();
-    let server_key = |kid: Option<&[u8]>| {
-        let kid = kid.and_then(|k| std::str::from_utf8(k).ok()).unwrap_or_default();
-        keys.verifying_key(kid).ok_or_else(|| ProtoError::UnknownSigningKey { kid: kid.to_owned() })
-    };
-    let now = state.now();
-    let certificate = match verify_terminal_certificate(&legs.certificate, server_key, now) {
-        Ok(c) => c,
-        Err(e) => return Ok(refuse(e)),
-    };
-    let cert = certificate.value();
-    let request = match verify_payment_request(&legs.request, cert) {
-        Ok(r) => r,
-        Err(e) => return Ok(refuse(e)),
-    };
-    // Which credential the approval names, to verify it against; read before its
-    // signature is checked, with the credential's key.
-    let approval_id = match UnverifiedSign1::parse(&legs.approval)
-        .and_then(|sign1| ConsumerApproval::from_cbor(sign1.payload_unverified()))
-    {
-        Ok(approval) => approval.credential_id,
-        Err(e) => return Ok(refuse(e)),
-    };
-    let credential_id = server_id("ocr", &approval_id);
-    let record = match state.store.offline_credential(&credential_id).await {
-        Ok(record) => record,
-        Err(vouch_store::StoreError::NotFound { .. }) => {
-            return Ok(SettlementResult::refused(pid, "unknown-credential", format!("no credential {credential_id}")));
+impl Refusal {
+    fn new(reason: &'static str, detail: impl Into<String>) -> Self {
+        Refusal { reason, detail: detail.into() }
+    }
+
+    /// A leg that failed its check.
+    fn of(e: &ProtoError) -> Self {
+        let reason = match e {
+            ProtoError::OfflineRefused { check, .. } => check.as_str(),
+            ProtoError::UnknownSigningKey { .. } => "unknown-server-key",
+            ProtoError::BadSignature => "bad-signature",
+            _ => "malformed",
+        };
+        Refusal::new(reason, e.to_string())
+    }
+
+    fn nonce_reused() -> Self {
+        Refusal::new("nonce-reused", "the request's nonce was settled before")
+    }
+}
+
+/// What became of one payment.
+#[derive(Debug)]
+enum Outcome {
+    Settled(OfflinePaymentRecord),
+    AlreadySettled(OfflinePaymentRecord),
+    Refused(Refusal),
+}
+
+impl Outcome {
+    fn into_result(self, payment_id: &str) -> SettlementResult {
+        match self {
+            Outcome::Settled(payment) => SettlementResult::with_receipt(SettlementStatus::Settled, &payment),
+            Outcome::AlreadySettled(payment) => {
+                SettlementResult::with_receipt(SettlementStatus::AlreadySettled, &payment)
+            }
+            Outcome::Refused(refusal) => SettlementResult::refused(Some(payment_id), refusal.reason, refusal.detail),
         }
-        Err(e) => return Err(e.into()),
-    };
-    // A payment settled before is answered with its receipt, even once the credential
-    // has since been revoked or spent.
-    if let Some(stored) = state.store.offline_payment(&payment_id).await? {
-        return Ok(SettlementResult::with_receipt(SettlementStatus::AlreadySettled, &stored));
     }
-    if record.revoked_at.is_some() {
-        return Ok(SettlementResult::refused(
-            pid,
-            "credential-revoked",
-            format!("credential {credential_id} is revoked"),
-        ));
+}
+
+async fn settle_batch(state: &AppState, actor: &str, batch: Vec<Legs>) -> ApiResult<Vec<SettlementResult>> {
+    let now = state.now();
+    let ids: Vec<String> = batch.iter().map(|legs| to_hex(payment_id(&legs.approval))).collect();
+    let checks = Arc::new(Checks {
+        state: state.clone(),
+        now,
+        credentials: named_credentials(state, &batch).await?,
+        certificates: verify_certificates(state, &batch, now).await?,
+    });
+    let mut checked = Vec::with_capacity(batch.len());
+    for verified in on_cores(batch, move |legs| checks.check(&legs)).await? {
+        checked.push(match verified {
+            Ok(verified) => Ok(verified),
+            Err(Stop::Refused(refusal)) => Err(refusal),
+            Err(Stop::Fault(e)) => return Err(e),
+        });
     }
-    let credential = credential_of(&record)?;
-    let settled = state.store.offline_credential_settled(&credential_id).await?;
-    let remaining = u64::try_from(record.limit_minor.saturating_sub(settled)).unwrap_or(0);
-    let approval = match verify_approval(&legs.approval, &request, &credential, remaining) {
-        Ok(a) => a,
-        Err(e) => return Ok(refuse(e)),
-    };
-    if let Err(e) = verify_countersignature(&legs.countersignature, &request, &approval, cert) {
-        return Ok(refuse(e));
+    let outcomes = decide_and_write(state, actor, now, checked).await?;
+    Ok(ids.iter().zip(outcomes).map(|(id, outcome)| outcome.into_result(id)).collect())
+}
+
+/// The cores verification is spread over, read once.
+fn cores() -> usize {
+    static CORES: OnceLock<usize> = OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
+}
+
+/// Payments one verification task takes at the least, so a small batch stays whole.
+const VERIFY_CHUNK_MIN: usize = 16;
+
+/// Runs `work` over `items` on the blocking pool, in up to one chunk per core, and
+/// returns the results in order: a batch's signatures are checked on every core even
+/// when it is the only request in flight, and never on the threads serving requests.
+async fn on_cores<T, R, F>(items: Vec<T>, work: F) -> ApiResult<Vec<R>>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+    F: Fn(T) -> R + Send + Sync + 'static,
+{
+    let chunk = items.len().div_ceil(cores()).max(VERIFY_CHUNK_MIN);
+    let work = Arc::new(work);
+    let mut tasks = Vec::with_capacity(cores());
+    let mut items = items.into_iter().peekable();
+    while items.peek().is_some() {
+        let part: Vec<T> = items.by_ref().take(chunk).collect();
+        let work = Arc::clone(&work);
+        tasks.push(tokio::task::spawn_blocking(move || part.into_iter().map(|item| work(item)).collect::<Vec<R>>()));
     }
-    let r = request.value();
-    let Some(currency) = currency_alpha(r.currency) else {
-        return Ok(SettlementResult::refused(pid, "currency-mismatch", format!("currency {:03}", r.currency)));
-    };
-    let amount_minor = i64::try_from(r.amount_minor)
-        .map_err(|_| ApiError::internal("an amount within a credential's limit fits i64"))?;
-    let payment = OfflinePaymentRecord {
-        payment_id: payment_id.clone(),
-        credential_id: credential_id.clone(),
-        counter: i64::try_from(approval.value().counter)
-            .map_err(|_| ApiError::internal("a counter within a credential's range fits i64"))?,
-        nonce: to_hex(r.nonce),
-        amount_minor,
-        currency: currency.to_owned(),
-        merchant_id: server_id("mch", &cert.merchant_id),
-        terminal_id: server_id("dev", &cert.terminal_id),
-        receipt: Vec::new(),
-        settled_at: now,
-    };
-    let receipt = SignedReceipt {
-        payment_id: digest,
-        transfer_id: digest,
-        amount_minor: r.amount_minor,
-        currency: r.currency,
-        settled_at: now,
-    };
-    let receipt = sign_wire(state, &receipt)?;
-    let (actor, reserve_account_id) = (actor.to_owned(), record.reserve_account_id.clone());
-    let written = state
-        .store
-        .write(move |tx| {
-            Box::pin(async move {
-                if let Some(stored) = tx.offline_payment(&payment.payment_id).await? {
-                    return Ok(Settled::Already(stored));
-                }
-                if let Some(first) = tx.offline_payment_by_counter(&payment.credential_id, payment.counter).await? {
-                    let revoked = tx.revoke_offline_credential(&payment.credential_id, now).await?;
-                    let detail = json!({
-                        "fraud": true, "payment_id": payment.payment_id, "first_payment_id": first.payment_id,
-                        "counter": payment.counter, "merchant_id": payment.merchant_id,
-                        "terminal_id": payment.terminal_id, "revoked": revoked,
-                    });
-                    let entry = audit::entry(now, &actor, "offline.double_spend", &payment.credential_id, detail);
-                    tx.append_audit(&entry).await?;
-                    return Ok(Settled::Refused(
-                        "double-spend",
-                        format!(
-                            "counter {} of the credential was spent by payment {}",
-                            payment.counter, first.payment_id
-                        ),
-                    ));
-                }
-                if tx.offline_payment_by_nonce(&payment.nonce).await?.is_some() {
-                    return Ok(Settled::Refused("nonce-reused", "the request's nonce was settled before".to_owned()));
-                }
-                if !tx.spend_offline_credential(&payment.credential_id, payment.amount_minor).await? {
-                    return Ok(Settled::Refused(
-                        "over-limit",
-                        "the credential is revoked or its remaining limit is below the amount".to_owned(),
-                    ));
-                }
-                let merchant = tx.merchant_settlement_account(&payment.merchant_id, &payment.currency, now).await?;
-                let transfer = Transfer {
-                    id: payment.payment_id.clone(),
-                    debit_account_id: reserve_account_id,
-                    credit_account_id: merchant.id.clone(),
-                    amount_minor: payment.amount_minor,
-                    currency: payment.currency.clone(),
-                    reference: format!("offline-payment:{}", payment.payment_id),
-                    created_at: now,
-                };
-                match tx.post_transfer(&transfer).await? {
-                    TransferOutcome::Posted => {}
-                    // Nothing else moves a reserve than its credentials' payments, each
-                    // within its limit: a refusal here fails the work and undoes it.
-                    other => {
-                        return Err(vouch_store::StoreError::Corrupt {
-                            what: "offline payment transfer",
-                            detail: format!("{other:?}"),
-                        });
+    let mut results = Vec::new();
+    for task in tasks {
+        results.extend(task.await.map_err(ApiError::internal)?);
+    }
+    Ok(results)
+}
+
+/// The server's published key a COSE kid names.
+fn server_key(keys: &dyn KeyStore, kid: Option<&[u8]>) -> Result<VerifyingKey, ProtoError> {
+    let kid = kid.and_then(|k| std::str::from_utf8(k).ok()).unwrap_or_default();
+    keys.verifying_key(kid).ok_or_else(|| ProtoError::UnknownSigningKey { kid: kid.to_owned() })
+}
+
+/// The server id of the credential an approval names, read before its signature is
+/// checked: the signature is checked with that credential's key.
+fn approval_credential_id(approval: &[u8]) -> Result<String, ProtoError> {
+    let sign1 = UnverifiedSign1::parse(approval)?;
+    let approval = ConsumerApproval::from_cbor(sign1.payload_unverified())?;
+    Ok(server_id("ocr", &approval.credential_id))
+}
+
+/// The credentials the batch's approvals name, in one query.
+async fn named_credentials(state: &AppState, batch: &[Legs]) -> ApiResult<HashMap<String, OfflineCredentialRecord>> {
+    let ids: Vec<String> = batch.iter().filter_map(|legs| approval_credential_id(&legs.approval).ok()).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let records = state.store.offline_credentials(&ids).await?;
+    Ok(records.into_iter().map(|record| (record.id.clone(), record)).collect())
+}
+
+/// Each distinct certificate of the batch, verified once: a terminal sends its
+/// certificate with every payment.
+async fn verify_certificates(
+    state: &AppState,
+    batch: &[Legs],
+    now: i64,
+) -> ApiResult<HashMap<Vec<u8>, Result<TerminalCertificate, Refusal>>> {
+    let distinct: HashSet<&[u8]> = batch.iter().map(|legs| legs.certificate.as_slice()).collect();
+    let distinct: Vec<Vec<u8>> = distinct.into_iter().map(<[u8]>::to_vec).collect();
+    let keys = state.keys.clone();
+    let verified = on_cores(distinct.clone(), move |bytes| {
+        verify_terminal_certificate(&bytes, |kid| server_key(&*keys, kid), now)
+            .map(|certificate| certificate.into_parts().1)
+            .map_err(|e| Refusal::of(&e))
+    })
+    .await?;
+    Ok(distinct.into_iter().zip(verified).collect())
+}
+
+/// Why checking a payment stopped: it was refused, or the server failed.
+enum Stop {
+    Refused(Refusal),
+    Fault(ApiError),
+}
+
+impl From<ProtoError> for Stop {
+    fn from(e: ProtoError) -> Self {
+        Stop::Refused(Refusal::of(&e))
+    }
+}
+
+impl From<ApiError> for Stop {
+    fn from(e: ApiError) -> Self {
+        Stop::Fault(e)
+    }
+}
+
+/// A payment whose legs all verified, as it will be stored, receipt included.
+#[derive(Debug)]
+struct Verified {
+    payment: OfflinePaymentRecord,
+    reserve_account_id: String,
+}
+
+/// What checking a batch's payments needs besides their bytes.
+struct Checks {
+    state: AppState,
+    now: i64,
+    credentials: HashMap<String, OfflineCredentialRecord>,
+    certificates: HashMap<Vec<u8>, Result<TerminalCertificate, Refusal>>,
+}
+
+impl Checks {
+    /// The checks of a payment that need no more than its bytes and its credential, in
+    /// order; a payment that passes them gets its receipt signed. The amount is checked
+    /// here against the credential's limit, and against what is left of it when the
+    /// payment is decided under the credential's lock.
+    fn check(&self, legs: &Legs) -> Result<Verified, Stop> {
+        let certificate = match self.certificates.get(&legs.certificate) {
+            Some(Ok(certificate)) => certificate,
+            Some(Err(refusal)) => return Err(Stop::Refused(refusal.clone())),
+            None => return Err(Stop::Fault(ApiError::internal("a certificate of the batch was not verified"))),
+        };
+        let request = verify_payment_request(&legs.request, certificate)?;
+        let credential_id = approval_credential_id(&legs.approval)?;
+        let Some(record) = self.credentials.get(&credential_id) else {
+            return Err(Stop::Refused(Refusal::new("unknown-credential", format!("no credential {credential_id}"))));
+        };
+        let credential = credential_of(record)?;
+        let approval = verify_approval(&legs.approval, &request, &credential, credential.limit_minor)?;
+        verify_countersignature(&legs.countersignature, &request, &approval, certificate)?;
+        let r = request.value();
+        let Some(currency) = currency_alpha(r.currency) else {
+            return Err(Stop::Refused(Refusal::new("currency-mismatch", format!("currency {:03}", r.currency))));
+        };
+        let amount_minor = i64::try_from(r.amount_minor)
+            .map_err(|_| ApiError::internal("an amount within a credential's limit fits i64"))?;
+        let counter = i64::try_from(approval.value().counter)
+            .map_err(|_| ApiError::internal("a counter within a credential's range fits i64"))?;
+        let digest = payment_id(&legs.approval);
+        let receipt = SignedReceipt {
+            payment_id: digest,
+            transfer_id: digest,
+            amount_minor: r.amount_minor,
+            currency: r.currency,
+            settled_at: self.now,
+        };
+        Ok(Verified {
+            payment: OfflinePaymentRecord {
+                payment_id: to_hex(digest),
+                credential_id,
+                counter,
+                nonce: to_hex(r.nonce),
+                amount_minor,
+                currency: currency.to_owned(),
+                merchant_id: server_id("mch", &certificate.merchant_id),
+                terminal_id: server_id("dev", &certificate.terminal_id),
+                receipt: sign_wire(&self.state, &receipt)?,
+                settled_at: self.now,
+            },
+            reserve_account_id: record.reserve_account_id.clone(),
+        })
+    }
+}
+
+/// Decides the verified payments against the ledger and writes what was decided, in one
+/// write; refused ones pass through.
+async fn decide_and_write(
+    state: &AppState,
+    actor: &str,
+    now: i64,
+    checked: Vec<Result<Verified, Refusal>>,
+) -> ApiResult<Vec<Outcome>> {
+    let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(checked.len());
+    let mut verified = Vec::with_capacity(checked.len());
+    for check in checked {
+        match check {
+            Ok(payment) => {
+                outcomes.push(None);
+                verified.push(Some(payment));
+            }
+            Err(refusal) => {
+                outcomes.push(Some(Outcome::Refused(refusal)));
+                verified.push(None);
+            }
+        }
+    }
+    if verified.iter().any(Option::is_some) {
+        let actor = actor.to_owned();
+        let written =
+            state.store.write(move |tx| Box::pin(async move { write_batch(tx, &actor, now, verified).await })).await?;
+        for (slot, outcome) in outcomes.iter_mut().zip(written) {
+            if slot.is_none() {
+                *slot = outcome;
+            }
+        }
+    }
+    outcomes.into_iter().map(|outcome| outcome.ok_or_else(|| ApiError::internal("a payment was not decided"))).collect()
+}
+
+/// What the stored payments, the payment's credential and the batch's earlier
+/// payments make of a verified payment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Decision {
+    Settle,
+    /// Settled before: answered with the stored receipt.
+    Stored(OfflinePaymentRecord),
+    /// The same payment earlier in the batch: answered as that one is.
+    SameAs(usize),
+    /// Its (credential, counter) was spent by another payment: the credential is revoked.
+    DoubleSpend {
+        first_payment_id: String,
+    },
+    Refused(Refusal),
+}
+
+/// A credential as the batch's payments leave it.
+struct Balance<'a> {
+    locked: &'a LockedCredential,
+    settled_minor: i64,
+    revoked: bool,
+}
+
+/// Decides each verified payment of a batch in the order sent, as if the payments were
+/// settled one after another: against the stored payments it could collide with, its
+/// locked credential, and the payments of the batch settled before it. This is where
+/// every rule that needs the ledger's state is applied, and the only place.
+fn decide(
+    batch: &[Option<&OfflinePaymentRecord>],
+    credentials: &[LockedCredential],
+    stored: &[OfflinePaymentRecord],
+) -> Vec<Option<Decision>> {
+    let mut balances: HashMap<&str, Balance> = credentials
+        .iter()
+        .map(|locked| {
+            let balance =
+                Balance { locked, settled_minor: locked.settled_minor, revoked: locked.record.revoked_at.is_some() };
+            (locked.record.id.as_str(), balance)
+        })
+        .collect();
+    // Who holds each payment id, (credential, counter) and nonce: a stored payment or
+    // one of the batch's settled ones.
+    let mut ids: HashMap<&str, Result<&OfflinePaymentRecord, usize>> = HashMap::new();
+    let mut counters: HashMap<(&str, i64), &str> = HashMap::new();
+    let mut nonces: HashSet<&str> = HashSet::new();
+    for payment in stored {
+        ids.insert(&payment.payment_id, Ok(payment));
+        counters.insert((&payment.credential_id, payment.counter), &payment.payment_id);
+        nonces.insert(&payment.nonce);
+    }
+    let mut decisions = Vec::with_capacity(batch.len());
+    for (i, slot) in batch.iter().enumerate() {
+        let Some(payment) = *slot else {
+            decisions.push(None);
+            continue;
+        };
+        let decision = match ids.get(payment.payment_id.as_str()) {
+            Some(Ok(stored)) => Decision::Stored((*stored).clone()),
+            Some(Err(first)) => Decision::SameAs(*first),
+            None => match balances.get_mut(payment.credential_id.as_str()) {
+                // Credentials are never deleted: the one the payment verified against is there.
+                None => Decision::Refused(Refusal::new("unknown-credential", "the credential is gone")),
+                Some(balance) if balance.revoked => Decision::Refused(Refusal::new(
+                    "credential-revoked",
+                    format!("credential {} is revoked", payment.credential_id),
+                )),
+                Some(balance) => {
+                    if let Some(first) = counters.get(&(payment.credential_id.as_str(), payment.counter)) {
+                        balance.revoked = true;
+                        Decision::DoubleSpend { first_payment_id: (*first).to_owned() }
+                    } else if nonces.contains(payment.nonce.as_str()) {
+                        Decision::Refused(Refusal::nonce_reused())
+                    } else if balance.settled_minor.saturating_add(payment.amount_minor)
+                        > balance.locked.record.limit_minor
+                    {
+                        let left = balance.locked.record.limit_minor.saturating_sub(balance.settled_minor);
+                        Decision::Refused(Refusal::new(
+                            "over-limit",
+                            format!("amount {}, limit left {left}", payment.amount_minor),
+                        ))
+                    } else {
+                        balance.settled_minor += payment.amount_minor;
+                        ids.insert(&payment.payment_id, Err(i));
+                        counters.insert((&payment.credential_id, payment.counter), &payment.payment_id);
+                        nonces.insert(&payment.nonce);
+                        Decision::Settle
                     }
                 }
-                let payment = OfflinePaymentRecord { receipt, ..payment };
-                tx.insert_offline_payment(&payment).await?;
+            },
+        };
+        decisions.push(Some(decision));
+    }
+    decisions
+}
+
+/// What a payment that could not be inserted collided with, stored meanwhile by another
+/// transaction.
+fn collision(payment: &OfflinePaymentRecord, stored: &[OfflinePaymentRecord]) -> Option<Decision> {
+    if let Some(same) = stored.iter().find(|s| s.payment_id == payment.payment_id) {
+        return Some(Decision::Stored(same.clone()));
+    }
+    if let Some(first) =
+        stored.iter().find(|s| s.credential_id == payment.credential_id && s.counter == payment.counter)
+    {
+        return Some(Decision::DoubleSpend { first_payment_id: first.payment_id.clone() });
+    }
+    stored.iter().any(|s| s.nonce == payment.nonce).then(|| Decision::Refused(Refusal::nonce_reused()))
+}
+
+/// Decides a batch's verified payments and writes the outcome (see the module header);
+/// one outcome per verified payment, `None` where the batch had a refusal already.
+async fn write_batch(
+    tx: &mut Tx,
+    actor: &str,
+    now: i64,
+    batch: Vec<Option<Verified>>,
+) -> Result<Vec<Option<Outcome>>, StoreError> {
+    let payments: Vec<Option<&OfflinePaymentRecord>> = batch.iter().map(|v| v.as_ref().map(|v| &v.payment)).collect();
+    let named: Vec<&OfflinePaymentRecord> = payments.iter().flatten().copied().collect();
+    let credential_ids: Vec<&str> = named.iter().map(|p| p.credential_id.as_str()).collect();
+    let credentials = tx.lock_offline_credentials(&credential_ids).await?;
+    let stored = tx.offline_payments_colliding(&named).await?;
+    let mut decisions = decide(&payments, &credentials, &stored);
+
+    // Inserted in nonce order: the one index two concurrent settlements over different
+    // credentials can meet on, so each waits for the other in the same order.
+    let mut settling: Vec<usize> =
+        (0..batch.len()).filter(|&i| decisions[i].as_ref() == Some(&Decision::Settle)).collect();
+    settling.sort_by_key(|&i| payments[i].map(|p| p.nonce.as_str()));
+    let to_insert: Vec<&OfflinePaymentRecord> = settling.iter().filter_map(|&i| payments[i]).collect();
+    let inserted: HashSet<String> = tx.insert_offline_payments(&to_insert).await?.into_iter().collect();
+    let skipped: Vec<&OfflinePaymentRecord> =
+        to_insert.iter().copied().filter(|p| !inserted.contains(&p.payment_id)).collect();
+    if !skipped.is_empty() {
+        let stored = tx.offline_payments_colliding(&skipped).await?;
+        for &i in &settling {
+            let Some(payment) = payments[i].filter(|p| !inserted.contains(&p.payment_id)) else { continue };
+            let decision = collision(payment, &stored).ok_or_else(|| StoreError::Corrupt {
+                what: "offline payment",
+                detail: format!("payment {} was neither inserted nor found colliding", payment.payment_id),
+            })?;
+            decisions[i] = Some(decision);
+        }
+    }
+    settling.retain(|&i| decisions[i].as_ref() == Some(&Decision::Settle));
+    settling.sort_unstable();
+
+    let mut spent: HashMap<&str, i64> = HashMap::new();
+    for &i in &settling {
+        if let Some(payment) = payments[i] {
+            *spent.entry(payment.credential_id.as_str()).or_default() += payment.amount_minor;
+        }
+    }
+    let mut spent: Vec<(&str, i64)> = spent.into_iter().collect();
+    spent.sort_unstable();
+    for (credential_id, amount_minor) in spent {
+        // The credential is locked and `decide` kept within its limit.
+        if !tx.spend_offline_credential(credential_id, amount_minor).await? {
+            return Err(StoreError::Corrupt {
+                what: "offline credential",
+                detail: format!("{credential_id} refused a spend decided under its lock"),
+            });
+        }
+    }
+    let merchants = settlement_accounts(tx, &settling, &payments, now).await?;
+    let mut transfers = Vec::with_capacity(settling.len());
+    for v in settling.iter().filter_map(|&i| batch[i].as_ref()) {
+        let p = &v.payment;
+        let Some(account_id) = merchants.get(&(p.merchant_id.as_str(), p.currency.as_str())) else {
+            return Err(StoreError::Corrupt { what: "settlement account", detail: p.merchant_id.clone() });
+        };
+        transfers.push(Transfer {
+            id: p.payment_id.clone(),
+            debit_account_id: v.reserve_account_id.clone(),
+            credit_account_id: account_id.clone(),
+            amount_minor: p.amount_minor,
+            currency: p.currency.clone(),
+            reference: format!("offline-payment:{}", p.payment_id),
+            created_at: now,
+        });
+    }
+    for (transfer, outcome) in transfers.iter().zip(tx.post_transfers(&transfers).await?) {
+        // Nothing else moves a reserve than its credentials' payments, each within its
+        // limit: a refusal here fails the work and undoes it.
+        if outcome != TransferOutcome::Posted {
+            return Err(StoreError::Corrupt {
+                what: "offline payment transfer",
+                detail: format!("{}: {outcome:?}", transfer.id),
+            });
+        }
+    }
+
+    let mut entries = Vec::new();
+    let mut revoked: HashSet<&str> = HashSet::new();
+    for (i, decision) in decisions.iter().enumerate() {
+        let Some(payment) = payments[i] else { continue };
+        match decision {
+            Some(Decision::Settle) => {
+                let account_id = merchants.get(&(payment.merchant_id.as_str(), payment.currency.as_str()));
                 let detail = json!({
                     "credential_id": payment.credential_id, "counter": payment.counter,
                     "amount_minor": payment.amount_minor, "currency": payment.currency,
                     "merchant_id": payment.merchant_id, "terminal_id": payment.terminal_id,
-                    "account_id": merchant.id,
+                    "account_id": account_id,
                 });
-                tx.append_audit(&audit::entry(now, &actor, "offline.settled", &payment.payment_id, detail)).await?;
-                Ok(Settled::New(payment))
-            })
-        })
-        .await;
-    match written {
-        Ok(Settled::New(payment)) => Ok(SettlementResult::with_receipt(SettlementStatus::Settled, &payment)),
-        Ok(Settled::Already(payment)) => Ok(SettlementResult::with_receipt(SettlementStatus::AlreadySettled, &payment)),
-        Ok(Settled::Refused(reason, detail)) => Ok(SettlementResult::refused(pid, reason, detail)),
-        // Another instance settled the same payment, nonce or counter concurrently:
-        // what it wrote decides.
-        Err(vouch_store::StoreError::Conflict { .. }) => match state.store.offline_payment(&payment_id).await? {
-            Some(stored) => Ok(SettlementResult::with_receipt(SettlementStatus::AlreadySettled, &stored)),
-            None => Ok(SettlementResult::refused(pid, "conflict", "settled concurrently by another payment")),
-        },
-        Err(e) => Err(e.into()),
+                entries.push(audit::entry(now, actor, "offline.settled", &payment.payment_id, detail));
+            }
+            Some(Decision::DoubleSpend { first_payment_id }) => {
+                let revoked_now = revoked.insert(payment.credential_id.as_str())
+                    && tx.revoke_offline_credential(&payment.credential_id, now).await?;
+                entries.push(double_spend_entry(now, actor, payment, first_payment_id, revoked_now));
+            }
+            _ => {}
+        }
     }
+    tx.append_audits(&entries).await?;
+
+    let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(batch.len());
+    for (i, decision) in decisions.into_iter().enumerate() {
+        let outcome = match (decision, &batch[i]) {
+            (Some(Decision::Settle), Some(v)) => Outcome::Settled(v.payment.clone()),
+            (Some(Decision::Stored(stored)), _) => Outcome::AlreadySettled(stored),
+            (Some(Decision::SameAs(first)), _) => match outcomes.get(first) {
+                Some(Some(Outcome::Settled(p) | Outcome::AlreadySettled(p))) => Outcome::AlreadySettled(p.clone()),
+                Some(Some(Outcome::Refused(refusal))) => Outcome::Refused(refusal.clone()),
+                _ => return Err(StoreError::Corrupt { what: "settlement batch", detail: format!("payment {i}") }),
+            },
+            (Some(Decision::DoubleSpend { first_payment_id }), Some(v)) => Outcome::Refused(Refusal::new(
+                "double-spend",
+                format!("counter {} of the credential was spent by payment {first_payment_id}", v.payment.counter),
+            )),
+            (Some(Decision::Refused(refusal)), _) => Outcome::Refused(refusal),
+            (None, _) => {
+                outcomes.push(None);
+                continue;
+            }
+            (Some(_), None) => {
+                return Err(StoreError::Corrupt { what: "settlement batch", detail: format!("payment {i}") });
+            }
+        };
+        outcomes.push(Some(outcome));
+    }
+    Ok(outcomes)
+}
+
+/// The settlement account of each merchant and currency the settled payments credit,
+/// opened on first use, in (merchant, currency) order.
+async fn settlement_accounts<'a>(
+    tx: &mut Tx,
+    settling: &[usize],
+    payments: &[Option<&'a OfflinePaymentRecord>],
+    now: i64,
+) -> Result<HashMap<(&'a str, &'a str), String>, StoreError> {
+    let mut pairs: Vec<(&str, &str)> =
+        settling.iter().filter_map(|&i| payments[i]).map(|p| (p.merchant_id.as_str(), p.currency.as_str())).collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    let mut accounts = HashMap::with_capacity(pairs.len());
+    for (merchant_id, currency) in pairs {
+        accounts.insert((merchant_id, currency), tx.merchant_settlement_account(merchant_id, currency, now).await?.id);
+    }
+    Ok(accounts)
+}
+
+/// The fraud entry of a double spend.
+fn double_spend_entry(
+    now: i64,
+    actor: &str,
+    payment: &OfflinePaymentRecord,
+    first_payment_id: &str,
+    revoked: bool,
+) -> AuditEntry {
+    let detail = json!({
+        "fraud": true, "payment_id": payment.payment_id, "first_payment_id": first_payment_id,
+        "counter": payment.counter, "merchant_id": payment.merchant_id,
+        "terminal_id": payment.terminal_id, "revoked": revoked,
+    });
+    audit::entry(now, actor, "offline.double_spend", &payment.credential_id, detail)
 }
