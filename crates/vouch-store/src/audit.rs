@@ -10,6 +10,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 use vouch_proto::crypto::sha256;
 
+use crate::sql::Placeholders;
 use crate::{Store, StoreError, Tx};
 
 const HASH_DOMAIN: &[u8] = b"vouch-audit-v1";
@@ -146,7 +147,7 @@ impl Tx {
     /// statement per hundred entries.
     pub async fn append_audits(&mut self, entries: &[AuditEntry]) -> Result<(), StoreError> {
         for chunk in entries.chunks(CHAIN_INSERT_ROWS) {
-            let values = crate::sql::tuples(1, chunk.len(), 5);
+            let values = Placeholders::new(self.postgres).tuples(chunk.len(), 5);
             let sql = sqlx::AssertSqlSafe(format!(
                 "INSERT INTO audit_pending (at, actor, action, subject, detail) VALUES {values}"
             ));
@@ -198,7 +199,7 @@ impl Tx {
             links.push(AuditRecord { seq, entry, prev_hash: std::mem::replace(&mut prev_hash, hash.clone()), hash });
         }
         for chunk in links.chunks(CHAIN_INSERT_ROWS) {
-            let values = crate::sql::tuples(1, chunk.len(), 8);
+            let values = Placeholders::new(self.postgres).tuples(chunk.len(), 8);
             let sql = sqlx::AssertSqlSafe(format!(
                 "INSERT INTO audit_log (seq, at, actor, action, subject, detail, prev_hash, hash) VALUES {values}"
             ));
@@ -217,7 +218,7 @@ impl Tx {
             insert.execute(self.conn()).await?;
         }
         for chunk in ids.chunks(CHAIN_INSERT_ROWS * 8) {
-            let list = crate::sql::parameters(1, chunk.len());
+            let list = Placeholders::new(self.postgres).list(chunk.len());
             let sql = sqlx::AssertSqlSafe(format!("DELETE FROM audit_pending WHERE id IN ({list})"));
             let mut delete = sqlx::query(sql);
             for id in chunk {

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use crate::sql::{parameters, tuples};
+use crate::sql::Placeholders;
 use crate::{Store, StoreError, Tx};
 
 /// The most transfers [`Tx::post_transfers`] takes at once.
@@ -435,7 +435,7 @@ impl Tx {
             let sql = sqlx::AssertSqlSafe(format!(
                 "SELECT id, currency, overdraft_allowed, debits_minor, credits_minor FROM accounts \
                  WHERE id IN ({}) ORDER BY id{lock}",
-                parameters(1, chunk.len())
+                Placeholders::new(self.postgres).list(chunk.len())
             ));
             let mut query = sqlx::query(sql);
             for id in chunk {
@@ -462,7 +462,7 @@ impl Tx {
         for chunk in ids.chunks(LEDGER_ROWS_PER_STATEMENT) {
             let sql = sqlx::AssertSqlSafe(format!(
                 "SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id IN ({})",
-                parameters(1, chunk.len())
+                Placeholders::new(self.postgres).list(chunk.len())
             ));
             let mut query = sqlx::query(sql);
             for id in chunk {
@@ -482,7 +482,7 @@ impl Tx {
         for chunk in transfers.chunks(LEDGER_ROWS_PER_STATEMENT) {
             let sql = sqlx::AssertSqlSafe(format!(
                 "INSERT INTO transfers ({TRANSFER_COLUMNS}) VALUES {} ON CONFLICT (id) DO NOTHING",
-                tuples(1, chunk.len(), 7)
+                Placeholders::new(self.postgres).tuples(chunk.len(), 7)
             ));
             let mut insert = sqlx::query(sql);
             for t in chunk {
@@ -509,8 +509,12 @@ impl Tx {
         moved.sort_unstable_by_key(|(id, _)| *id);
         for chunk in moved.chunks(LEDGER_ROWS_PER_STATEMENT) {
             // A derived table of (id, debited, credited) that both back-ends join on.
+            let mut placeholders = Placeholders::new(self.postgres);
             let rows = (0..chunk.len())
-                .map(|i| format!("SELECT ${} AS id, ${} AS debited, ${} AS credited", 3 * i + 1, 3 * i + 2, 3 * i + 3))
+                .map(|_| {
+                    let (id, debited, credited) = (placeholders.next(), placeholders.next(), placeholders.next());
+                    format!("SELECT {id} AS id, {debited} AS debited, {credited} AS credited")
+                })
                 .collect::<Vec<_>>()
                 .join(" UNION ALL ");
             let sql = sqlx::AssertSqlSafe(format!(

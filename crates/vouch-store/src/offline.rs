@@ -10,8 +10,8 @@
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use crate::sql::{parameters, tuples};
-use crate::{Store, StoreError, Tx};
+use crate::sql::Placeholders;
+use crate::{Backend, Store, StoreError, Tx};
 
 /// Each credential of a phone gets its own range of counter values, this wide.
 pub const COUNTER_RANGE: i64 = 1 << 32;
@@ -117,7 +117,7 @@ impl Tx {
         for chunk in sorted_unique(ids).chunks(OFFLINE_ROWS_PER_STATEMENT) {
             let sql = sqlx::AssertSqlSafe(format!(
                 "SELECT {COLUMNS}, settled_minor FROM offline_credentials WHERE id IN ({}) ORDER BY id{lock}",
-                parameters(1, chunk.len())
+                Placeholders::new(self.postgres).list(chunk.len())
             ));
             let mut query = sqlx::query(sql);
             for id in chunk {
@@ -138,7 +138,7 @@ impl Store {
         for chunk in sorted_unique(ids).chunks(OFFLINE_ROWS_PER_STATEMENT) {
             let sql = sqlx::AssertSqlSafe(format!(
                 "SELECT {COLUMNS} FROM offline_credentials WHERE id IN ({}) ORDER BY id",
-                parameters(1, chunk.len())
+                Placeholders::new(self.backend == Backend::Postgres).list(chunk.len())
             ));
             let mut query = sqlx::query(sql);
             for id in chunk {
@@ -239,16 +239,16 @@ impl Tx {
     ) -> Result<Vec<OfflinePaymentRecord>, StoreError> {
         let mut found: Vec<OfflinePaymentRecord> = Vec::new();
         for chunk in payments.chunks(OFFLINE_ROWS_PER_STATEMENT) {
-            let n = chunk.len();
+            let mut placeholders = Placeholders::new(self.postgres);
+            let ids = placeholders.list(chunk.len());
+            let nonces = placeholders.list(chunk.len());
+            let counters = placeholders.tuples(chunk.len(), 2);
             // Three lookups, each on its own unique index.
             let sql = sqlx::AssertSqlSafe(format!(
-                "SELECT {PAYMENT_COLUMNS} FROM offline_payments WHERE payment_id IN ({}) \
-                 UNION ALL SELECT {PAYMENT_COLUMNS} FROM offline_payments WHERE nonce IN ({}) \
+                "SELECT {PAYMENT_COLUMNS} FROM offline_payments WHERE payment_id IN ({ids}) \
+                 UNION ALL SELECT {PAYMENT_COLUMNS} FROM offline_payments WHERE nonce IN ({nonces}) \
                  UNION ALL SELECT {PAYMENT_COLUMNS} FROM offline_payments \
-                 WHERE (credential_id, counter) IN (VALUES {})",
-                parameters(1, n),
-                parameters(n + 1, n),
-                tuples(2 * n + 1, n, 2)
+                 WHERE (credential_id, counter) IN (VALUES {counters})"
             ));
             let mut query = sqlx::query(sql);
             for payment in chunk {
@@ -282,7 +282,7 @@ impl Tx {
         for chunk in payments.chunks(OFFLINE_ROWS_PER_STATEMENT) {
             let sql = sqlx::AssertSqlSafe(format!(
                 "INSERT INTO offline_payments ({PAYMENT_COLUMNS}) VALUES {} ON CONFLICT DO NOTHING RETURNING payment_id",
-                tuples(1, chunk.len(), 10)
+                Placeholders::new(self.postgres).tuples(chunk.len(), 10)
             ));
             let mut insert = sqlx::query_scalar::<_, String>(sql);
             for payment in chunk {

@@ -1,14 +1,35 @@
-//! Parameter lists for statements over many rows, numbered as both back-ends read them.
+//! Placeholders for statements over many rows.
 
-/// `$first, $first+1, …`: `count` parameters, for `IN (…)`.
-pub(crate) fn parameters(first: usize, count: usize) -> String {
-    (first..first + count).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+/// A statement's parameter placeholders, made in the order the parameters are bound.
+/// On PostgreSQL they are numbered (`$1`, `$2`, …). On SQLite they are anonymous (`?`),
+/// which SQLite numbers in order: it finds a named parameter by a linear search of the
+/// statement's names, so binding n named parameters costs n², which a statement over
+/// hundreds of rows feels.
+#[derive(Debug)]
+pub(crate) struct Placeholders {
+    postgres: bool,
+    made: usize,
 }
 
-/// `($1, …, $columns), ($columns+1, …), …`: `rows` tuples of `columns` parameters
-/// numbered from `first`, for `VALUES …`.
-pub(crate) fn tuples(first: usize, rows: usize, columns: usize) -> String {
-    (0..rows).map(|row| format!("({})", parameters(first + row * columns, columns))).collect::<Vec<_>>().join(", ")
+impl Placeholders {
+    pub(crate) fn new(postgres: bool) -> Self {
+        Placeholders { postgres, made: 0 }
+    }
+
+    pub(crate) fn next(&mut self) -> String {
+        self.made += 1;
+        if self.postgres { format!("${}", self.made) } else { "?".to_owned() }
+    }
+
+    /// `count` placeholders, comma-separated, for `IN (…)`.
+    pub(crate) fn list(&mut self, count: usize) -> String {
+        (0..count).map(|_| self.next()).collect::<Vec<_>>().join(", ")
+    }
+
+    /// `rows` parenthesised tuples of `columns` placeholders, for `VALUES …`.
+    pub(crate) fn tuples(&mut self, rows: usize, columns: usize) -> String {
+        (0..rows).map(|_| format!("({})", self.list(columns))).collect::<Vec<_>>().join(", ")
+    }
 }
 
 #[cfg(test)]
@@ -16,10 +37,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parameters_are_numbered_from_first() {
-        assert_eq!(parameters(1, 3), "$1, $2, $3");
-        assert_eq!(parameters(4, 1), "$4");
-        assert_eq!(tuples(1, 2, 3), "($1, $2, $3), ($4, $5, $6)");
-        assert_eq!(tuples(3, 1, 2), "($3, $4)");
+    fn placeholders_follow_the_binding_order() {
+        let mut postgres = Placeholders::new(true);
+        assert_eq!(postgres.list(3), "$1, $2, $3");
+        assert_eq!(postgres.tuples(2, 2), "($4, $5), ($6, $7)");
+        assert_eq!(postgres.next(), "$8");
+        let mut sqlite = Placeholders::new(false);
+        assert_eq!(sqlite.list(2), "?, ?");
+        assert_eq!(sqlite.tuples(2, 3), "(?, ?, ?), (?, ?, ?)");
     }
 }
