@@ -476,10 +476,27 @@ struct Balance<'a> {
     revoked: bool,
 }
 
+/// Who holds each payment id, (credential, counter) and nonce so far: a stored payment
+/// or one the batch settles.
+#[derive(Default)]
+struct Spent<'a> {
+    ids: HashMap<&'a str, Result<&'a OfflinePaymentRecord, usize>>,
+    counters: HashMap<(&'a str, i64), &'a str>,
+    nonces: HashSet<&'a str>,
+}
+
+impl<'a> Spent<'a> {
+    /// `holder` is the stored payment, or the batch's payment number `holder`.
+    fn insert(&mut self, payment: &'a OfflinePaymentRecord, holder: Result<&'a OfflinePaymentRecord, usize>) {
+        self.ids.insert(&payment.payment_id, holder);
+        self.counters.insert((&payment.credential_id, payment.counter), &payment.payment_id);
+        self.nonces.insert(&payment.nonce);
+    }
+}
+
 /// Decides each verified payment of a batch in the order sent, as if the payments were
 /// settled one after another: against the stored payments it could collide with, its
-/// locked credential, and the payments of the batch settled before it. This is where
-/// every rule that needs the ledger's state is applied, and the only place.
+/// locked credential, and the payments of the batch settled before it.
 fn decide(
     batch: &[Option<&OfflinePaymentRecord>],
     credentials: &[LockedCredential],
@@ -493,15 +510,9 @@ fn decide(
             (locked.record.id.as_str(), balance)
         })
         .collect();
-    // Who holds each payment id, (credential, counter) and nonce: a stored payment or
-    // one of the batch's settled ones.
-    let mut ids: HashMap<&str, Result<&OfflinePaymentRecord, usize>> = HashMap::new();
-    let mut counters: HashMap<(&str, i64), &str> = HashMap::new();
-    let mut nonces: HashSet<&str> = HashSet::new();
+    let mut spent = Spent::default();
     for payment in stored {
-        ids.insert(&payment.payment_id, Ok(payment));
-        counters.insert((&payment.credential_id, payment.counter), &payment.payment_id);
-        nonces.insert(&payment.nonce);
+        spent.insert(payment, Ok(payment));
     }
     let mut decisions = Vec::with_capacity(batch.len());
     for (i, slot) in batch.iter().enumerate() {
@@ -509,43 +520,49 @@ fn decide(
             decisions.push(None);
             continue;
         };
-        let decision = match ids.get(payment.payment_id.as_str()) {
-            Some(Ok(stored)) => Decision::Stored((*stored).clone()),
-            Some(Err(first)) => Decision::SameAs(*first),
-            None => match balances.get_mut(payment.credential_id.as_str()) {
+        let decision =
+            match (spent.ids.get(payment.payment_id.as_str()), balances.get_mut(payment.credential_id.as_str())) {
+                // A payment settled before is answered with its receipt, even once its
+                // credential has been revoked or spent.
+                (Some(Ok(stored)), _) => Decision::Stored((*stored).clone()),
+                (Some(Err(first)), _) => Decision::SameAs(*first),
                 // Credentials are never deleted: the one the payment verified against is there.
-                None => Decision::Refused(Refusal::new("unknown-credential", "the credential is gone")),
-                Some(balance) if balance.revoked => Decision::Refused(Refusal::new(
-                    "credential-revoked",
-                    format!("credential {} is revoked", payment.credential_id),
-                )),
-                Some(balance) => {
-                    if let Some(first) = counters.get(&(payment.credential_id.as_str(), payment.counter)) {
-                        balance.revoked = true;
-                        Decision::DoubleSpend { first_payment_id: (*first).to_owned() }
-                    } else if nonces.contains(payment.nonce.as_str()) {
-                        Decision::Refused(Refusal::nonce_reused())
-                    } else if balance.settled_minor.saturating_add(payment.amount_minor)
-                        > balance.locked.record.limit_minor
-                    {
-                        let left = balance.locked.record.limit_minor.saturating_sub(balance.settled_minor);
-                        Decision::Refused(Refusal::new(
-                            "over-limit",
-                            format!("amount {}, limit left {left}", payment.amount_minor),
-                        ))
-                    } else {
-                        balance.settled_minor += payment.amount_minor;
-                        ids.insert(&payment.payment_id, Err(i));
-                        counters.insert((&payment.credential_id, payment.counter), &payment.payment_id);
-                        nonces.insert(&payment.nonce);
-                        Decision::Settle
-                    }
-                }
-            },
-        };
+                (None, None) => Decision::Refused(Refusal::new("unknown-credential", "the credential is gone")),
+                (None, Some(balance)) => against_credential(payment, balance, &spent),
+            };
+        if decision == Decision::Settle {
+            spent.insert(payment, Err(i));
+        }
         decisions.push(Some(decision));
     }
     decisions
+}
+
+/// The rules that need the ledger's state, in order, for a payment not settled before:
+/// this is where each is applied, and the only place. A double spend revokes the
+/// credential for the batch's later payments; a settled payment counts against the
+/// credential's limit.
+fn against_credential(payment: &OfflinePaymentRecord, balance: &mut Balance, spent: &Spent) -> Decision {
+    let record = &balance.locked.record;
+    if balance.revoked {
+        return Decision::Refused(Refusal::new("credential-revoked", format!("credential {} is revoked", record.id)));
+    }
+    if let Some(first) = spent.counters.get(&(payment.credential_id.as_str(), payment.counter)) {
+        balance.revoked = true;
+        return Decision::DoubleSpend { first_payment_id: (*first).to_owned() };
+    }
+    if spent.nonces.contains(payment.nonce.as_str()) {
+        return Decision::Refused(Refusal::nonce_reused());
+    }
+    let left = record.limit_minor.saturating_sub(balance.settled_minor);
+    if payment.amount_minor > left {
+        return Decision::Refused(Refusal::new(
+            "over-limit",
+            format!("amount {}, limit left {left}", payment.amount_minor),
+        ));
+    }
+    balance.settled_minor += payment.amount_minor;
+    Decision::Settle
 }
 
 /// What a payment that could not be inserted collided with, stored meanwhile by another
@@ -731,4 +748,115 @@ fn double_spend_entry(
         "terminal_id": payment.terminal_id, "revoked": revoked,
     });
     audit::entry(now, actor, "offline.double_spend", &payment.credential_id, detail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn credential(id: &str, limit_minor: i64, settled_minor: i64, revoked: bool) -> LockedCredential {
+        LockedCredential {
+            record: OfflineCredentialRecord {
+                id: id.into(),
+                device_id: "dev_phone".into(),
+                consumer_id: "con_1".into(),
+                reserve_account_id: "acc_reserve".into(),
+                public_key: vec![4; 65],
+                limit_minor,
+                currency: "EUR".into(),
+                counter_start: 0,
+                issued_at: 0,
+                not_after: 100,
+                revoked_at: revoked.then_some(50),
+            },
+            settled_minor,
+        }
+    }
+
+    /// Payment `id` under credential `credential`, counter `counter`, nonce `nonce`.
+    fn payment(id: &str, credential: &str, counter: i64, nonce: &str, amount_minor: i64) -> OfflinePaymentRecord {
+        OfflinePaymentRecord {
+            payment_id: id.into(),
+            credential_id: credential.into(),
+            counter,
+            nonce: nonce.into(),
+            amount_minor,
+            currency: "EUR".into(),
+            merchant_id: "mch_1".into(),
+            terminal_id: "dev_t".into(),
+            receipt: id.as_bytes().to_vec(),
+            settled_at: 60,
+        }
+    }
+
+    fn refused(reason: &'static str) -> String {
+        format!("refused {reason}")
+    }
+
+    /// Each decision in a word, for comparing with a table.
+    fn words(decisions: &[Option<Decision>]) -> Vec<String> {
+        decisions
+            .iter()
+            .map(|d| match d {
+                None => "checked before".to_owned(),
+                Some(Decision::Settle) => "settle".to_owned(),
+                Some(Decision::Stored(p)) => format!("stored {}", p.payment_id),
+                Some(Decision::SameAs(i)) => format!("same as {i}"),
+                Some(Decision::DoubleSpend { first_payment_id }) => format!("double spend of {first_payment_id}"),
+                Some(Decision::Refused(r)) => refused(r.reason),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn payments_are_decided_as_if_settled_one_after_another() {
+        let credentials = [credential("ocr_a", 100, 40, false), credential("ocr_b", 100, 0, true)];
+        let stored = [payment("p0", "ocr_a", 1, "n0", 40), payment("q0", "ocr_b", 1, "m0", 10)];
+        let batch = [
+            payment("p0", "ocr_a", 1, "n0", 40),
+            payment("p1", "ocr_a", 2, "n1", 30),
+            payment("p1", "ocr_a", 2, "n1", 30),
+            payment("p2", "ocr_a", 3, "n0", 5),
+            payment("p3", "ocr_a", 4, "n1", 5),
+            payment("p4", "ocr_a", 5, "n4", 31),
+            payment("p5", "ocr_a", 6, "n5", 30),
+            payment("p6", "ocr_a", 2, "n6", 1),
+            payment("p7", "ocr_a", 7, "n7", 1),
+            payment("q0", "ocr_b", 1, "m0", 10),
+            payment("q1", "ocr_b", 2, "m1", 10),
+            payment("r1", "ocr_gone", 1, "o1", 10),
+        ];
+        let slots: Vec<Option<&OfflinePaymentRecord>> =
+            batch.iter().enumerate().map(|(i, p)| (i != 3).then_some(p)).collect();
+        let decisions = decide(&slots, &credentials, &stored);
+        assert_eq!(
+            words(&decisions),
+            [
+                "stored p0".to_owned(),
+                "settle".to_owned(),
+                "same as 1".to_owned(),
+                "checked before".to_owned(),
+                refused("nonce-reused"),
+                // 40 stored and 30 settled leave 30 of the 100.
+                refused("over-limit"),
+                "settle".to_owned(),
+                "double spend of p1".to_owned(),
+                refused("credential-revoked"),
+                // Settled before, under a credential revoked since.
+                "stored q0".to_owned(),
+                refused("credential-revoked"),
+                refused("unknown-credential"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_payment_skipped_at_insertion_is_decided_by_what_it_met() {
+        let mine = payment("p1", "ocr_a", 2, "n1", 30);
+        let check = |stored: &[OfflinePaymentRecord]| words(&[collision(&mine, stored)]);
+        assert_eq!(check(&[payment("p1", "ocr_a", 2, "n1", 30)]), ["stored p1"]);
+        assert_eq!(check(&[payment("p9", "ocr_a", 2, "n9", 30)]), ["double spend of p9"]);
+        assert_eq!(check(&[payment("p9", "ocr_z", 9, "n1", 30)]), [refused("nonce-reused")]);
+        assert_eq!(check(&[]), ["checked before"]);
+    }
 }
