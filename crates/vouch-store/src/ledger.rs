@@ -19,14 +19,11 @@ use std::collections::HashMap;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use crate::sql::Placeholders;
+use crate::sql::{Placeholders, ROWS_PER_STATEMENT, rows_for_ids, sorted_unique};
 use crate::{Store, StoreError, Tx};
 
 /// The most transfers [`Tx::post_transfers`] takes at once.
 pub const TRANSFER_BATCH_MAX: usize = 1_000;
-/// Rows one statement of [`Tx::post_transfers`] reads or writes at most (7 parameters
-/// each at the most, far below either back-end's limit).
-pub const LEDGER_ROWS_PER_STATEMENT: usize = 250;
 
 /// The largest amount one transfer moves, in minor units: far above any payment,
 /// and far enough below `i64::MAX` that running debits and credits cannot overflow
@@ -427,59 +424,41 @@ impl Tx {
     /// one writer at a time) in id order, and reads their totals.
     async fn lock_balances(&mut self, ids: &[&str]) -> Result<HashMap<String, Balance>, StoreError> {
         let lock = if self.postgres { " FOR UPDATE" } else { "" };
-        let mut ids = ids.to_vec();
-        ids.sort_unstable();
-        ids.dedup();
-        let mut balances = HashMap::with_capacity(ids.len());
-        for chunk in ids.chunks(LEDGER_ROWS_PER_STATEMENT) {
-            let sql = sqlx::AssertSqlSafe(format!(
+        let rows = rows_for_ids(self.postgres, self.conn(), &sorted_unique(ids), |list| {
+            format!(
                 "SELECT id, currency, overdraft_allowed, debits_minor, credits_minor FROM accounts \
-                 WHERE id IN ({}) ORDER BY id{lock}",
-                Placeholders::new(self.postgres).list(chunk.len())
-            ));
-            let mut query = sqlx::query(sql);
-            for id in chunk {
-                query = query.bind(*id);
-            }
-            for row in query.fetch_all(self.conn()).await? {
-                let balance = Balance {
-                    currency: row.try_get("currency")?,
-                    overdraft_allowed: row.try_get::<i64, _>("overdraft_allowed")? == 1,
-                    debits_minor: row.try_get("debits_minor")?,
-                    credits_minor: row.try_get("credits_minor")?,
-                    debited_minor: 0,
-                    credited_minor: 0,
-                };
-                balances.insert(row.try_get("id")?, balance);
-            }
+                 WHERE id IN ({list}) ORDER BY id{lock}"
+            )
+        })
+        .await?;
+        let mut balances = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let balance = Balance {
+                currency: row.try_get("currency")?,
+                overdraft_allowed: row.try_get::<i64, _>("overdraft_allowed")? == 1,
+                debits_minor: row.try_get("debits_minor")?,
+                credits_minor: row.try_get("credits_minor")?,
+                debited_minor: 0,
+                credited_minor: 0,
+            };
+            balances.insert(row.try_get("id")?, balance);
         }
         Ok(balances)
     }
 
     /// The stored transfers among `ids`, by id.
     async fn transfers_among(&mut self, ids: &[&str]) -> Result<HashMap<String, Transfer>, StoreError> {
-        let mut stored = HashMap::new();
-        for chunk in ids.chunks(LEDGER_ROWS_PER_STATEMENT) {
-            let sql = sqlx::AssertSqlSafe(format!(
-                "SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id IN ({})",
-                Placeholders::new(self.postgres).list(chunk.len())
-            ));
-            let mut query = sqlx::query(sql);
-            for id in chunk {
-                query = query.bind(*id);
-            }
-            for row in query.fetch_all(self.conn()).await? {
-                let transfer = transfer_from_row(&row)?;
-                stored.insert(transfer.id.clone(), transfer);
-            }
-        }
-        Ok(stored)
+        let rows = rows_for_ids(self.postgres, self.conn(), ids, |list| {
+            format!("SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id IN ({list})")
+        })
+        .await?;
+        rows.iter().map(|row| transfer_from_row(row).map(|t| (t.id.clone(), t))).collect()
     }
 
     /// Inserts the transfers, skipping an id stored meanwhile; how many were inserted.
     async fn insert_transfers(&mut self, transfers: &[&Transfer]) -> Result<usize, StoreError> {
         let mut inserted = 0;
-        for chunk in transfers.chunks(LEDGER_ROWS_PER_STATEMENT) {
+        for chunk in transfers.chunks(ROWS_PER_STATEMENT) {
             let sql = sqlx::AssertSqlSafe(format!(
                 "INSERT INTO transfers ({TRANSFER_COLUMNS}) VALUES {} ON CONFLICT (id) DO NOTHING",
                 Placeholders::new(self.postgres).tuples(chunk.len(), 7)
@@ -507,7 +486,7 @@ impl Tx {
         let mut moved: Vec<(&String, &Balance)> =
             balances.iter().filter(|(_, b)| b.debited_minor != 0 || b.credited_minor != 0).collect();
         moved.sort_unstable_by_key(|(id, _)| *id);
-        for chunk in moved.chunks(LEDGER_ROWS_PER_STATEMENT) {
+        for chunk in moved.chunks(ROWS_PER_STATEMENT) {
             // A derived table of (id, debited, credited) that both back-ends join on.
             let mut placeholders = Placeholders::new(self.postgres);
             let rows = (0..chunk.len())

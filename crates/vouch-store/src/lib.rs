@@ -38,7 +38,7 @@ pub use ledger::{
     Account, AccountKind, TRANSFER_AMOUNT_MAX_MINOR, TRANSFER_BATCH_MAX, Transfer, TransferOutcome, TransferRefusal,
     issuer_account_id,
 };
-pub use offline::{LockedCredential, OFFLINE_ROWS_PER_STATEMENT, OfflineCredentialRecord, OfflinePaymentRecord};
+pub use offline::{LockedCredential, OfflineCredentialRecord, OfflinePaymentRecord};
 pub use registry::{Device, DeviceFilter, DeviceStatus, Merchant, ServiceProvider};
 pub use secrets::{ApiKeyRecord, NonceRejection, SigningKeyRecord};
 pub use token::{ReaderSession, TokenSession, TokenSessionState};

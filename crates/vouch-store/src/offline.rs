@@ -10,14 +10,11 @@
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use crate::sql::Placeholders;
+use crate::sql::{Placeholders, ROWS_PER_STATEMENT, rows_for_ids, sorted_unique};
 use crate::{Backend, Store, StoreError, Tx};
 
 /// Each credential of a phone gets its own range of counter values, this wide.
 pub const COUNTER_RANGE: i64 = 1 << 32;
-/// Rows one statement reads or writes at most when settling a batch (10 parameters
-/// each at the most, far below either back-end's limit).
-pub const OFFLINE_ROWS_PER_STATEMENT: usize = 250;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OfflineCredentialRecord {
@@ -97,14 +94,6 @@ pub struct LockedCredential {
     pub settled_minor: i64,
 }
 
-/// `ids` sorted, without repeats: the order rows are locked in.
-fn sorted_unique<'a>(ids: &[&'a str]) -> Vec<&'a str> {
-    let mut ids = ids.to_vec();
-    ids.sort_unstable();
-    ids.dedup();
-    ids
-}
-
 impl Tx {
     /// Locks the credentials among `ids` for this transaction and reads them, in id
     /// order; unknown ids are left out. On PostgreSQL the row locks are taken in id
@@ -113,42 +102,26 @@ impl Tx {
     /// committed. SQLite has one writer at a time and needs no lock.
     pub async fn lock_offline_credentials(&mut self, ids: &[&str]) -> Result<Vec<LockedCredential>, StoreError> {
         let lock = if self.postgres { " FOR UPDATE" } else { "" };
-        let mut locked = Vec::with_capacity(ids.len());
-        for chunk in sorted_unique(ids).chunks(OFFLINE_ROWS_PER_STATEMENT) {
-            let sql = sqlx::AssertSqlSafe(format!(
-                "SELECT {COLUMNS}, settled_minor FROM offline_credentials WHERE id IN ({}) ORDER BY id{lock}",
-                Placeholders::new(self.postgres).list(chunk.len())
-            ));
-            let mut query = sqlx::query(sql);
-            for id in chunk {
-                query = query.bind(*id);
-            }
-            for row in query.fetch_all(self.conn()).await? {
-                locked.push(LockedCredential { record: from_row(&row)?, settled_minor: row.try_get("settled_minor")? });
-            }
-        }
-        Ok(locked)
+        let rows = rows_for_ids(self.postgres, self.conn(), &sorted_unique(ids), |list| {
+            format!("SELECT {COLUMNS}, settled_minor FROM offline_credentials WHERE id IN ({list}) ORDER BY id{lock}")
+        })
+        .await?;
+        rows.iter()
+            .map(|row| Ok(LockedCredential { record: from_row(row)?, settled_minor: row.try_get("settled_minor")? }))
+            .collect()
     }
 }
 
 impl Store {
     /// The credentials among `ids`, in id order; unknown ids are left out.
     pub async fn offline_credentials(&self, ids: &[&str]) -> Result<Vec<OfflineCredentialRecord>, StoreError> {
-        let mut records = Vec::with_capacity(ids.len());
-        for chunk in sorted_unique(ids).chunks(OFFLINE_ROWS_PER_STATEMENT) {
-            let sql = sqlx::AssertSqlSafe(format!(
-                "SELECT {COLUMNS} FROM offline_credentials WHERE id IN ({}) ORDER BY id",
-                Placeholders::new(self.backend == Backend::Postgres).list(chunk.len())
-            ));
-            let mut query = sqlx::query(sql);
-            for id in chunk {
-                query = query.bind(*id);
-            }
-            for row in query.fetch_all(self.pool()).await? {
-                records.push(from_row(&row)?);
-            }
-        }
-        Ok(records)
+        let mut conn = self.pool().acquire().await?;
+        let postgres = self.backend == Backend::Postgres;
+        let rows = rows_for_ids(postgres, &mut conn, &sorted_unique(ids), |list| {
+            format!("SELECT {COLUMNS} FROM offline_credentials WHERE id IN ({list}) ORDER BY id")
+        })
+        .await?;
+        rows.iter().map(from_row).collect()
     }
 
     pub async fn offline_credential(&self, id: &str) -> Result<OfflineCredentialRecord, StoreError> {
@@ -238,7 +211,7 @@ impl Tx {
         payments: &[&OfflinePaymentRecord],
     ) -> Result<Vec<OfflinePaymentRecord>, StoreError> {
         let mut found: Vec<OfflinePaymentRecord> = Vec::new();
-        for chunk in payments.chunks(OFFLINE_ROWS_PER_STATEMENT) {
+        for chunk in payments.chunks(ROWS_PER_STATEMENT) {
             let mut placeholders = Placeholders::new(self.postgres);
             let ids = placeholders.list(chunk.len());
             let nonces = placeholders.list(chunk.len());
@@ -279,7 +252,7 @@ impl Tx {
         payments: &[&OfflinePaymentRecord],
     ) -> Result<Vec<String>, StoreError> {
         let mut inserted = Vec::with_capacity(payments.len());
-        for chunk in payments.chunks(OFFLINE_ROWS_PER_STATEMENT) {
+        for chunk in payments.chunks(ROWS_PER_STATEMENT) {
             let sql = sqlx::AssertSqlSafe(format!(
                 "INSERT INTO offline_payments ({PAYMENT_COLUMNS}) VALUES {} ON CONFLICT DO NOTHING RETURNING payment_id",
                 Placeholders::new(self.postgres).tuples(chunk.len(), 10)

@@ -1,4 +1,42 @@
-//! Placeholders for statements over many rows.
+//! Statements over many rows: their placeholders, and reading rows by a list of ids.
+
+use sqlx::AnyConnection;
+use sqlx::any::AnyRow;
+
+use crate::StoreError;
+
+/// Rows one statement over many rows reads or writes at most (10 parameters each at the
+/// most, far below either back-end's limit).
+pub(crate) const ROWS_PER_STATEMENT: usize = 250;
+
+/// The rows `select` finds for `ids`, one statement per [`ROWS_PER_STATEMENT`] ids, in
+/// the order of `ids` chunk by chunk; `select` makes the statement from the list of
+/// placeholders for one chunk's ids (`IN ({list})`).
+pub(crate) async fn rows_for_ids(
+    postgres: bool,
+    conn: &mut AnyConnection,
+    ids: &[&str],
+    select: impl Fn(&str) -> String,
+) -> Result<Vec<AnyRow>, StoreError> {
+    let mut rows = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let sql = select(&Placeholders::new(postgres).list(chunk.len()));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for id in chunk {
+            query = query.bind(*id);
+        }
+        rows.extend(query.fetch_all(&mut *conn).await?);
+    }
+    Ok(rows)
+}
+
+/// `ids` sorted, without repeats: the order rows are locked in.
+pub(crate) fn sorted_unique<'a>(ids: &[&'a str]) -> Vec<&'a str> {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
 
 /// A statement's parameter placeholders, made in the order the parameters are bound.
 /// On PostgreSQL they are numbered (`$1`, `$2`, …). On SQLite they are anonymous (`?`),
