@@ -178,19 +178,27 @@ fn payment_from_row(row: &AnyRow) -> Result<OfflinePaymentRecord, StoreError> {
 }
 
 impl Tx {
-    /// Counts `amount_minor` against the credential's limit, if it is not revoked and
-    /// the amount fits what is left; false (nothing written) otherwise. One statement,
-    /// so concurrent payments under one credential cannot together pass its limit.
-    pub async fn spend_offline_credential(&mut self, id: &str, amount_minor: i64) -> Result<bool, StoreError> {
-        let spent = sqlx::query(
-            "UPDATE offline_credentials SET settled_minor = settled_minor + $2 \
-             WHERE id = $1 AND revoked_at IS NULL AND settled_minor + $2 <= limit_minor",
-        )
-        .bind(id)
-        .bind(amount_minor)
-        .execute(self.conn())
-        .await?;
-        Ok(spent.rows_affected() == 1)
+    /// Counts each amount against its credential's limit, if the credential is not
+    /// revoked and the amount fits what is left; returns how many credentials were
+    /// spent (the others are left as they were). One statement, so concurrent
+    /// settlements under one credential cannot together pass its limit.
+    pub async fn spend_offline_credentials(&mut self, spends: &[(&str, i64)]) -> Result<usize, StoreError> {
+        let mut spent = 0;
+        for chunk in spends.chunks(ROWS_PER_STATEMENT) {
+            let rows = Placeholders::new(self.postgres).derived_table(chunk.len(), &["id", "amount"]);
+            let sql = sqlx::AssertSqlSafe(format!(
+                "UPDATE offline_credentials SET settled_minor = settled_minor + spend.amount FROM ({rows}) AS spend \
+                 WHERE offline_credentials.id = spend.id AND revoked_at IS NULL \
+                 AND settled_minor + spend.amount <= limit_minor"
+            ));
+            let mut update = sqlx::query(sql);
+            for (id, amount_minor) in chunk {
+                update = update.bind(*id).bind(*amount_minor);
+            }
+            let rows = update.execute(self.conn()).await?.rows_affected();
+            spent += usize::try_from(rows).unwrap_or(usize::MAX);
+        }
+        Ok(spent)
     }
 
     /// Revokes a credential at `now`; false if it was revoked already.
@@ -276,14 +284,14 @@ impl Tx {
         Ok(inserted)
     }
 
-    /// The oldest settlement account of `merchant_id` in `currency`, opened on first
-    /// use under an id derived from both, so concurrent first uses open it once.
-    pub async fn merchant_settlement_account(
+    /// The id of the oldest settlement account of `merchant_id` in `currency`, opened
+    /// on first use under an id derived from both, so concurrent first uses open it once.
+    pub async fn merchant_settlement_account_id(
         &mut self,
         merchant_id: &str,
         currency: &str,
         now: i64,
-    ) -> Result<crate::Account, StoreError> {
+    ) -> Result<String, StoreError> {
         let existing: Option<String> = sqlx::query_scalar(
             "SELECT id FROM accounts WHERE merchant_id = $1 AND kind = 'merchant_settlement' AND currency = $2 \
              ORDER BY created_at, id LIMIT 1",
@@ -309,6 +317,6 @@ impl Tx {
                 id
             }
         };
-        self.account(&id).await
+        Ok(id)
     }
 }

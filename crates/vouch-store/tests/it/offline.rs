@@ -80,11 +80,25 @@ conformance! {
         let read = t.store.offline_credentials(&ids).await.unwrap();
         assert_eq!(read, [credential("ocr_a"), credential("ocr_b")]);
         let mut tx = t.store.begin().await.unwrap();
-        assert!(tx.spend_offline_credential("ocr_b", 300).await.unwrap());
+        assert_eq!(tx.spend_offline_credentials(&[("ocr_b", 300)]).await.unwrap(), 1);
         let locked = tx.lock_offline_credentials(&ids).await.unwrap();
         let seen: Vec<(&str, i64)> = locked.iter().map(|l| (l.record.id.as_str(), l.settled_minor)).collect();
         assert_eq!(seen, [("ocr_a", 0), ("ocr_b", 300)]);
         assert!(tx.lock_offline_credentials(&[]).await.unwrap().is_empty());
+    }
+
+    async fn a_spend_stays_within_the_limit_of_a_credential_not_revoked(t: TestStore) {
+        with_credentials(&t).await;
+        let mut tx = t.store.begin().await.unwrap();
+        assert_eq!(tx.spend_offline_credentials(&[("ocr_a", 600), ("ocr_b", 1_000)]).await.unwrap(), 2);
+        // 401 does not fit what is left of ocr_a; ocr_b is full; the unknown id is skipped.
+        let spends = [("ocr_a", 401), ("ocr_b", 1), ("ocr_nope", 1)];
+        assert_eq!(tx.spend_offline_credentials(&spends).await.unwrap(), 0);
+        assert!(tx.revoke_offline_credential("ocr_a", 60).await.unwrap());
+        assert_eq!(tx.spend_offline_credentials(&[("ocr_a", 1)]).await.unwrap(), 0, "revoked");
+        let locked = tx.lock_offline_credentials(&["ocr_a", "ocr_b"]).await.unwrap();
+        let seen: Vec<i64> = locked.iter().map(|l| l.settled_minor).collect();
+        assert_eq!(seen, [600, 1_000]);
     }
 
     async fn an_insert_skips_each_payment_that_collides(t: TestStore) {
