@@ -275,16 +275,18 @@ fn verifying() -> &'static Semaphore {
     VERIFYING.get_or_init(|| Semaphore::new(cores()))
 }
 
-/// Runs `work` over `items` on the blocking pool, in up to one chunk per core, and
-/// returns the results in order: a batch's signatures are checked on every core even
-/// when it is the only request in flight, and never on the threads serving requests.
+/// Runs `work` over `items` on the blocking pool and returns the results in order,
+/// split in as many chunks as there are idle cores: a batch that arrives alone is
+/// checked on every core, while batches that arrive together each take one, and none
+/// waits for a second core to finish. Never on the threads serving requests.
 async fn on_cores<T, R, F>(items: Vec<T>, work: F) -> ApiResult<Vec<R>>
 where
     T: Send + 'static,
     R: Send + 'static,
     F: Fn(T) -> R + Send + Sync + 'static,
 {
-    let chunk = items.len().div_ceil(cores()).max(VERIFY_CHUNK_MIN);
+    let idle = verifying().available_permits().clamp(1, cores());
+    let chunk = items.len().div_ceil(idle).max(VERIFY_CHUNK_MIN);
     let work = Arc::new(work);
     let mut tasks = Vec::with_capacity(cores());
     let mut items = items.into_iter().peekable();
