@@ -22,9 +22,15 @@
 //! cost on the wire. Legs (a) and (b) carry no key id: the verifier already knows the key
 //! from the certificate or the credential. Server-signed objects carry the server's kid.
 //!
+//! Legs (a) and (b) cross by sound together with what their receiver needs to check them
+//! offline: [`PaymentOffer`] (certificate + request) and [`ApprovalReply`] (approval +
+//! credential), each a CBOR sequence of two COSE_Sign1 items.
+//!
 //! Payloads are decoded strictly: exactly the expected keys, in the deterministic
 //! encoding (decoding and encoding again gives the same bytes), fixed-length byte strings
 //! where the field is fixed-length.
+
+mod sequence;
 
 use coset::cbor::value::{Integer, Value};
 
@@ -32,6 +38,8 @@ use crate::{
     ProtoError, SigningKey, VerifyingKey, cose,
     crypto::{SecureRandom, sha256},
 };
+
+pub use sequence::{ApprovalReply, OFFLINE_SEQUENCE_BYTES_MAX, PaymentOffer};
 
 pub const ID_BYTES: usize = 16;
 pub const NONCE_BYTES: usize = 16;
@@ -79,6 +87,8 @@ pub enum OfflineCheck {
     CountersignatureSignature,
     /// The countersignature covers other bytes than this request and approval.
     CountersignatureBinding,
+    /// A sound payload is not exactly two complete COSE_Sign1 items.
+    Sequence,
 }
 
 impl OfflineCheck {
@@ -99,6 +109,7 @@ impl OfflineCheck {
             OfflineCheck::OverLimit => "over-limit",
             OfflineCheck::CountersignatureSignature => "countersignature-signature",
             OfflineCheck::CountersignatureBinding => "countersignature-binding",
+            OfflineCheck::Sequence => "sequence",
         }
     }
 }
