@@ -49,6 +49,33 @@ pub const MERCHANT_NAME_BYTES_MAX: usize = 64;
 /// ISO 4217 numeric codes are three digits.
 pub const CURRENCY_CODE_MAX: u16 = 999;
 
+/// ISO 4217 numeric code of each alphabetic code accounts are opened in: credentials
+/// and requests carry the numeric one, people and the HTTP API the alphabetic one.
+const CURRENCIES: &[(&str, u16)] = &[
+    ("AUD", 36),
+    ("CAD", 124),
+    ("CHF", 756),
+    ("CZK", 203),
+    ("DKK", 208),
+    ("EUR", 978),
+    ("GBP", 826),
+    ("JPY", 392),
+    ("NOK", 578),
+    ("PLN", 985),
+    ("SEK", 752),
+    ("USD", 840),
+];
+
+/// The ISO 4217 numeric code of a supported alphabetic one, e.g. `EUR` -> 978.
+pub fn currency_numeric(alpha: &str) -> Option<u16> {
+    CURRENCIES.iter().find(|(code, _)| *code == alpha).map(|(_, numeric)| *numeric)
+}
+
+/// The alphabetic code of a supported ISO 4217 numeric one, e.g. 978 -> `EUR`.
+pub fn currency_alpha(numeric: u16) -> Option<&'static str> {
+    CURRENCIES.iter().find(|(_, code)| *code == numeric).map(|(alpha, _)| *alpha)
+}
+
 /// A server id on the wire: the 16 bytes of its UUID.
 pub type Id = [u8; ID_BYTES];
 pub type Digest = [u8; DIGEST_BYTES];

@@ -19,6 +19,8 @@ mod settle;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use vouch_proto::VerifyingKey;
+pub(super) use vouch_proto::offline::currency_alpha;
+pub use vouch_proto::offline::currency_numeric;
 use vouch_proto::offline::{ID_BYTES, Id, OfflineCredential, WireType};
 use vouch_store::OfflineCredentialRecord;
 
@@ -41,27 +43,6 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(settle::settle_payments))
 }
 
-/// ISO 4217 numeric code of the alphabetic codes accounts are opened in; an offline
-/// credential carries the numeric one.
-const CURRENCIES: &[(&str, u16)] = &[
-    ("AUD", 36),
-    ("CAD", 124),
-    ("CHF", 756),
-    ("CZK", 203),
-    ("DKK", 208),
-    ("EUR", 978),
-    ("GBP", 826),
-    ("JPY", 392),
-    ("NOK", 578),
-    ("PLN", 985),
-    ("SEK", 752),
-    ("USD", 840),
-];
-
-pub fn currency_numeric(alpha: &str) -> Option<u16> {
-    CURRENCIES.iter().find(|(code, _)| *code == alpha).map(|(_, numeric)| *numeric)
-}
-
 /// The 16 bytes of the UUID behind a server id (`prefix_<32 hex digits>`).
 pub fn id_bytes(id: &str) -> ApiResult<Id> {
     let hex = id.rsplit_once('_').map_or(id, |(_, hex)| hex);
@@ -80,10 +61,6 @@ pub fn sign_wire<T: WireType>(state: &AppState, value: &T) -> ApiResult<Vec<u8>>
 
 pub(super) fn server_id(prefix: &str, bytes: &Id) -> String {
     format!("{prefix}_{}", uuid::Uuid::from_bytes(*bytes).simple())
-}
-
-pub(super) fn currency_alpha(numeric: u16) -> Option<&'static str> {
-    CURRENCIES.iter().find(|(_, code)| *code == numeric).map(|(alpha, _)| *alpha)
 }
 
 /// The credential as the phone holds it, rebuilt from its row.
