@@ -4,7 +4,8 @@
 //! its [`TamperMonitor`] answers the server's commands, and it checks the ticket it
 //! gets back before trusting it. The parties of an offline payment are set up the
 //! same way: a certified terminal ([`offline_terminal`]) and a funded consumer phone
-//! holding a credential ([`offline_phone`]).
+//! holding a credential ([`offline_phone`]), and run a purchase with both legs
+//! carried by sound ([`offline_purchase`]).
 
 use std::sync::Arc;
 
@@ -15,6 +16,8 @@ use vouch_proto::jws::UnverifiedJws;
 use vouch_proto::{Clock, JwkSet, jwt};
 
 use crate::attest::{Challenge, SignedEvidence, SimulatedDeviceState, TamperMonitor};
+use crate::offline::sound::{Heard, SoundChannel};
+use crate::offline::{PaymentPrompt, QueuedPayment};
 use crate::{
     AttestationOutcome, DeviceError, DeviceIdentity, EnrolledDevice, OfflinePos, OfflineWallet, TokenSession,
     VouchClient,
@@ -227,4 +230,44 @@ pub async fn offline_phone(
         consumer_id: consumer.consumer_id,
         funding_account_id: funding.account_id,
     })
+}
+
+/// A purchase made offline, as both sides saw it.
+#[derive(Debug, Clone)]
+pub struct SoundPurchase {
+    /// What the phone showed the consumer.
+    pub prompt: PaymentPrompt,
+    /// What the POS queued for settlement.
+    pub payment: QueuedPayment,
+    /// Leg (a) as the phone heard it, and how long it sounded.
+    pub leg_a: Heard,
+    /// Leg (b) as the POS heard it.
+    pub leg_b: Heard,
+}
+
+impl SoundPurchase {
+    /// The audio time of both legs.
+    pub fn sound_secs(&self) -> f64 {
+        self.leg_a.audio_secs + self.leg_b.audio_secs
+    }
+}
+
+/// One purchase of `amount_minor` of `currency` with both legs carried by sound: the
+/// POS asks over `to_phone`, the phone checks the request and, as a consumer who
+/// approves what checks out, approves it over `to_pos`, and the POS checks the
+/// approval, countersigns and queues the payment.
+pub fn offline_purchase(
+    pos: &mut OfflinePos,
+    wallet: &mut OfflineWallet,
+    amount_minor: u64,
+    currency: &str,
+    to_phone: &mut SoundChannel,
+    to_pos: &mut SoundChannel,
+) -> Result<SoundPurchase, DeviceError> {
+    let sale = pos.offer(amount_minor, currency)?;
+    let leg_a = to_phone.carry(sale.leg_a())?;
+    let prompt = wallet.review(&leg_a.bytes)?;
+    let leg_b = to_pos.carry(&wallet.approve(&prompt)?)?;
+    let payment = pos.accept(&sale, &leg_b.bytes)?;
+    Ok(SoundPurchase { prompt, payment, leg_a, leg_b })
 }

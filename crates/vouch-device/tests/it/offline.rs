@@ -74,26 +74,25 @@ async fn a_purchase_crosses_a_noisy_room_settles_once_and_its_receipt_verifies()
     let mut pos = terminal(&fx).await;
     let reserve_before = phone.wallet.remaining_minor().unwrap();
 
-    let sale = pos.offer(1_250, "EUR").unwrap();
+    let counter = phone.wallet.next_counter().unwrap();
     let mut to_phone = SoundChannel::new(Profile::Audible, 48_000).unwrap().with_noise(0.0, 1);
-    let leg_a = to_phone.carry(sale.leg_a()).unwrap();
-    assert_eq!(leg_a.bytes, sale.leg_a());
-    let prompt = phone.wallet.review(&leg_a.bytes).unwrap();
+    let mut to_pos = SoundChannel::new(Profile::Audible, 48_000).unwrap().with_noise(0.0, 2);
+    let purchase =
+        sim::offline_purchase(&mut pos, &mut phone.wallet, 1_250, "EUR", &mut to_phone, &mut to_pos).unwrap();
+    let prompt = &purchase.prompt;
     assert_eq!(
         (prompt.merchant_name.as_str(), prompt.amount_minor, prompt.currency.as_str()),
         ("Corner Coffee", 1_250, "EUR")
     );
     assert_eq!((prompt.merchant_id.clone(), prompt.terminal_id.clone()), (pos.merchant_id(), pos.terminal_id()));
-    let counter = phone.wallet.next_counter().unwrap();
-    let leg_b = phone.wallet.approve(&prompt).unwrap();
     assert_eq!(phone.wallet.next_counter(), Some(counter + 1), "a counter is used once");
     assert_eq!(phone.wallet.remaining_minor(), Some(reserve_before - 1_250));
-    let mut to_pos = SoundChannel::new(Profile::Audible, 48_000).unwrap().with_noise(0.0, 2);
-    let heard = to_pos.carry(&leg_b).unwrap();
-    assert!(leg_a.audio_secs > 0.5 && heard.audio_secs > 0.5, "{} s, {} s", leg_a.audio_secs, heard.audio_secs);
-    let queued = pos.accept(&sale, &heard.bytes).unwrap();
-    let approval = ApprovalReply::parse(&leg_b).unwrap();
+    let (leg_a, leg_b) = (&purchase.leg_a, &purchase.leg_b);
+    assert!(leg_a.audio_secs > 0.5 && leg_b.audio_secs > 0.5, "{} s, {} s", leg_a.audio_secs, leg_b.audio_secs);
+    let queued = &purchase.payment;
+    let approval = ApprovalReply::parse(&leg_b.bytes).unwrap();
     assert_eq!(queued.payment_id, hex(&payment_id(approval.approval())));
+    assert_eq!(queued.counter, counter);
     assert_eq!(phone.wallet.approved()[0].payment_id, queued.payment_id);
 
     let settlement = pos.settle().await.unwrap();
