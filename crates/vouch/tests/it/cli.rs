@@ -352,6 +352,54 @@ fn sim_dvv_prints_an_unused_value_that_a_terminal_gets_approved_on_postgres() {
     check_sim_dvv(&serve_on(Some(&url)));
 }
 
+/// `sim offline` sets everything up with the admin key, runs one purchase with both
+/// legs carried by noisy sound, settles it, and prints a receipt that verifies with the
+/// server's key from the JWK Set.
+fn check_sim_offline(server: &ServeProcess) {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["sim", "offline", "--server", &server.url, "--api-key", &server.admin_key, "--snr-db", "5", "--json"];
+    let out = vouch(&args, dir.path());
+    assert!(out.status.success(), "{out:?}");
+    let text = stdout(&out);
+    let positions: Vec<usize> = ["payment_id", "transfer_id", "receipt", "settled", "sound_seconds"]
+        .iter()
+        .map(|key| text.find(&format!("\"{key}\":")).unwrap_or_else(|| panic!("missing {key} in {text}")))
+        .collect();
+    assert!(text.starts_with("{\"payment_id\":") && positions.is_sorted(), "keys out of order: {text}");
+    let printed: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(printed["settled"], true, "{printed}");
+    let seconds = |key: &str| printed[key].as_f64().unwrap();
+    assert!(seconds("leg_a_seconds") > 0.5 && seconds("leg_b_seconds") > 0.5, "{printed}");
+    assert!((seconds("sound_seconds") - seconds("leg_a_seconds") - seconds("leg_b_seconds")).abs() < 0.002);
+    assert!(printed["leg_a_bytes"].as_u64().unwrap() < 512 && printed["leg_b_bytes"].as_u64().unwrap() < 512);
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let jwks: vouch_proto::JwkSet = runtime.block_on(async {
+        let response = reqwest::get(format!("{}/.well-known/jwks.json", server.url)).await.unwrap();
+        response.json().await.unwrap()
+    });
+    let receipt = vouch_proto::b64::decode("receipt", printed["receipt"].as_str().unwrap()).unwrap();
+    let verified = vouch_proto::offline::verify_receipt(&receipt, |kid| jwks.cose_key(kid)).unwrap();
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let r = verified.value();
+    assert_eq!(printed["payment_id"], hex(&r.payment_id).as_str());
+    assert_eq!(printed["transfer_id"], hex(&r.transfer_id).as_str());
+    assert_eq!((r.amount_minor, r.currency), (1_250, 978));
+}
+
+mod sim_offline_prints_a_settled_purchase_whose_receipt_verifies {
+    #[test]
+    fn sqlite() {
+        super::check_sim_offline(&super::serve());
+    }
+
+    #[test]
+    fn postgres() {
+        let Some(url) = super::postgres_schema() else { return };
+        super::check_sim_offline(&super::serve_on(Some(&url)));
+    }
+}
+
 fn free_port() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().to_string()
