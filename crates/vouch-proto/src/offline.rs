@@ -39,7 +39,7 @@ use crate::{
     crypto::{SecureRandom, sha256},
 };
 
-pub use sequence::{ApprovalReply, OFFLINE_SEQUENCE_BYTES_MAX, PaymentOffer};
+pub use sequence::{ApprovalReply, OFFLINE_SEQUENCE_BYTES_MAX, PaymentOffer, SignedPair};
 
 pub const ID_BYTES: usize = 16;
 pub const NONCE_BYTES: usize = 16;
