@@ -2,3 +2,5 @@
 
 mod cli;
 mod iso8583;
+mod serve;
+mod settlement;
