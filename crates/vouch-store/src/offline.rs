@@ -296,6 +296,21 @@ impl Tx {
         row.as_ref().map(payment_from_row).transpose()
     }
 
+    /// On PostgreSQL, waits for and takes the credential's row lock until the transaction
+    /// ends, so concurrent settlements under one credential run one after another from
+    /// here: a check made after it sees what the others committed (read committed). SQLite
+    /// has one writer at a time and needs none.
+    pub async fn lock_offline_credential(&mut self, id: &str) -> Result<(), StoreError> {
+        if !self.postgres {
+            return Ok(());
+        }
+        sqlx::query("SELECT id FROM offline_credentials WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(self.conn())
+            .await?;
+        Ok(())
+    }
+
     /// Counts `amount_minor`, paid under `counter`, against the credential's limit, if it
     /// is not revoked, the amount fits what is left and the counter is below the end set
     /// by a close; nothing is written otherwise. One statement, so concurrent payments

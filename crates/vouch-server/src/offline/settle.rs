@@ -279,6 +279,9 @@ async fn settle_one(state: &AppState, actor: &str, legs: Legs) -> ApiResult<Sett
         .store
         .write(move |tx| {
             Box::pin(async move {
+                // Settlements under one credential take turns from here, so each finds
+                // what the one before it committed.
+                tx.lock_offline_credential(&payment.credential_id).await?;
                 if let Some(stored) = tx.offline_payment(&payment.payment_id).await? {
                     return Ok(Settled::Already(stored));
                 }

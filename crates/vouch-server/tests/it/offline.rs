@@ -473,6 +473,27 @@ async fn settlement_holds_on_postgres() {
     shop.server().assert_audit_intact("on postgres").await;
 }
 
+/// The same batch sent twice at once: on PostgreSQL the two requests settle under one
+/// credential concurrently, and each payment still settles once and revokes nothing.
+#[tokio::test]
+async fn the_same_batch_sent_twice_at_once_settles_each_payment_once_on_postgres() {
+    let Some(url) = crate::support::postgres_url().await else { return };
+    let market = Market::with(|config| config.database_url = url, &DeviceHealth::clean()).await;
+    let mut shop = Shop::on(Wallet::on(market, 10_000).await, 4_000).await;
+    let batch: Vec<Value> = (0..20).map(|_| shop.payment(100)).collect();
+    let (first, second) = tokio::join!(shop.settle(&batch), shop.settle(&batch));
+    for (a, b) in first.iter().zip(&second) {
+        let mut statuses = [a["status"].as_str().unwrap(), b["status"].as_str().unwrap()];
+        statuses.sort_unstable();
+        assert_eq!(statuses, ["already_settled", "settled"], "{a} {b}");
+        assert_eq!(a["receipt"], b["receipt"]);
+    }
+    let record = shop.server().state.store.offline_credential(&shop.credential_id).await.unwrap();
+    assert_eq!((record.revoked_at, record.settled_minor), (None, 2_000));
+    assert_eq!(shop.merchant_balance().await, 2_000);
+    assert!(shop.server().state.store.ledger_imbalance().await.unwrap().is_empty());
+}
+
 #[tokio::test]
 async fn a_double_spend_is_refused_revokes_the_credential_and_is_audited() {
     let mut shop = Shop::new(4_000).await;
