@@ -140,7 +140,10 @@ impl Tx {
         spent_minor: i64,
         now: i64,
     ) -> Result<Result<ClosedCredential, CloseRefusal>, StoreError> {
-        // The limit changes only here, once, so the limit read now is the one closed.
+        // After any settlement under way under it, so the payments checked below are
+        // all those committed; the limit changes only here, once, so the limit read now
+        // is the one closed.
+        self.lock_offline_credential(id).await?;
         let Some(open) = self.offline_credential(id).await?.filter(|r| r.device_id == device_id) else {
             return Ok(Err(CloseRefusal::Unknown));
         };
