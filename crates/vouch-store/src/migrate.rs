@@ -57,6 +57,11 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/sqlite/0009_offline_payments.sql"),
         postgres: include_str!("../migrations/postgres/0009_offline_payments.sql"),
     },
+    Migration {
+        version: 10,
+        sqlite: include_str!("../migrations/sqlite/0010_offline_sync.sql"),
+        postgres: include_str!("../migrations/postgres/0010_offline_sync.sql"),
+    },
 ];
 
 /// Serialises concurrent starts of several instances on one PostgreSQL.

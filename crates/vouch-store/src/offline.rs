@@ -22,10 +22,15 @@ pub struct OfflineCredentialRecord {
     pub issued_at: i64,
     pub not_after: i64,
     pub revoked_at: Option<i64>,
+    /// What settled payments have moved under it; never above `limit_minor`.
+    pub settled_minor: i64,
+    /// Set when the credential was closed at a sync: no counter at or above it settles.
+    pub counter_end: Option<i64>,
+    pub closed_at: Option<i64>,
 }
 
 const COLUMNS: &str = "id, device_id, consumer_id, reserve_account_id, public_key, limit_minor, currency, \
-                       counter_start, issued_at, not_after, revoked_at";
+                       counter_start, issued_at, not_after, revoked_at, settled_minor, counter_end, closed_at";
 
 fn from_row(row: &AnyRow) -> Result<OfflineCredentialRecord, StoreError> {
     Ok(OfflineCredentialRecord {
@@ -40,7 +45,43 @@ fn from_row(row: &AnyRow) -> Result<OfflineCredentialRecord, StoreError> {
         issued_at: row.try_get("issued_at")?,
         not_after: row.try_get("not_after")?,
         revoked_at: row.try_get("revoked_at")?,
+        settled_minor: row.try_get("settled_minor")?,
+        counter_end: row.try_get("counter_end")?,
+        closed_at: row.try_get("closed_at")?,
     })
+}
+
+async fn fetch_credential(
+    conn: &mut sqlx::AnyConnection,
+    id: &str,
+) -> Result<Option<OfflineCredentialRecord>, StoreError> {
+    let sql = sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM offline_credentials WHERE id = $1"));
+    let row = sqlx::query(sql).bind(id).fetch_optional(conn).await?;
+    row.as_ref().map(from_row).transpose()
+}
+
+/// Why a credential was not closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseRefusal {
+    /// No credential of this id belongs to the device.
+    Unknown,
+    Revoked,
+    /// It was closed before: a credential is closed once.
+    Closed,
+    /// A payment under a counter at or above the requested end has settled; `highest`
+    /// is the highest such counter.
+    CounterSpent {
+        highest: i64,
+    },
+}
+
+/// A credential as it was closed, and how much of its limit the close released.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClosedCredential {
+    pub record: OfflineCredentialRecord,
+    /// The limit before the close minus the limit after: money in the reserve that no
+    /// payment under the closed credential can take any more.
+    pub released_minor: i64,
 }
 
 impl Tx {
@@ -57,7 +98,8 @@ impl Tx {
 
     pub async fn insert_offline_credential(&mut self, record: &OfflineCredentialRecord) -> Result<(), StoreError> {
         let sql = sqlx::AssertSqlSafe(format!(
-            "INSERT INTO offline_credentials ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+            "INSERT INTO offline_credentials ({COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
         ));
         sqlx::query(sql)
             .bind(&record.id)
@@ -71,18 +113,79 @@ impl Tx {
             .bind(record.issued_at)
             .bind(record.not_after)
             .bind(record.revoked_at)
+            .bind(record.settled_minor)
+            .bind(record.counter_end)
+            .bind(record.closed_at)
             .execute(self.conn())
             .await
             .map_err(StoreError::on_insert("offline credential", "device, consumer or account"))?;
         Ok(())
     }
+
+    pub async fn offline_credential(&mut self, id: &str) -> Result<Option<OfflineCredentialRecord>, StoreError> {
+        fetch_credential(self.conn(), id).await
+    }
+
+    /// Closes credential `id` of `device_id` at `now`, as its phone syncs: the limit is
+    /// lowered to `spent_minor`, or to what has settled under it when that is more (and
+    /// never raised), and the counter range ends at `counter_end`. One conditional
+    /// statement, computed on the row as it is when the statement runs, so a credential
+    /// is closed once even when instances race, and settlements that land before the
+    /// close stay within the lowered limit.
+    pub async fn close_offline_credential(
+        &mut self,
+        id: &str,
+        device_id: &str,
+        counter_end: i64,
+        spent_minor: i64,
+        now: i64,
+    ) -> Result<Result<ClosedCredential, CloseRefusal>, StoreError> {
+        // After any settlement under way under it, so the payments checked below are
+        // all those committed; the limit changes only here, once, so the limit read now
+        // is the one closed.
+        self.lock_offline_credential(id).await?;
+        let Some(open) = self.offline_credential(id).await?.filter(|r| r.device_id == device_id) else {
+            return Ok(Err(CloseRefusal::Unknown));
+        };
+        let closed = sqlx::query(
+            "UPDATE offline_credentials SET \
+             limit_minor = CASE WHEN settled_minor >= $3 THEN settled_minor \
+                                WHEN $3 <= limit_minor THEN $3 ELSE limit_minor END, \
+             counter_end = $2, closed_at = $4 \
+             WHERE id = $1 AND revoked_at IS NULL AND closed_at IS NULL \
+             AND NOT EXISTS (SELECT 1 FROM offline_payments WHERE credential_id = $1 AND counter >= $2)",
+        )
+        .bind(id)
+        .bind(counter_end)
+        .bind(spent_minor)
+        .bind(now)
+        .execute(self.conn())
+        .await?;
+        let record = self.offline_credential(id).await?.ok_or(StoreError::NotFound { what: "offline credential" })?;
+        if closed.rows_affected() == 0 {
+            let refusal = if record.revoked_at.is_some() {
+                CloseRefusal::Revoked
+            } else if record.closed_at.is_some() {
+                CloseRefusal::Closed
+            } else {
+                let highest: Option<i64> =
+                    sqlx::query_scalar("SELECT MAX(counter) FROM offline_payments WHERE credential_id = $1")
+                        .bind(id)
+                        .fetch_one(self.conn())
+                        .await?;
+                CloseRefusal::CounterSpent { highest: highest.unwrap_or(counter_end) }
+            };
+            return Ok(Err(refusal));
+        }
+        let released_minor = open.limit_minor.saturating_sub(record.limit_minor);
+        Ok(Ok(ClosedCredential { record, released_minor }))
+    }
 }
 
 impl Store {
     pub async fn offline_credential(&self, id: &str) -> Result<OfflineCredentialRecord, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM offline_credentials WHERE id = $1"));
-        let row = sqlx::query(sql).bind(id).fetch_optional(self.pool()).await?;
-        row.as_ref().map(from_row).transpose()?.ok_or(StoreError::NotFound { what: "offline credential" })
+        let mut conn = self.pool().acquire().await?;
+        fetch_credential(&mut conn, id).await?.ok_or(StoreError::NotFound { what: "offline credential" })
     }
 
     pub async fn offline_credentials_of_device(
@@ -94,6 +197,38 @@ impl Store {
         ));
         let rows = sqlx::query(sql).bind(device_id).fetch_all(self.pool()).await?;
         rows.iter().map(from_row).collect()
+    }
+}
+
+/// Why a payment was not counted against its credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpendRefusal {
+    /// The credential is revoked, or what is left of its limit is below the amount.
+    OverLimit,
+    /// The credential was closed at a sync, ending its counters at `counter_end`.
+    CounterClosed { counter_end: i64 },
+}
+
+impl SpendRefusal {
+    /// The refusal reason a settlement answers with.
+    pub fn reason(self) -> &'static str {
+        match self {
+            SpendRefusal::OverLimit => "over-limit",
+            SpendRefusal::CounterClosed { .. } => "counter-closed",
+        }
+    }
+}
+
+impl std::fmt::Display for SpendRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpendRefusal::OverLimit => {
+                f.write_str("the credential is revoked or its remaining limit is below the amount")
+            }
+            SpendRefusal::CounterClosed { counter_end } => {
+                write!(f, "the credential was closed at a sync: its counters end below {counter_end}")
+            }
+        }
     }
 }
 
@@ -164,19 +299,49 @@ impl Tx {
         row.as_ref().map(payment_from_row).transpose()
     }
 
-    /// Counts `amount_minor` against the credential's limit, if it is not revoked and
-    /// the amount fits what is left; false (nothing written) otherwise. One statement,
-    /// so concurrent payments under one credential cannot together pass its limit.
-    pub async fn spend_offline_credential(&mut self, id: &str, amount_minor: i64) -> Result<bool, StoreError> {
+    /// On PostgreSQL, waits for and takes the credential's row lock until the transaction
+    /// ends, so concurrent settlements under one credential run one after another from
+    /// here: a check made after it sees what the others committed (read committed). SQLite
+    /// has one writer at a time and needs none.
+    pub async fn lock_offline_credential(&mut self, id: &str) -> Result<(), StoreError> {
+        if !self.postgres {
+            return Ok(());
+        }
+        sqlx::query("SELECT id FROM offline_credentials WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(self.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// Counts `amount_minor`, paid under `counter`, against the credential's limit, if it
+    /// is not revoked, the amount fits what is left and the counter is below the end set
+    /// by a close; nothing is written otherwise. One statement, so concurrent payments
+    /// under one credential cannot together pass its limit, and none slips past a close.
+    pub async fn spend_offline_credential(
+        &mut self,
+        id: &str,
+        counter: i64,
+        amount_minor: i64,
+    ) -> Result<Result<(), SpendRefusal>, StoreError> {
         let spent = sqlx::query(
-            "UPDATE offline_credentials SET settled_minor = settled_minor + $2 \
-             WHERE id = $1 AND revoked_at IS NULL AND settled_minor + $2 <= limit_minor",
+            "UPDATE offline_credentials SET settled_minor = settled_minor + $3 \
+             WHERE id = $1 AND revoked_at IS NULL AND settled_minor + $3 <= limit_minor \
+             AND (counter_end IS NULL OR $2 < counter_end)",
         )
         .bind(id)
+        .bind(counter)
         .bind(amount_minor)
         .execute(self.conn())
         .await?;
-        Ok(spent.rows_affected() == 1)
+        if spent.rows_affected() == 1 {
+            return Ok(Ok(()));
+        }
+        let counter_end = self.offline_credential(id).await?.and_then(|r| r.counter_end);
+        Ok(Err(match counter_end {
+            Some(counter_end) if counter >= counter_end => SpendRefusal::CounterClosed { counter_end },
+            _ => SpendRefusal::OverLimit,
+        }))
     }
 
     /// Revokes a credential at `now`; false if it was revoked already.
@@ -253,6 +418,31 @@ impl Store {
         let sql = sqlx::AssertSqlSafe(format!("SELECT {PAYMENT_COLUMNS} FROM offline_payments WHERE payment_id = $1"));
         let row = sqlx::query(sql).bind(payment_id).fetch_optional(self.pool()).await?;
         row.as_ref().map(payment_from_row).transpose()
+    }
+
+    /// One page of the payments settled under any credential of `device_id`, in
+    /// (`settled_at`, `payment_id`) order, after that position when `after` is given.
+    pub async fn offline_payments_of_device(
+        &self,
+        device_id: &str,
+        after: Option<(i64, &str)>,
+        limit: u32,
+    ) -> Result<Vec<OfflinePaymentRecord>, StoreError> {
+        let (after_settled_at, after_id) = after.unzip();
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {PAYMENT_COLUMNS} FROM offline_payments \
+             WHERE credential_id IN (SELECT id FROM offline_credentials WHERE device_id = $1) \
+             AND ($2 IS NULL OR settled_at > $2 OR (settled_at = $2 AND payment_id > $3)) \
+             ORDER BY settled_at, payment_id LIMIT $4"
+        ));
+        let rows = sqlx::query(sql)
+            .bind(device_id)
+            .bind(after_settled_at)
+            .bind(after_id)
+            .bind(i64::from(limit))
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter().map(payment_from_row).collect()
     }
 
     /// What a credential's settled payments have moved so far.

@@ -561,7 +561,8 @@ const OFFLINE_SNR_DB: f64 = 5.0;
 /// Seed 001 (second part): a funded phone holding an offline credential pays a
 /// certified terminal with neither online, legs (a) and (b) crossing a noisy room by
 /// sound; the terminal settles once with a signed receipt, a re-submission moves
-/// nothing, and a counter spent twice is caught and revokes the credential.
+/// nothing, the phone's sync brings it the receipt and a refreshed credential, and a
+/// counter spent twice is caught and revokes the credential.
 async fn offline_steps(
     server: &LocalServer,
     admin: &VouchClient,
@@ -644,6 +645,22 @@ async fn offline_steps(
         bail!("a re-submitted payment moved money");
     }
     steps.pass("the same payment re-submitted: already settled, the same receipt, nothing moved");
+
+    let synced = phone.wallet.sync().await?;
+    let same_receipt = phone.wallet.approved().first().and_then(|p| p.receipt.as_ref()).map(|r| &r.receipt);
+    if synced.matched != 1 || same_receipt != Some(&settled.receipt) {
+        bail!("the phone's sync did not bring the POS's receipt: {synced:?}");
+    }
+    let closed = synced.closed.context("the sync closed no credential")?;
+    let refreshed = phone.wallet.credential().context("the sync refreshed no credential")?;
+    steps.pass(&format!(
+        "back online, the phone synced: its receipt verified with its pinned keys (the POS's very bytes); \
+         credential closed at counter {} with its limit lowered to {}, refreshed as {} for the {} left",
+        closed.counter_end,
+        money(closed.limit_minor, "EUR"),
+        phone.wallet.credential_id().unwrap_or_default(),
+        money(refreshed.limit_minor, "EUR")
+    ));
 
     double_spend_steps(&mut phone, &mut pos, admin, &merchant.merchant_id, clock, steps, rng).await
 }

@@ -251,24 +251,9 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Whether the server answers the phone's sync (`POST /v1/offline/sync`): its OpenAPI
-/// document lists the endpoint. Until it lands the sync cases skip with a notice.
-async fn serves_sync(fx: &Fixture) -> bool {
-    let openapi: serde_json::Value =
-        reqwest::get(format!("{}/openapi.json", fx.server.url)).await.unwrap().json().await.unwrap();
-    let served = openapi["paths"].get(vouch_device::offline::SYNC_PATH).is_some();
-    if !served {
-        eprintln!("skipping the sync case: the server has no {}", vouch_device::offline::SYNC_PATH);
-    }
-    served
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_brings_the_phone_its_receipts_and_a_refreshed_credential() {
     let fx = shop().await;
-    if !serves_sync(&fx).await {
-        return;
-    }
     let mut phone = phone(&fx).await;
     let (mut early, mut late) = (terminal(&fx).await, terminal(&fx).await);
     let first_credential = phone.wallet.credential_id().unwrap().to_owned();
@@ -309,9 +294,6 @@ async fn a_sync_brings_the_phone_its_receipts_and_a_refreshed_credential() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_credential_is_dropped_at_sync_and_its_receipts_still_arrive() {
     let fx = shop().await;
-    if !serves_sync(&fx).await {
-        return;
-    }
     let mut phone = phone(&fx).await;
     let (mut first_shop, mut second_shop) = (terminal(&fx).await, terminal(&fx).await);
     let counter = phone.wallet.next_counter().unwrap();

@@ -279,6 +279,9 @@ async fn settle_one(state: &AppState, actor: &str, legs: Legs) -> ApiResult<Sett
         .store
         .write(move |tx| {
             Box::pin(async move {
+                // Settlements under one credential take turns from here, so each finds
+                // what the one before it committed.
+                tx.lock_offline_credential(&payment.credential_id).await?;
                 if let Some(stored) = tx.offline_payment(&payment.payment_id).await? {
                     return Ok(Settled::Already(stored));
                 }
@@ -302,11 +305,9 @@ async fn settle_one(state: &AppState, actor: &str, legs: Legs) -> ApiResult<Sett
                 if tx.offline_payment_by_nonce(&payment.nonce).await?.is_some() {
                     return Ok(Settled::Refused("nonce-reused", "the request's nonce was settled before".to_owned()));
                 }
-                if !tx.spend_offline_credential(&payment.credential_id, payment.amount_minor).await? {
-                    return Ok(Settled::Refused(
-                        "over-limit",
-                        "the credential is revoked or its remaining limit is below the amount".to_owned(),
-                    ));
+                let spent = tx.spend_offline_credential(&payment.credential_id, payment.counter, payment.amount_minor);
+                if let Err(refused) = spent.await? {
+                    return Ok(Settled::Refused(refused.reason(), refused.to_string()));
                 }
                 let merchant = tx.merchant_settlement_account(&payment.merchant_id, &payment.currency, now).await?;
                 let transfer = Transfer {

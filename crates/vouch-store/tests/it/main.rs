@@ -5,6 +5,7 @@ mod audit;
 mod dvv;
 mod harness;
 mod ledger;
+mod offline;
 mod registry;
 mod secrets;
 mod token;

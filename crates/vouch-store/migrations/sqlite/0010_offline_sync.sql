@@ -1,0 +1,45 @@
+-- Closing a credential at the phone's sync (POST /v1/offline/sync). Its limit is
+-- lowered to what the phone says it spent, never below what has settled under it, and
+-- `counter_end` is set to the phone's next unused counter: settlement refuses any
+-- counter at or above it. `closed_at` makes the close happen once, whichever instance
+-- runs it. A closed credential may be left with a limit of zero.
+--
+-- A phone's credentials each get a counter range of their own; the unique index keeps
+-- two credentials issued at once on two instances from sharing one. Receipts are read
+-- per phone in settlement order, credential by credential.
+--
+-- SQLite cannot change a CHECK in place, so the table is rebuilt. Payments refer to
+-- it: their references are checked at commit instead (defer_foreign_keys lasts until
+-- the end of this transaction), when the rebuilt table holds every row again.
+PRAGMA defer_foreign_keys = ON;
+CREATE TABLE offline_credentials_closable (
+    id                  TEXT PRIMARY KEY,
+    device_id           TEXT NOT NULL REFERENCES devices(id),
+    consumer_id         TEXT NOT NULL REFERENCES consumers(id),
+    reserve_account_id  TEXT NOT NULL REFERENCES accounts(id),
+    -- The phone's key, uncompressed SEC1 P-256 (65 bytes).
+    public_key          BLOB NOT NULL,
+    limit_minor         INTEGER NOT NULL,
+    currency            TEXT NOT NULL,
+    counter_start       INTEGER NOT NULL CHECK (counter_start >= 0),
+    issued_at           INTEGER NOT NULL,
+    not_after           INTEGER NOT NULL,
+    revoked_at          INTEGER,
+    settled_minor       INTEGER NOT NULL DEFAULT 0,
+    counter_end         INTEGER,
+    closed_at           INTEGER,
+    CHECK (not_after >= issued_at),
+    CHECK (limit_minor > 0 OR (limit_minor = 0 AND closed_at IS NOT NULL)),
+    CHECK (settled_minor >= 0 AND settled_minor <= limit_minor),
+    CHECK ((counter_end IS NULL) = (closed_at IS NULL)),
+    CHECK (counter_end IS NULL OR counter_end >= counter_start)
+);
+INSERT INTO offline_credentials_closable (id, device_id, consumer_id, reserve_account_id, public_key, limit_minor,
+        currency, counter_start, issued_at, not_after, revoked_at, settled_minor)
+    SELECT id, device_id, consumer_id, reserve_account_id, public_key, limit_minor,
+        currency, counter_start, issued_at, not_after, revoked_at, settled_minor
+    FROM offline_credentials;
+DROP TABLE offline_credentials;
+ALTER TABLE offline_credentials_closable RENAME TO offline_credentials;
+CREATE UNIQUE INDEX offline_credentials_by_device ON offline_credentials (device_id, counter_start);
+CREATE INDEX offline_payments_by_credential ON offline_payments (credential_id, settled_at, payment_id);

@@ -1,0 +1,213 @@
+use vouch_proto::enrol::DeviceKind;
+use vouch_store::{
+    Account, AccountKind, CloseRefusal, Consumer, OfflineCredentialRecord, OfflinePaymentRecord, SpendRefusal,
+    StoreError,
+};
+
+use crate::conformance;
+use crate::harness::TestStore;
+use crate::registry::{device, merchant};
+
+/// Credential `id` of phone `device_id`, limit 1,000, counters from `counter_start`.
+fn credential(id: &str, device_id: &str, counter_start: i64) -> OfflineCredentialRecord {
+    OfflineCredentialRecord {
+        id: id.into(),
+        device_id: device_id.into(),
+        consumer_id: "c1".into(),
+        reserve_account_id: "reserve".into(),
+        public_key: vec![4; 65],
+        limit_minor: 1_000,
+        currency: "EUR".into(),
+        counter_start,
+        issued_at: 100,
+        not_after: 1_000,
+        revoked_at: None,
+        settled_minor: 0,
+        counter_end: None,
+        closed_at: None,
+    }
+}
+
+fn payment(payment_id: &str, credential_id: &str, counter: i64, settled_at: i64) -> OfflinePaymentRecord {
+    OfflinePaymentRecord {
+        payment_id: payment_id.into(),
+        credential_id: credential_id.into(),
+        counter,
+        nonce: format!("nonce-{payment_id}"),
+        amount_minor: 100,
+        currency: "EUR".into(),
+        merchant_id: "m1".into(),
+        terminal_id: "t1".into(),
+        receipt: vec![0xd2, counter as u8],
+        settled_at,
+    }
+}
+
+/// Merchant `m1`; consumer `c1` with phones `d1` and `d2` and reserve account
+/// `reserve`; credential `ocr1` of `d1`.
+async fn with_credential(t: &TestStore) {
+    let mut tx = t.store.begin().await.unwrap();
+    tx.insert_merchant(&merchant("m1")).await.unwrap();
+    tx.insert_consumer(&Consumer { id: "c1".into(), name: "Ada".into(), created_at: 1 }).await.unwrap();
+    for (id, thumbprint) in [("d1", "t1"), ("d2", "t2")] {
+        tx.insert_device(&vouch_store::Device { kind: DeviceKind::Consumer, ..device(id, "m1", thumbprint) })
+            .await
+            .unwrap();
+    }
+    let reserve = Account::consumer("reserve", AccountKind::ConsumerOfflineReserve, "c1", "reserve", "EUR", 1);
+    tx.insert_account(&reserve).await.unwrap();
+    tx.insert_offline_credential(&credential("ocr1", "d1", 0)).await.unwrap();
+    tx.commit().await.unwrap();
+}
+
+/// Settles `payment` as settlement does: counted against its credential, then recorded.
+async fn settle(t: &TestStore, payment: OfflinePaymentRecord) -> Result<(), SpendRefusal> {
+    t.store
+        .write(move |tx| {
+            Box::pin(async move {
+                let spent = tx.spend_offline_credential(&payment.credential_id, payment.counter, payment.amount_minor);
+                if let Err(refusal) = spent.await? {
+                    return Ok(Err(refusal));
+                }
+                tx.insert_offline_payment(&payment).await?;
+                Ok(Ok(()))
+            })
+        })
+        .await
+        .unwrap()
+}
+
+async fn close(
+    t: &TestStore,
+    id: &'static str,
+    device_id: &'static str,
+    counter_end: i64,
+    spent_minor: i64,
+) -> Result<vouch_store::ClosedCredential, CloseRefusal> {
+    t.store
+        .write(move |tx| {
+            Box::pin(async move { tx.close_offline_credential(id, device_id, counter_end, spent_minor, 500).await })
+        })
+        .await
+        .unwrap()
+}
+
+conformance! {
+    async fn closing_lowers_the_limit_to_what_was_spent_and_ends_the_counters(t: TestStore) {
+        with_credential(&t).await;
+        settle(&t, payment("p1", "ocr1", 1, 200)).await.unwrap();
+        let closed = close(&t, "ocr1", "d1", 5, 300).await.unwrap();
+        assert_eq!(closed.released_minor, 700);
+        let r = &closed.record;
+        assert_eq!((r.limit_minor, r.settled_minor, r.counter_end, r.closed_at), (300, 100, Some(5), Some(500)));
+        assert_eq!(t.store.offline_credential("ocr1").await.unwrap(), closed.record);
+        assert_eq!(close(&t, "ocr1", "d1", 6, 300).await.unwrap_err(), CloseRefusal::Closed);
+
+        // Counters below the end settle up to the lowered limit; none at or above it.
+        let refused = settle(&t, payment("p2", "ocr1", 5, 201)).await.unwrap_err();
+        assert_eq!(refused, SpendRefusal::CounterClosed { counter_end: 5 });
+        assert_eq!(refused.reason(), "counter-closed");
+        settle(&t, payment("p3", "ocr1", 4, 202)).await.unwrap();
+        settle(&t, payment("p4", "ocr1", 3, 203)).await.unwrap();
+        let refused = settle(&t, payment("p5", "ocr1", 2, 204)).await.unwrap_err();
+        assert_eq!((refused, refused.reason()), (SpendRefusal::OverLimit, "over-limit"));
+        assert_eq!(t.store.offline_credential_settled("ocr1").await.unwrap(), 300);
+    }
+
+    async fn closing_never_goes_below_what_settled_nor_above_the_limit(t: TestStore) {
+        with_credential(&t).await;
+        settle(&t, payment("p1", "ocr1", 0, 200)).await.unwrap();
+        settle(&t, payment("p2", "ocr1", 1, 200)).await.unwrap();
+        let closed = close(&t, "ocr1", "d1", 2, 50).await.unwrap();
+        assert_eq!((closed.record.limit_minor, closed.released_minor), (200, 800));
+
+        let mut tx = t.store.begin().await.unwrap();
+        tx.insert_offline_credential(&credential("ocr2", "d1", 1 << 32)).await.unwrap();
+        tx.insert_offline_credential(&credential("ocr3", "d1", 2 << 32)).await.unwrap();
+        tx.commit().await.unwrap();
+        let closed = close(&t, "ocr2", "d1", 1 << 32, 5_000).await.unwrap();
+        assert_eq!((closed.record.limit_minor, closed.released_minor), (1_000, 0));
+        // Nothing spent, nothing settled: the whole limit is released.
+        let closed = close(&t, "ocr3", "d1", 2 << 32, 0).await.unwrap();
+        assert_eq!((closed.record.limit_minor, closed.released_minor), (0, 1_000));
+        assert_eq!(settle(&t, payment("p3", "ocr3", 2 << 32, 201)).await, Err(SpendRefusal::CounterClosed { counter_end: 2 << 32 }));
+    }
+
+    async fn only_an_open_credential_of_the_phone_closes(t: TestStore) {
+        with_credential(&t).await;
+        assert_eq!(close(&t, "ocr1", "d2", 1, 0).await.unwrap_err(), CloseRefusal::Unknown);
+        assert_eq!(close(&t, "ocr9", "d1", 1, 0).await.unwrap_err(), CloseRefusal::Unknown);
+        settle(&t, payment("p1", "ocr1", 7, 200)).await.unwrap();
+        let refused = close(&t, "ocr1", "d1", 7, 100).await.unwrap_err();
+        assert_eq!(refused, CloseRefusal::CounterSpent { highest: 7 });
+        let revoked = t.store.write(|tx| Box::pin(async move { tx.revoke_offline_credential("ocr1", 300).await }));
+        assert!(revoked.await.unwrap());
+        assert_eq!(close(&t, "ocr1", "d1", 8, 100).await.unwrap_err(), CloseRefusal::Revoked);
+        let record = t.store.offline_credential("ocr1").await.unwrap();
+        assert_eq!((record.limit_minor, record.counter_end, record.closed_at), (1_000, None, None));
+    }
+
+    async fn concurrent_closes_close_a_credential_once(t: TestStore) {
+        with_credential(&t).await;
+        let closes: Vec<_> = (0..8).map(|i| {
+            let store = t.store.clone();
+            tokio::spawn(async move {
+                store
+                    .write(move |tx| {
+                        Box::pin(async move { tx.close_offline_credential("ocr1", "d1", 10 + i, 100, 500).await })
+                    })
+                    .await
+                    .unwrap()
+            })
+        }).collect();
+        let mut outcomes = Vec::new();
+        for close in closes {
+            outcomes.push(close.await.unwrap());
+        }
+        let closed: Vec<_> = outcomes.iter().filter_map(|o| o.as_ref().ok()).collect();
+        assert_eq!(closed.len(), 1, "{outcomes:?}");
+        assert_eq!(closed[0].released_minor, 900);
+        assert!(outcomes.iter().filter_map(|o| o.as_ref().err()).all(|r| *r == CloseRefusal::Closed), "{outcomes:?}");
+        assert_eq!(t.store.offline_credential("ocr1").await.unwrap(), closed[0].record);
+    }
+
+    async fn a_phone_s_credentials_never_share_a_counter_range(t: TestStore) {
+        with_credential(&t).await;
+        let mut tx = t.store.begin().await.unwrap();
+        let twin = tx.insert_offline_credential(&credential("ocr2", "d1", 0)).await;
+        assert!(matches!(twin, Err(StoreError::Conflict { .. })), "{twin:?}");
+        drop(tx);
+        let mut tx = t.store.begin().await.unwrap();
+        tx.insert_offline_credential(&credential("ocr3", "d2", 0)).await.unwrap();
+        assert_eq!(tx.next_counter_start("d1").await.unwrap(), 1 << 32);
+        tx.commit().await.unwrap();
+    }
+
+    async fn receipts_of_a_phone_come_in_settlement_order_a_page_at_a_time(t: TestStore) {
+        with_credential(&t).await;
+        let mut tx = t.store.begin().await.unwrap();
+        tx.insert_offline_credential(&credential("ocr2", "d1", 1 << 32)).await.unwrap();
+        tx.insert_offline_credential(&credential("ocr3", "d2", 0)).await.unwrap();
+        for p in [
+            payment("b", "ocr1", 1, 300),
+            payment("a", "ocr2", 1 << 32, 300),
+            payment("c", "ocr1", 2, 100),
+            payment("d", "ocr3", 1, 200),
+            payment("e", "ocr2", (1 << 32) + 1, 400),
+        ] {
+            tx.insert_offline_payment(&p).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+        let ids = |page: &[OfflinePaymentRecord]| page.iter().map(|p| p.payment_id.clone()).collect::<Vec<_>>();
+        let all = t.store.offline_payments_of_device("d1", None, 10).await.unwrap();
+        assert_eq!(ids(&all), ["c", "a", "b", "e"]);
+        assert_eq!(all[0], payment("c", "ocr1", 2, 100));
+        let first = t.store.offline_payments_of_device("d1", None, 2).await.unwrap();
+        assert_eq!(ids(&first), ["c", "a"]);
+        let rest = t.store.offline_payments_of_device("d1", Some((300, "a")), 2).await.unwrap();
+        assert_eq!(ids(&rest), ["b", "e"]);
+        assert!(t.store.offline_payments_of_device("d1", Some((400, "e")), 2).await.unwrap().is_empty());
+        assert_eq!(ids(&t.store.offline_payments_of_device("d2", None, 10).await.unwrap()), ["d"]);
+        assert!(t.store.offline_payments_of_device("d9", None, 10).await.unwrap().is_empty());
+    }
+}
