@@ -8,11 +8,17 @@
 -- two credentials issued at once on two instances from sharing one. Receipts are read
 -- per phone in settlement order, credential by credential.
 --
--- SQLite cannot change a CHECK in place, so the table is rebuilt. Payments refer to
--- it: their references are checked at commit instead (defer_foreign_keys lasts until
--- the end of this transaction), when the rebuilt table holds every row again.
+-- SQLite cannot change a CHECK in place, so the table is rebuilt under its own name:
+-- the rows are set aside, the table dropped and created anew, and the rows put back.
+-- Payments refer to it. Dropping it counts each payment's reference as broken; it is
+-- checked at commit instead (defer_foreign_keys lasts until the end of this
+-- transaction), and putting back the credential it names mends it. (Building the new
+-- table under another name and renaming it would leave the count as it is, and the
+-- commit would fail whenever a payment has settled.)
 PRAGMA defer_foreign_keys = ON;
-CREATE TABLE offline_credentials_closable (
+CREATE TEMP TABLE offline_credentials_before AS SELECT * FROM offline_credentials;
+DROP TABLE offline_credentials;
+CREATE TABLE offline_credentials (
     id                  TEXT PRIMARY KEY,
     device_id           TEXT NOT NULL REFERENCES devices(id),
     consumer_id         TEXT NOT NULL REFERENCES consumers(id),
@@ -34,12 +40,11 @@ CREATE TABLE offline_credentials_closable (
     CHECK ((counter_end IS NULL) = (closed_at IS NULL)),
     CHECK (counter_end IS NULL OR counter_end >= counter_start)
 );
-INSERT INTO offline_credentials_closable (id, device_id, consumer_id, reserve_account_id, public_key, limit_minor,
+INSERT INTO offline_credentials (id, device_id, consumer_id, reserve_account_id, public_key, limit_minor,
         currency, counter_start, issued_at, not_after, revoked_at, settled_minor)
     SELECT id, device_id, consumer_id, reserve_account_id, public_key, limit_minor,
         currency, counter_start, issued_at, not_after, revoked_at, settled_minor
-    FROM offline_credentials;
-DROP TABLE offline_credentials;
-ALTER TABLE offline_credentials_closable RENAME TO offline_credentials;
+    FROM offline_credentials_before;
+DROP TABLE offline_credentials_before;
 CREATE UNIQUE INDEX offline_credentials_by_device ON offline_credentials (device_id, counter_start);
 CREATE INDEX offline_payments_by_credential ON offline_payments (credential_id, settled_at, payment_id);
