@@ -179,7 +179,7 @@ mod tests {
 
     /// A credential and a payment under it written before the sync migration (which
     /// rebuilds the table on SQLite) read back the same, open, and still refer to each
-    /// other.
+    /// other; a credential may then name the one it refreshes, and only an existing one.
     async fn credentials_survive_the_sync_migration(backend: Backend, url: &str) {
         sqlx::any::install_default_drivers();
         let mut conn = sqlx::AnyConnection::connect(url).await.unwrap();
@@ -206,8 +206,8 @@ mod tests {
         .unwrap();
         apply_pending(backend, &mut conn, MIGRATIONS).await.unwrap();
         let row = sqlx::query(
-            "SELECT limit_minor, counter_start, issued_at, not_after, settled_minor, counter_end, closed_at \
-             FROM offline_credentials WHERE id = 'ocr1'",
+            "SELECT limit_minor, counter_start, issued_at, not_after, settled_minor, counter_end, closed_at, \
+             closed_spent_minor, closed_settled_minor, refreshed_from FROM offline_credentials WHERE id = 'ocr1'",
         )
         .fetch_one(&mut conn)
         .await
@@ -215,8 +215,9 @@ mod tests {
         let kept: [i64; 5] =
             ["limit_minor", "counter_start", "issued_at", "not_after", "settled_minor"].map(|c| row.get(c));
         assert_eq!(kept, [1000, 0, 2, 3, 100]);
-        let closing: [Option<i64>; 2] = ["counter_end", "closed_at"].map(|c| row.get(c));
-        assert_eq!(closing, [None; 2]);
+        let closing: [Option<i64>; 4] =
+            ["counter_end", "closed_at", "closed_spent_minor", "closed_settled_minor"].map(|c| row.get(c));
+        assert_eq!((closing, row.get::<Option<String>, _>("refreshed_from")), ([None; 4], None));
         let payment: String = sqlx::query_scalar(
             "SELECT p.payment_id FROM offline_payments p JOIN offline_credentials c ON c.id = p.credential_id",
         )
@@ -224,6 +225,16 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(payment, "p1");
+        let refreshing = |refreshed_from: &str| {
+            sqlx::AssertSqlSafe(format!(
+                "INSERT INTO offline_credentials (id, device_id, consumer_id, reserve_account_id, public_key, \
+                 limit_minor, currency, counter_start, issued_at, not_after, refreshed_from) \
+                 VALUES ('ocr2', 'd1', 'c1', 'a1', 'k', 900, 'EUR', 4294967296, 5, 6, '{refreshed_from}')"
+            ))
+        };
+        let orphan = conn.execute(refreshing("ocr9")).await;
+        assert!(orphan.is_err(), "a credential refreshes only an existing one");
+        conn.execute(refreshing("ocr1")).await.unwrap();
         if backend == Backend::Sqlite {
             let broken: Vec<String> = sqlx::query_scalar("SELECT \"table\" FROM pragma_foreign_key_check")
                 .fetch_all(&mut conn)

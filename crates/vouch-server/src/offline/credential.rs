@@ -111,6 +111,9 @@ async fn issue_checked(state: &AppState, caller: &DpopCaller, body: CredentialRe
         settled_minor: 0,
         counter_end: None,
         closed_at: None,
+        closed_spent_minor: None,
+        closed_settled_minor: None,
+        refreshed_from: None,
     };
     let (actor, ticket_id, risk) = (format!("device:{phone}"), token.ticket_id.clone(), token.risk);
     let funding_account_id = body.funding_account_id;

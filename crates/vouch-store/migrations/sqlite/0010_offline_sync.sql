@@ -4,6 +4,11 @@
 -- counter at or above it. `closed_at` makes the close happen once, whichever instance
 -- runs it. A closed credential may be left with a limit of zero.
 --
+-- A close keeps what it was asked with (`counter_end`, `closed_spent_minor`) and what
+-- had settled then (`closed_settled_minor`), and the credential issued for the rest
+-- names the one it refreshes (`refreshed_from`, at most one each): a phone that lost
+-- the answer and syncs again with the same arguments gets the same answer.
+--
 -- A phone's credentials each get a counter range of their own; the unique index keeps
 -- two credentials issued at once on two instances from sharing one. Receipts are read
 -- per phone in settlement order, credential by credential.
@@ -34,10 +39,15 @@ CREATE TABLE offline_credentials (
     settled_minor       INTEGER NOT NULL DEFAULT 0,
     counter_end         INTEGER,
     closed_at           INTEGER,
+    closed_spent_minor  INTEGER,
+    closed_settled_minor INTEGER,
+    refreshed_from      TEXT REFERENCES offline_credentials(id),
     CHECK (not_after >= issued_at),
     CHECK (limit_minor > 0 OR (limit_minor = 0 AND closed_at IS NOT NULL)),
     CHECK (settled_minor >= 0 AND settled_minor <= limit_minor),
-    CHECK ((counter_end IS NULL) = (closed_at IS NULL)),
+    CHECK ((counter_end IS NULL) = (closed_at IS NULL)
+        AND (closed_spent_minor IS NULL) = (closed_at IS NULL)
+        AND (closed_settled_minor IS NULL) = (closed_at IS NULL)),
     CHECK (counter_end IS NULL OR counter_end >= counter_start)
 );
 INSERT INTO offline_credentials (id, device_id, consumer_id, reserve_account_id, public_key, limit_minor,
@@ -47,4 +57,5 @@ INSERT INTO offline_credentials (id, device_id, consumer_id, reserve_account_id,
     FROM offline_credentials_before;
 DROP TABLE offline_credentials_before;
 CREATE UNIQUE INDEX offline_credentials_by_device ON offline_credentials (device_id, counter_start);
+CREATE UNIQUE INDEX offline_credentials_refreshed_from ON offline_credentials (refreshed_from);
 CREATE INDEX offline_payments_by_credential ON offline_payments (credential_id, settled_at, payment_id);
