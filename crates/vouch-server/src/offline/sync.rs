@@ -26,7 +26,7 @@ use vouch_proto::b64;
 use vouch_store::{COUNTER_RANGE, CloseRefusal, OfflineCredentialRecord, OfflinePaymentRecord, StoreError};
 
 use super::IssuedCredential;
-use super::credential::{check_ticket, sign_credential};
+use super::credential::{require_offline_ticket, sign_credential};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::ApiJson;
 use crate::registry::new_id;
@@ -246,7 +246,7 @@ type Refreshed = (Option<IssuedCredential>, Option<ClosedCredentialView>);
 /// Closes the named credential and issues the rest of its limit as a new one, after the
 /// same ticket checks as issuing.
 async fn refresh(state: &AppState, caller: &DpopCaller, closing: Closing) -> ApiResult<Refreshed> {
-    check_ticket(state, caller)?;
+    require_offline_ticket(state, caller)?;
     let phone = caller.device_id();
     // Refused from the row as read now, before anything is written; the close checks
     // its state again in the write.
