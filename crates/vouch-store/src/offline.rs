@@ -25,12 +25,20 @@ pub struct OfflineCredentialRecord {
     /// What settled payments have moved under it; never above `limit_minor`.
     pub settled_minor: i64,
     /// Set when the credential was closed at a sync: no counter at or above it settles.
+    /// It is the `counter_next` the sync named.
     pub counter_end: Option<i64>,
     pub closed_at: Option<i64>,
+    /// Set with `closed_at`: the `spent_minor` the sync named.
+    pub closed_spent_minor: Option<i64>,
+    /// Set with `closed_at`: what had settled under it when it closed.
+    pub closed_settled_minor: Option<i64>,
+    /// The credential this one was issued for the rest of, when it closed.
+    pub refreshed_from: Option<String>,
 }
 
 const COLUMNS: &str = "id, device_id, consumer_id, reserve_account_id, public_key, limit_minor, currency, \
-                       counter_start, issued_at, not_after, revoked_at, settled_minor, counter_end, closed_at";
+                       counter_start, issued_at, not_after, revoked_at, settled_minor, counter_end, closed_at, \
+                       closed_spent_minor, closed_settled_minor, refreshed_from";
 
 fn from_row(row: &AnyRow) -> Result<OfflineCredentialRecord, StoreError> {
     Ok(OfflineCredentialRecord {
@@ -48,6 +56,9 @@ fn from_row(row: &AnyRow) -> Result<OfflineCredentialRecord, StoreError> {
         settled_minor: row.try_get("settled_minor")?,
         counter_end: row.try_get("counter_end")?,
         closed_at: row.try_get("closed_at")?,
+        closed_spent_minor: row.try_get("closed_spent_minor")?,
+        closed_settled_minor: row.try_get("closed_settled_minor")?,
+        refreshed_from: row.try_get("refreshed_from")?,
     })
 }
 
@@ -99,7 +110,7 @@ impl Tx {
     pub async fn insert_offline_credential(&mut self, record: &OfflineCredentialRecord) -> Result<(), StoreError> {
         let sql = sqlx::AssertSqlSafe(format!(
             "INSERT INTO offline_credentials ({COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
         ));
         sqlx::query(sql)
             .bind(&record.id)
@@ -116,9 +127,15 @@ impl Tx {
             .bind(record.settled_minor)
             .bind(record.counter_end)
             .bind(record.closed_at)
+            .bind(record.closed_spent_minor)
+            .bind(record.closed_settled_minor)
+            .bind(&record.refreshed_from)
             .execute(self.conn())
             .await
-            .map_err(StoreError::on_insert("offline credential", "device, consumer or account"))?;
+            .map_err(StoreError::on_insert(
+                "offline credential",
+                "device, consumer, account or refreshed credential",
+            ))?;
         Ok(())
     }
 
@@ -128,10 +145,11 @@ impl Tx {
 
     /// Closes credential `id` of `device_id` at `now`, as its phone syncs: the limit is
     /// lowered to `spent_minor`, or to what has settled under it when that is more (and
-    /// never raised), and the counter range ends at `counter_end`. One conditional
-    /// statement, computed on the row as it is when the statement runs, so a credential
-    /// is closed once even when instances race, and settlements that land before the
-    /// close stay within the lowered limit.
+    /// never raised), and the counter range ends at `counter_end`; `spent_minor` and
+    /// what had settled are kept with it. One conditional statement, computed on the row
+    /// as it is when the statement runs, so a credential is closed once even when
+    /// instances race, and settlements that land before the close stay within the
+    /// lowered limit.
     pub async fn close_offline_credential(
         &mut self,
         id: &str,
@@ -151,7 +169,7 @@ impl Tx {
             "UPDATE offline_credentials SET \
              limit_minor = CASE WHEN settled_minor >= $3 THEN settled_minor \
                                 WHEN $3 <= limit_minor THEN $3 ELSE limit_minor END, \
-             counter_end = $2, closed_at = $4 \
+             counter_end = $2, closed_at = $4, closed_spent_minor = $3, closed_settled_minor = settled_minor \
              WHERE id = $1 AND revoked_at IS NULL AND closed_at IS NULL \
              AND NOT EXISTS (SELECT 1 FROM offline_payments WHERE credential_id = $1 AND counter >= $2)",
         )
@@ -186,6 +204,16 @@ impl Store {
     pub async fn offline_credential(&self, id: &str) -> Result<OfflineCredentialRecord, StoreError> {
         let mut conn = self.pool().acquire().await?;
         fetch_credential(&mut conn, id).await?.ok_or(StoreError::NotFound { what: "offline credential" })
+    }
+
+    /// The credential issued for the rest of `id`'s limit when `id` closed, if any.
+    pub async fn offline_credential_refreshed_from(
+        &self,
+        id: &str,
+    ) -> Result<Option<OfflineCredentialRecord>, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM offline_credentials WHERE refreshed_from = $1"));
+        let row = sqlx::query(sql).bind(id).fetch_optional(self.pool()).await?;
+        row.as_ref().map(from_row).transpose()
     }
 
     pub async fn offline_credentials_of_device(

@@ -9,7 +9,6 @@ use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
-use vouch_proto::attest::EarStatus;
 use vouch_proto::b64;
 use vouch_proto::enrol::DeviceKind;
 use vouch_proto::offline::TerminalCertificate;
@@ -77,7 +76,7 @@ async fn issue_checked(state: &AppState, caller: &DpopCaller, body: CredentialRe
     let Some(consumer_id) = state.store.consumer_of_device(phone).await? else {
         return Err(ApiError::forbidden("not-a-consumer-phone", "the calling device belongs to no consumer"));
     };
-    check_ticket(state, caller)?;
+    require_offline_ticket(state, caller)?;
     let token = &caller.token;
     let limit_max = token.max_amount_minor.min(config.offline_limit_max_minor).min(TRANSFER_AMOUNT_MAX_MINOR);
     if !(1..=limit_max).contains(&body.limit_minor) {
@@ -111,6 +110,9 @@ async fn issue_checked(state: &AppState, caller: &DpopCaller, body: CredentialRe
         settled_minor: 0,
         counter_end: None,
         closed_at: None,
+        closed_spent_minor: None,
+        closed_settled_minor: None,
+        refreshed_from: None,
     };
     let (actor, ticket_id, risk) = (format!("device:{phone}"), token.ticket_id.clone(), token.risk);
     let funding_account_id = body.funding_account_id;
@@ -231,27 +233,11 @@ impl IssuedCredential {
     }
 }
 
-/// The ticket checks before a credential is issued: the phone's attestation is
-/// affirming, its ticket allows `offline`, and its risk is under the threshold.
-pub(super) fn check_ticket(state: &AppState, caller: &DpopCaller) -> ApiResult<()> {
-    let token = &caller.token;
-    if token.ear_status != EarStatus::Affirming {
-        return Err(ApiError::forbidden(
-            "ticket-not-affirming",
-            format!("the phone's attestation is {}, expected affirming", token.ear_status.as_str()),
-        ));
-    }
-    if !token.operations.iter().any(|op| op == OFFLINE_OPERATION) {
-        return Err(ApiError::forbidden("operation-not-allowed", "the phone's ticket does not allow offline"));
-    }
-    let threshold = state.config.offline_risk_threshold;
-    if token.risk >= threshold {
-        return Err(ApiError::forbidden(
-            "risk-too-high",
-            format!("the phone's risk {} is at or above the threshold {threshold}", token.risk),
-        ));
-    }
-    Ok(())
+/// The ticket checks before a credential is issued, at a sync too: the phone's
+/// attestation is affirming, its ticket allows `offline`, and its risk is under the
+/// configured threshold.
+pub(super) fn require_offline_ticket(state: &AppState, caller: &DpopCaller) -> ApiResult<()> {
+    caller.require_ticket(OFFLINE_OPERATION, state.config.offline_risk_threshold)
 }
 
 /// The COSE credential the phone receives for `record`.

@@ -7,6 +7,12 @@
 //! payments the phone made before the sync still settle and nothing made after it under
 //! the old credential does. The rest is already in the consumer's offline reserve, so
 //! the new credential moves no money.
+//!
+//! A credential closes once, but the answer can be lost on the way to the phone, which
+//! then holds no credential for the rest. So a sync that names a closed credential with
+//! the arguments that closed it is answered again as the first time was, from what the
+//! close recorded, while the new credential is unused: neither closed nor revoked, and
+//! nothing settled under it (which would show the phone has it).
 
 use axum::Json;
 use axum::extract::State;
@@ -20,7 +26,7 @@ use vouch_proto::b64;
 use vouch_store::{COUNTER_RANGE, CloseRefusal, OfflineCredentialRecord, OfflinePaymentRecord, StoreError};
 
 use super::IssuedCredential;
-use super::credential::{check_ticket, sign_credential};
+use super::credential::{require_offline_ticket, sign_credential};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::ApiJson;
 use crate::registry::new_id;
@@ -66,7 +72,8 @@ pub struct SyncAnswer {
     /// `POST /v1/offline/credentials` answers; null when nothing was closed or nothing
     /// is left.
     pub credential: Option<IssuedCredential>,
-    /// The credential this sync closed; null when none was named.
+    /// The credential this sync closed, or the sync it repeats closed; null when none
+    /// was named.
     pub closed: Option<ClosedCredentialView>,
 }
 
@@ -101,6 +108,8 @@ pub struct ClosedCredentialView {
 
 /// Gives the calling phone the receipts of its settled offline payments and, with
 /// `credential_id`, closes that credential and issues the rest of its limit as a new one.
+/// Repeated with the same `credential_id`, `counter_next` and `spent_minor` while the new
+/// credential is unused, it answers with the same closed credential and new credential.
 #[utoipa::path(post, path = "/v1/offline/sync", tag = "offline", request_body = SyncRequest,
     params(("DPoP" = String, Header, description = "DPoP proof (RFC 9449) of the phone")),
     security(("dpop" = [])),
@@ -221,7 +230,10 @@ fn close_refused(refusal: CloseRefusal, credential_id: &str) -> ApiError {
         }
         CloseRefusal::Closed => ApiError::conflict(
             "credential-closed",
-            format!("credential {credential_id} was closed and refreshed at an earlier sync"),
+            format!(
+                "credential {credential_id} was closed at an earlier sync, answered again only to the same \
+                 counter_next and spent_minor while the credential it issued is unused"
+            ),
         ),
         CloseRefusal::CounterSpent { highest } => {
             invalid_counter(format!("a payment under counter {highest} has settled, so counter_next must be above it"))
@@ -234,22 +246,21 @@ type Refreshed = (Option<IssuedCredential>, Option<ClosedCredentialView>);
 /// Closes the named credential and issues the rest of its limit as a new one, after the
 /// same ticket checks as issuing.
 async fn refresh(state: &AppState, caller: &DpopCaller, closing: Closing) -> ApiResult<Refreshed> {
-    check_ticket(state, caller)?;
+    require_offline_ticket(state, caller)?;
     let phone = caller.device_id();
-    let Closing { credential_id, counter_next, spent_minor } = closing;
     // Refused from the row as read now, before anything is written; the close checks
     // its state again in the write.
-    let open = match state.store.offline_credential(&credential_id).await {
+    let open = match state.store.offline_credential(&closing.credential_id).await {
         Ok(record) if record.device_id == phone => record,
-        Ok(_) | Err(StoreError::NotFound { .. }) => return Err(close_refused(CloseRefusal::Unknown, &credential_id)),
+        Ok(_) | Err(StoreError::NotFound { .. }) => {
+            return Err(close_refused(CloseRefusal::Unknown, &closing.credential_id));
+        }
         Err(e) => return Err(e.into()),
     };
-    if open.revoked_at.is_some() {
-        return Err(close_refused(CloseRefusal::Revoked, &credential_id));
+    if open.revoked_at.is_some() || open.closed_at.is_some() {
+        return closed_before(state, &open, &closing).await;
     }
-    if open.closed_at.is_some() {
-        return Err(close_refused(CloseRefusal::Closed, &credential_id));
-    }
+    let Closing { credential_id, counter_next, spent_minor } = closing;
     let counter_max = open.counter_start.saturating_add(COUNTER_RANGE);
     if !(open.counter_start..=counter_max).contains(&counter_next) {
         return Err(invalid_counter(format!("counter_next must be {} to {counter_max}", open.counter_start)));
@@ -284,6 +295,9 @@ async fn refresh(state: &AppState, caller: &DpopCaller, closing: Closing) -> Api
                         settled_minor: 0,
                         counter_end: None,
                         closed_at: None,
+                        closed_spent_minor: None,
+                        closed_settled_minor: None,
+                        refreshed_from: Some(old.id.clone()),
                         ..old.clone()
                     };
                     // Signed before its row is written; failing the work undoes the
@@ -310,14 +324,57 @@ async fn refresh(state: &AppState, caller: &DpopCaller, closing: Closing) -> Api
             })
         })
         .await?;
-    let (closed, fresh) = written.map_err(|(refusal, credential_id)| close_refused(refusal, &credential_id))?;
-    let closed = ClosedCredentialView {
-        counter_end: closed.counter_end.unwrap_or(counter_next),
-        credential_id: closed.id,
-        limit_minor: closed.limit_minor,
-        settled_minor: closed.settled_minor,
+    let (closed, fresh) = match written {
+        Ok(written) => written,
+        // Another sync closed it since it was read above: perhaps this phone's own,
+        // whose answer it has not had yet.
+        Err((CloseRefusal::Closed, credential_id)) => {
+            let closed = state.store.offline_credential(&credential_id).await?;
+            return closed_before(state, &closed, &Closing { credential_id, counter_next, spent_minor }).await;
+        }
+        Err((refusal, credential_id)) => return Err(close_refused(refusal, &credential_id)),
     };
-    Ok((fresh.map(|(record, signed)| IssuedCredential::new(&record, &signed)), Some(closed)))
+    let fresh = fresh.map(|(record, signed)| IssuedCredential::new(&record, &signed));
+    Ok((fresh, Some(closed_view(&closed)?)))
+}
+
+/// The answer for a credential of the phone that is no longer open: refused if it is
+/// revoked, or closed by a sync with other arguments, or if the credential that sync
+/// issued for the rest has been used, closed or revoked since; otherwise the answer
+/// that sync gave, again. Nothing is written, so nothing is audited: the close and the
+/// credential it issued were audited when they were written, and a repeated answer
+/// changes neither.
+async fn closed_before(state: &AppState, record: &OfflineCredentialRecord, closing: &Closing) -> ApiResult<Refreshed> {
+    if record.revoked_at.is_some() {
+        return Err(close_refused(CloseRefusal::Revoked, &record.id));
+    }
+    let refused = || close_refused(CloseRefusal::Closed, &record.id);
+    if (record.counter_end, record.closed_spent_minor) != (Some(closing.counter_next), Some(closing.spent_minor)) {
+        return Err(refused());
+    }
+    let fresh = match state.store.offline_credential_refreshed_from(&record.id).await? {
+        Some(fresh) if fresh.revoked_at.is_some() || fresh.closed_at.is_some() || fresh.settled_minor > 0 => {
+            return Err(refused());
+        }
+        // The same credential: its id, limit, counters and expiry are the row's; only
+        // the signature is new.
+        Some(fresh) => Some(IssuedCredential::new(&fresh, &sign_credential(&*state.keys, &fresh)?)),
+        None => None,
+    };
+    Ok((fresh, Some(closed_view(record)?)))
+}
+
+/// What the phone is told of a credential a sync closed, from what the close recorded.
+fn closed_view(record: &OfflineCredentialRecord) -> ApiResult<ClosedCredentialView> {
+    let (Some(counter_end), Some(settled_minor)) = (record.counter_end, record.closed_settled_minor) else {
+        return Err(ApiError::internal(format!("offline credential {} is not closed", record.id)));
+    };
+    Ok(ClosedCredentialView {
+        credential_id: record.id.clone(),
+        limit_minor: record.limit_minor,
+        counter_end,
+        settled_minor,
+    })
 }
 
 #[cfg(test)]

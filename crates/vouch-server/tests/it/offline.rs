@@ -5,8 +5,9 @@ use serde_json::{Value, json};
 use vouch_proto::crypto::SystemRandom;
 use vouch_proto::enrol::DeviceKind;
 use vouch_proto::offline::{
-    ConsumerApproval, MerchantCountersignature, PaymentRequest, TerminalCertificate, WireType, countersignature_digest,
-    payment_id, verify_credential, verify_payment_request, verify_receipt, verify_terminal_certificate,
+    ConsumerApproval, MerchantCountersignature, OfflineCredential, PaymentRequest, TerminalCertificate, WireType,
+    countersignature_digest, payment_id, verify_credential, verify_payment_request, verify_receipt,
+    verify_terminal_certificate,
 };
 use vouch_proto::{ProtoError, VerifyingKey, b64};
 use vouch_server::Config;
@@ -16,7 +17,7 @@ use vouch_store::{OfflineCredentialRecord, OfflinePaymentRecord};
 use crate::attest::{DeviceHealth, Enrolled, fixture};
 use crate::dvv::{Market, outdated_phone, risk_tolerant_policy};
 use crate::support::{Reply, TestServer, assert_problem};
-use crate::token::Holder;
+use crate::token::{Holder, protected_request};
 
 const CREDENTIALS: &str = "/v1/offline/credentials";
 const SYNC: &str = "/v1/offline/sync";
@@ -821,6 +822,115 @@ async fn a_credential_spent_in_full_closes_with_nothing_to_refresh() {
     );
     let device_id = shop.wallet.market.phone.device.device_id.clone();
     assert_eq!(shop.server().state.store.offline_credentials_of_device(&device_id).await.unwrap().len(), 1);
+    let again = shop.wallet.synced(refresh_of(&shop.credential_id.clone(), 2, 600)).await;
+    assert_eq!((&again["closed"], &again["credential"]), (&answer["closed"], &Value::Null));
+}
+
+impl Wallet {
+    /// The same sync sent twice at once, as by a phone that retries before the first
+    /// answer has come.
+    async fn sync_twice_at_once(&mut self, body: Value) -> (Reply, Reply) {
+        let token = self.market.session.token.clone();
+        let phone = &self.market.phone;
+        let request = || {
+            let proof = phone.proof("POST", SYNC, Some(&token));
+            protected_request(SYNC, Some(format!("DPoP {token}")), &[proof], body.clone())
+        };
+        let (first, second) = (request(), request());
+        tokio::join!(phone.fx.server.send(first), phone.fx.server.send(second))
+    }
+}
+
+/// The offline credential an answer carries, checked with the server key.
+async fn verified_credential(server: &TestServer, issued: &Value) -> OfflineCredential {
+    let bytes = b64::decode("credential", issued["credential"].as_str().unwrap()).unwrap();
+    verify_credential(&bytes, server_key(server).await).unwrap().value().clone()
+}
+
+#[tokio::test]
+async fn a_sync_whose_answer_was_lost_is_answered_again() {
+    let mut shop = Shop::new(4_000).await;
+    let old_id = shop.credential_id.clone();
+    let payment = shop.payment(1_000);
+    assert_eq!(shop.settle_one(&payment).await["status"], "settled");
+    let pending = shop.payment(300);
+    let mark = shop.server().audit_mark().await;
+    let first = shop.wallet.synced(refresh_of(&old_id, 3, 1_300)).await;
+    // The answer is lost. Meanwhile the terminal uploads what the phone approved before.
+    assert_eq!(shop.settle_one(&pending).await["status"], "settled");
+    let store = shop.server().state.store.clone();
+    let transfers = store.account_transfers(&shop.reserve_id, None, 100).await.unwrap();
+    shop.wallet.market.phone.advance(60);
+    let retry = shop.wallet.synced(refresh_of(&old_id, 3, 1_300)).await;
+    // As the close found it, though more has settled under it since.
+    let closed = json!({"credential_id": old_id, "limit_minor": 1_300, "counter_end": 3, "settled_minor": 1_000});
+    assert_eq!((&first["closed"], &retry["closed"]), (&closed, &closed));
+    let (issued, reissued) = (&first["credential"], &retry["credential"]);
+    for field in ["credential_id", "limit_minor", "currency", "counter_start", "not_after"] {
+        assert_eq!(reissued[field], issued[field], "{field}");
+    }
+    assert_eq!((&reissued["limit_minor"], &reissued["counter_start"]), (&json!(2_700), &json!(1_i64 << 32)));
+    let credential = verified_credential(shop.server(), reissued).await;
+    assert_eq!(credential, verified_credential(shop.server(), issued).await);
+    assert_eq!(credential.credential_id, id_bytes(reissued["credential_id"].as_str().unwrap()));
+    assert_eq!(retry["receipts"].as_array().unwrap().len(), 2);
+
+    // Another counter_next or spent_minor is another close, which is not repeated.
+    for (counter_next, spent_minor) in [(4, 1_300), (2, 1_300), (3, 1_400), (3, 1_000)] {
+        let reply = shop.wallet.sync(refresh_of(&old_id, counter_next, spent_minor)).await;
+        assert_problem(&format!("{counter_next}, {spent_minor}"), &reply, 409, "credential-closed");
+    }
+    let audited = [("offline.credential_refreshed", old_id.as_str()), ("offline.settled", "*")];
+    shop.server().assert_audited("one refresh, nothing for its repeats", mark, &audited).await;
+    assert_eq!(store.account_transfers(&shop.reserve_id, None, 100).await.unwrap(), transfers);
+    assert_eq!(shop.wallet.balance(&shop.wallet.funding_id.clone()).await, 6_000);
+    assert_eq!(shop.wallet.balance(&shop.reserve_id.clone()).await, 2_700);
+    let device_id = shop.wallet.market.phone.device.device_id.clone();
+    assert_eq!(store.offline_credentials_of_device(&device_id).await.unwrap().len(), 2);
+
+    // Once a payment under the new credential settles, the phone has it: no repeat.
+    shop.pay_under(reissued);
+    let payment = shop.payment(200);
+    assert_eq!(shop.settle_one(&payment).await["status"], "settled");
+    let reply = shop.wallet.sync(refresh_of(&old_id, 3, 1_300)).await;
+    assert_problem("the new credential is in use", &reply, 409, "credential-closed");
+    assert!(store.ledger_imbalance().await.unwrap().is_empty());
+    shop.server().assert_audit_intact("after a repeated sync").await;
+}
+
+#[tokio::test]
+async fn a_lost_answer_is_not_repeated_once_its_credential_is_closed_or_revoked() {
+    let mut shop = Shop::new(4_000).await;
+    let first_id = shop.credential_id.clone();
+    let first = shop.wallet.synced(refresh_of(&first_id, 1, 0)).await;
+    let second_id = first["credential"]["credential_id"].as_str().unwrap().to_owned();
+    // The phone got the answer after all, and closes the new credential at its next sync.
+    let second = shop.wallet.synced(refresh_of(&second_id, 1 << 32, 0)).await;
+    let reply = shop.wallet.sync(refresh_of(&first_id, 1, 0)).await;
+    assert_problem("the new credential is closed", &reply, 409, "credential-closed");
+    let again = shop.wallet.synced(refresh_of(&second_id, 1 << 32, 0)).await;
+    assert_eq!(again["credential"]["credential_id"], second["credential"]["credential_id"]);
+
+    let third_id = second["credential"]["credential_id"].as_str().unwrap().to_owned();
+    let store = shop.server().state.store.clone();
+    let revoked = store.write(move |tx| Box::pin(async move { tx.revoke_offline_credential(&third_id, 1).await }));
+    assert!(revoked.await.unwrap());
+    let reply = shop.wallet.sync(refresh_of(&second_id, 1 << 32, 0)).await;
+    assert_problem("the new credential is revoked", &reply, 409, "credential-closed");
+}
+
+#[tokio::test]
+async fn the_same_sync_sent_twice_at_once_closes_once_and_both_get_its_answer() {
+    let mut shop = Shop::new(4_000).await;
+    let old_id = shop.credential_id.clone();
+    let mark = shop.server().audit_mark().await;
+    let (first, second) = shop.wallet.sync_twice_at_once(refresh_of(&old_id, 1, 500)).await;
+    assert_eq!((first.status.as_u16(), second.status.as_u16()), (200, 200), "{} {}", first.json, second.json);
+    assert_eq!(
+        (&first.json["closed"], &first.json["credential"]["credential_id"]),
+        (&second.json["closed"], &second.json["credential"]["credential_id"])
+    );
+    shop.server().assert_audited("one refresh", mark, &[("offline.credential_refreshed", &old_id)]).await;
 }
 
 #[tokio::test]
@@ -905,10 +1015,21 @@ async fn sync_holds_on_postgres() {
     let late = shop.payment(100);
     assert_refused("counter past the end", &shop.settle_one(&late).await, "counter-closed");
     assert_eq!(shop.settle_one(&pending).await["status"], "settled");
-    let again = shop.wallet.sync(refresh_of(&old_id, 3, 1_300)).await;
-    assert_problem("a second refresh", &again, 409, "credential-closed");
-    let later = shop.wallet.synced(json!({})).await;
-    assert_eq!(later["receipts"].as_array().unwrap().len(), 2);
+    // The same sync again, as after a lost answer, gets the same answer.
+    let again = shop.wallet.synced(refresh_of(&old_id, 3, 1_300)).await;
+    assert_eq!(
+        (&again["closed"], &again["credential"]["credential_id"]),
+        (&answer["closed"], &answer["credential"]["credential_id"])
+    );
+    assert_eq!(again["receipts"].as_array().unwrap().len(), 2);
+    let other = shop.wallet.sync(refresh_of(&old_id, 3, 1_200)).await;
+    assert_problem("a second refresh", &other, 409, "credential-closed");
+    let (first, second) = shop
+        .wallet
+        .sync_twice_at_once(refresh_of(answer["credential"]["credential_id"].as_str().unwrap(), (1 << 32) + 1, 0))
+        .await;
+    assert_eq!((first.status.as_u16(), second.status.as_u16()), (200, 200), "{} {}", first.json, second.json);
+    assert_eq!(first.json["credential"]["credential_id"], second.json["credential"]["credential_id"]);
     assert_eq!(shop.wallet.balance(&shop.reserve_id.clone()).await, 2_700);
     assert!(shop.server().state.store.ledger_imbalance().await.unwrap().is_empty());
     shop.server().assert_audit_intact("on postgres").await;

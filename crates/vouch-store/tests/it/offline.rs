@@ -25,6 +25,9 @@ fn credential(id: &str, device_id: &str, counter_start: i64) -> OfflineCredentia
         settled_minor: 0,
         counter_end: None,
         closed_at: None,
+        closed_spent_minor: None,
+        closed_settled_minor: None,
+        refreshed_from: None,
     }
 }
 
@@ -100,6 +103,7 @@ conformance! {
         assert_eq!(closed.released_minor, 700);
         let r = &closed.record;
         assert_eq!((r.limit_minor, r.settled_minor, r.counter_end, r.closed_at), (300, 100, Some(5), Some(500)));
+        assert_eq!((r.closed_spent_minor, r.closed_settled_minor), (Some(300), Some(100)));
         assert_eq!(t.store.offline_credential("ocr1").await.unwrap(), closed.record);
         assert_eq!(close(&t, "ocr1", "d1", 6, 300).await.unwrap_err(), CloseRefusal::Closed);
 
@@ -112,6 +116,31 @@ conformance! {
         let refused = settle(&t, payment("p5", "ocr1", 2, 204)).await.unwrap_err();
         assert_eq!((refused, refused.reason()), (SpendRefusal::OverLimit, "over-limit"));
         assert_eq!(t.store.offline_credential_settled("ocr1").await.unwrap(), 300);
+        // What the close was asked with and found stays as it was.
+        let r = t.store.offline_credential("ocr1").await.unwrap();
+        assert_eq!((r.counter_end, r.closed_spent_minor, r.closed_settled_minor), (Some(5), Some(300), Some(100)));
+    }
+
+    async fn a_credential_refreshes_at_most_one_other_which_finds_it(t: TestStore) {
+        with_credential(&t).await;
+        close(&t, "ocr1", "d1", 3, 200).await.unwrap();
+        let fresh = OfflineCredentialRecord { refreshed_from: Some("ocr1".into()), ..credential("ocr2", "d1", 1 << 32) };
+        let mut tx = t.store.begin().await.unwrap();
+        tx.insert_offline_credential(&fresh).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(t.store.offline_credential_refreshed_from("ocr1").await.unwrap(), Some(fresh));
+        assert_eq!(t.store.offline_credential_refreshed_from("ocr2").await.unwrap(), None);
+        assert_eq!(t.store.offline_credential_refreshed_from("ocr9").await.unwrap(), None);
+
+        let mut tx = t.store.begin().await.unwrap();
+        let second = OfflineCredentialRecord { refreshed_from: Some("ocr1".into()), ..credential("ocr3", "d1", 2 << 32) };
+        let refused = tx.insert_offline_credential(&second).await;
+        assert!(matches!(refused, Err(StoreError::Conflict { .. })), "{refused:?}");
+        drop(tx);
+        let mut tx = t.store.begin().await.unwrap();
+        let orphan = OfflineCredentialRecord { refreshed_from: Some("ocr9".into()), ..credential("ocr4", "d1", 3 << 32) };
+        let refused = tx.insert_offline_credential(&orphan).await;
+        assert!(matches!(refused, Err(StoreError::MissingReference { .. })), "{refused:?}");
     }
 
     async fn closing_never_goes_below_what_settled_nor_above_the_limit(t: TestStore) {
