@@ -328,9 +328,11 @@ impl OfflineWallet {
     /// Back online: reads the receipts settled since the last sync and verifies each
     /// with the pinned keys, matching it to the payment it approved; and, holding a
     /// credential, closes it at its next counter and what was spent under it and adopts
-    /// the refreshed one for the rest of the limit, checked like any credential. A
-    /// credential the server will not close (revoked after a double spend, closed by a
-    /// sync whose answer was lost) is dropped, and the receipts are read all the same.
+    /// the refreshed one for the rest of the limit, checked like any credential. The
+    /// credential is kept until an answer checks out, so a sync whose answer was lost is
+    /// simply called again: the server answers the same close with the same refreshed
+    /// credential. A credential the server will not close (revoked after a double spend,
+    /// unknown to it) is dropped, and the receipts are read all the same.
     pub async fn sync(&mut self) -> Result<SyncReport, DeviceError> {
         let mut report = SyncReport::default();
         let first = match self.sync_page(true).await {
