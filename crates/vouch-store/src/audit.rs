@@ -10,6 +10,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 use vouch_proto::crypto::sha256;
 
+use crate::sql::Placeholders;
 use crate::{Store, StoreError, Tx};
 
 const HASH_DOMAIN: &[u8] = b"vouch-audit-v1";
@@ -142,6 +143,28 @@ impl Tx {
         Ok(id)
     }
 
+    /// Records `entries` as [`Tx::append_audit`] does, in their order, with one
+    /// statement per hundred entries.
+    pub async fn append_audits(&mut self, entries: &[AuditEntry]) -> Result<(), StoreError> {
+        for chunk in entries.chunks(CHAIN_INSERT_ROWS) {
+            let values = Placeholders::new(self.postgres).tuples(chunk.len(), 5);
+            let sql = sqlx::AssertSqlSafe(format!(
+                "INSERT INTO audit_pending (at, actor, action, subject, detail) VALUES {values}"
+            ));
+            let mut insert = sqlx::query(sql);
+            for entry in chunk {
+                insert = insert
+                    .bind(entry.at)
+                    .bind(&entry.actor)
+                    .bind(&entry.action)
+                    .bind(&entry.subject)
+                    .bind(&entry.detail);
+            }
+            insert.execute(self.conn()).await?;
+        }
+        Ok(())
+    }
+
     /// Links up to [`CHAIN_BATCH_ROWS`] recorded entries into the chain, in the order
     /// they are found, and moves the head; returns how many. The head is locked for
     /// the transaction, so chainers on several instances take turns and never link one
@@ -176,23 +199,7 @@ impl Tx {
             links.push(AuditRecord { seq, entry, prev_hash: std::mem::replace(&mut prev_hash, hash.clone()), hash });
         }
         for chunk in links.chunks(CHAIN_INSERT_ROWS) {
-            let values = (0..chunk.len())
-                .map(|i| {
-                    let p = i * 8;
-                    format!(
-                        "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                        p + 1,
-                        p + 2,
-                        p + 3,
-                        p + 4,
-                        p + 5,
-                        p + 6,
-                        p + 7,
-                        p + 8
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
+            let values = Placeholders::new(self.postgres).tuples(chunk.len(), 8);
             let sql = sqlx::AssertSqlSafe(format!(
                 "INSERT INTO audit_log (seq, at, actor, action, subject, detail, prev_hash, hash) VALUES {values}"
             ));
@@ -211,7 +218,7 @@ impl Tx {
             insert.execute(self.conn()).await?;
         }
         for chunk in ids.chunks(CHAIN_INSERT_ROWS * 8) {
-            let list = (1..=chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+            let list = Placeholders::new(self.postgres).list(chunk.len());
             let sql = sqlx::AssertSqlSafe(format!("DELETE FROM audit_pending WHERE id IN ({list})"));
             let mut delete = sqlx::query(sql);
             for id in chunk {

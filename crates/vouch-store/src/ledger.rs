@@ -7,14 +7,19 @@
 //!
 //! Posting never runs a statement that can fail on business grounds: on PostgreSQL a
 //! failed statement aborts the whole transaction, and a batch needs an outcome per
-//! transfer. So the transfer row is inserted only when both accounts exist in the
-//! currency, a conflicting id is a no-op, and the debit is a conditional update;
-//! whatever did not happen is undone by the statements that follow. The CHECK
-//! constraints on `accounts` remain the last guard.
+//! transfer. One transfer ([`Tx::post_transfer`]) is inserted only when both accounts
+//! exist in the currency, a conflicting id is a no-op, and the debit is a conditional
+//! update; whatever did not happen is undone by the statements that follow. A batch
+//! ([`Tx::post_transfers`]) locks and reads its accounts first and decides every
+//! outcome in memory, so it writes only what posts. The CHECK constraints on
+//! `accounts` remain the last guard.
+
+use std::collections::HashMap;
 
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
+use crate::sql::{Placeholders, ROWS_PER_STATEMENT, rows_for_ids, sorted_unique};
 use crate::{Store, StoreError, Tx};
 
 /// The most transfers [`Tx::post_transfers`] takes at once.
@@ -196,6 +201,69 @@ fn transfer_from_row(row: &AnyRow) -> Result<Transfer, StoreError> {
     })
 }
 
+/// An account's totals while a batch is decided, and what the batch adds to them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Balance {
+    currency: String,
+    overdraft_allowed: bool,
+    debits_minor: i64,
+    credits_minor: i64,
+    debited_minor: i64,
+    credited_minor: i64,
+}
+
+impl Balance {
+    fn balance_minor(&self) -> i64 {
+        (self.credits_minor + self.credited_minor) - (self.debits_minor + self.debited_minor)
+    }
+}
+
+/// The outcome of each transfer of a batch, in order, as [`Tx::post_transfer`] would
+/// decide them one after another, given the batch's accounts (locked) and the stored
+/// transfers with the batch's ids; what the posted ones move is added to `balances`.
+fn decide_transfers(
+    transfers: &[Transfer],
+    balances: &mut HashMap<String, Balance>,
+    stored: &HashMap<String, Transfer>,
+) -> Vec<TransferOutcome> {
+    let mut posted: HashMap<&str, &Transfer> = HashMap::new();
+    let mut outcomes = Vec::with_capacity(transfers.len());
+    for transfer in transfers {
+        let amount = transfer.amount_minor;
+        let outcome = if !(1..=TRANSFER_AMOUNT_MAX_MINOR).contains(&amount) {
+            TransferOutcome::Refused(TransferRefusal::InvalidAmount)
+        } else if transfer.debit_account_id == transfer.credit_account_id {
+            TransferOutcome::Refused(TransferRefusal::SameAccount)
+        } else if let Some(prior) = stored.get(&transfer.id).or_else(|| posted.get(transfer.id.as_str()).copied()) {
+            TransferOutcome::AlreadyPosted(prior.clone())
+        } else {
+            match (balances.get(&transfer.debit_account_id), balances.get(&transfer.credit_account_id)) {
+                (Some(debit), Some(credit))
+                    if debit.currency != transfer.currency || credit.currency != transfer.currency =>
+                {
+                    TransferOutcome::Refused(TransferRefusal::CurrencyMismatch)
+                }
+                (Some(debit), Some(_)) if !debit.overdraft_allowed && debit.balance_minor() < amount => {
+                    TransferOutcome::Refused(TransferRefusal::InsufficientFunds)
+                }
+                (Some(_), Some(_)) => {
+                    if let Some(debit) = balances.get_mut(&transfer.debit_account_id) {
+                        debit.debited_minor += amount;
+                    }
+                    if let Some(credit) = balances.get_mut(&transfer.credit_account_id) {
+                        credit.credited_minor += amount;
+                    }
+                    posted.insert(&transfer.id, transfer);
+                    TransferOutcome::Posted
+                }
+                _ => TransferOutcome::Refused(TransferRefusal::UnknownAccount),
+            }
+        };
+        outcomes.push(outcome);
+    }
+    outcomes
+}
+
 async fn fetch_account(conn: &mut sqlx::AnyConnection, id: &str) -> Result<Option<Account>, StoreError> {
     let sql = sqlx::AssertSqlSafe(format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1"));
     let row = sqlx::query(sql).bind(id).fetch_optional(conn).await?;
@@ -324,38 +392,119 @@ impl Tx {
     }
 
     /// Posts up to [`TRANSFER_BATCH_MAX`] transfers in this transaction, one outcome
-    /// each, in order. Concurrent batches over the same accounts do not deadlock; a
-    /// transaction that posts several transfers with [`Tx::post_transfer`] should use
-    /// this instead.
+    /// each, in order, as if posted one after another with [`Tx::post_transfer`], in
+    /// four statements rather than three per transfer: the accounts are locked and read
+    /// (in id order, so concurrent batches over the same accounts do not deadlock), the
+    /// stored transfers with the batch's ids are read, the outcomes are decided in
+    /// memory, and the posted transfers and each account's new totals are written.
+    ///
+    /// A transfer id that another transaction posts at the same moment, between other
+    /// accounts, fails the batch with [`StoreError::Conflict`] and writes nothing; the
+    /// same batch again finds that transfer posted.
     pub async fn post_transfers(&mut self, transfers: &[Transfer]) -> Result<Vec<TransferOutcome>, StoreError> {
         if transfers.len() > TRANSFER_BATCH_MAX {
             return Err(StoreError::TooMany { what: "transfers", max: TRANSFER_BATCH_MAX, got: transfers.len() });
         }
-        self.lock_accounts(transfers).await?;
-        let mut outcomes = Vec::with_capacity(transfers.len());
-        for transfer in transfers {
-            outcomes.push(self.post_transfer(transfer).await?);
+        let account_ids: Vec<&str> =
+            transfers.iter().flat_map(|t| [t.debit_account_id.as_str(), t.credit_account_id.as_str()]).collect();
+        let mut balances = self.lock_balances(&account_ids).await?;
+        let transfer_ids: Vec<&str> = transfers.iter().map(|t| t.id.as_str()).collect();
+        let stored = self.transfers_among(&transfer_ids).await?;
+        let outcomes = decide_transfers(transfers, &mut balances, &stored);
+        let posted: Vec<&Transfer> =
+            transfers.iter().zip(&outcomes).filter(|(_, o)| **o == TransferOutcome::Posted).map(|(t, _)| t).collect();
+        if self.insert_transfers(&posted).await? < posted.len() {
+            return Err(StoreError::Conflict { what: "transfer" });
         }
+        self.add_to_balances(&balances).await?;
         Ok(outcomes)
     }
 
-    /// On PostgreSQL, takes the row locks of every account the transfers touch, in id
-    /// order, before the first posting: two batches over the same accounts in different
-    /// orders would otherwise each hold an account the other waits for. SQLite has one
-    /// writer at a time and needs none.
-    async fn lock_accounts(&mut self, transfers: &[Transfer]) -> Result<(), StoreError> {
-        if !self.postgres {
-            return Ok(());
+    /// Locks the accounts among `ids` for this transaction (on PostgreSQL; SQLite has
+    /// one writer at a time) in id order, and reads their totals.
+    async fn lock_balances(&mut self, ids: &[&str]) -> Result<HashMap<String, Balance>, StoreError> {
+        let lock = if self.postgres { " FOR UPDATE" } else { "" };
+        let rows = rows_for_ids(self.postgres, self.conn(), &sorted_unique(ids), |list| {
+            format!(
+                "SELECT id, currency, overdraft_allowed, debits_minor, credits_minor FROM accounts \
+                 WHERE id IN ({list}) ORDER BY id{lock}"
+            )
+        })
+        .await?;
+        let mut balances = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let balance = Balance {
+                currency: row.try_get("currency")?,
+                overdraft_allowed: row.try_get::<i64, _>("overdraft_allowed")? == 1,
+                debits_minor: row.try_get("debits_minor")?,
+                credits_minor: row.try_get("credits_minor")?,
+                debited_minor: 0,
+                credited_minor: 0,
+            };
+            balances.insert(row.try_get("id")?, balance);
         }
-        let mut ids: Vec<&str> =
-            transfers.iter().flat_map(|t| [t.debit_account_id.as_str(), t.credit_account_id.as_str()]).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        for id in ids {
-            sqlx::query("SELECT id FROM accounts WHERE id = $1 FOR UPDATE")
-                .bind(id)
-                .fetch_optional(self.conn())
-                .await?;
+        Ok(balances)
+    }
+
+    /// The stored transfers among `ids`, by id.
+    async fn transfers_among(&mut self, ids: &[&str]) -> Result<HashMap<String, Transfer>, StoreError> {
+        let rows = rows_for_ids(self.postgres, self.conn(), ids, |list| {
+            format!("SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id IN ({list})")
+        })
+        .await?;
+        rows.iter().map(|row| transfer_from_row(row).map(|t| (t.id.clone(), t))).collect()
+    }
+
+    /// Inserts the transfers, skipping an id stored meanwhile; how many were inserted.
+    async fn insert_transfers(&mut self, transfers: &[&Transfer]) -> Result<usize, StoreError> {
+        let mut inserted = 0;
+        for chunk in transfers.chunks(ROWS_PER_STATEMENT) {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "INSERT INTO transfers ({TRANSFER_COLUMNS}) VALUES {} ON CONFLICT (id) DO NOTHING",
+                Placeholders::new(self.postgres).tuples(chunk.len(), 7)
+            ));
+            let mut insert = sqlx::query(sql);
+            for t in chunk {
+                insert = insert
+                    .bind(&t.id)
+                    .bind(&t.debit_account_id)
+                    .bind(&t.credit_account_id)
+                    .bind(t.amount_minor)
+                    .bind(&t.currency)
+                    .bind(&t.reference)
+                    .bind(t.created_at);
+            }
+            let rows = insert.execute(self.conn()).await?.rows_affected();
+            inserted += usize::try_from(rows).unwrap_or(usize::MAX);
+        }
+        Ok(inserted)
+    }
+
+    /// Adds what a batch debited and credited to each account's totals. The CHECK
+    /// constraints on `accounts` remain the last guard.
+    async fn add_to_balances(&mut self, balances: &HashMap<String, Balance>) -> Result<(), StoreError> {
+        let mut moved: Vec<(&String, &Balance)> =
+            balances.iter().filter(|(_, b)| b.debited_minor != 0 || b.credited_minor != 0).collect();
+        moved.sort_unstable_by_key(|(id, _)| *id);
+        for chunk in moved.chunks(ROWS_PER_STATEMENT) {
+            // A derived table of (id, debited, credited) that both back-ends join on.
+            let mut placeholders = Placeholders::new(self.postgres);
+            let rows = (0..chunk.len())
+                .map(|_| {
+                    let (id, debited, credited) = (placeholders.next(), placeholders.next(), placeholders.next());
+                    format!("SELECT {id} AS id, {debited} AS debited, {credited} AS credited")
+                })
+                .collect::<Vec<_>>()
+                .join(" UNION ALL ");
+            let sql = sqlx::AssertSqlSafe(format!(
+                "UPDATE accounts SET debits_minor = debits_minor + moved.debited, \
+                 credits_minor = credits_minor + moved.credited FROM ({rows}) AS moved WHERE accounts.id = moved.id"
+            ));
+            let mut update = sqlx::query(sql);
+            for (id, balance) in chunk {
+                update = update.bind(id.as_str()).bind(balance.debited_minor).bind(balance.credited_minor);
+            }
+            update.execute(self.conn()).await?;
         }
         Ok(())
     }

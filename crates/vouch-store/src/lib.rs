@@ -2,7 +2,8 @@
 //! default) and PostgreSQL (shared by many server instances).
 //!
 //! Every query is written once, in SQL both back-ends accept, and runs through sqlx's
-//! `Any` driver; only the DDL in `migrations/` differs per back-end. Single-use and
+//! `Any` driver; only the DDL in `migrations/` differs per back-end, and the
+//! placeholders of statements over many rows (`sql.rs`). Single-use and
 //! uniqueness rules are constraints and conditional updates, never process memory, so
 //! they hold across server instances.
 //!
@@ -19,6 +20,7 @@ mod migrate;
 mod offline;
 mod registry;
 mod secrets;
+mod sql;
 mod token;
 
 use std::time::Duration;

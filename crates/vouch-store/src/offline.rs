@@ -1,9 +1,17 @@
-//! Offline credentials: the server's record of what it allowed a phone to pay offline.
+//! Offline credentials: the server's record of what it allowed a phone to pay offline,
+//! and the payments settled under them.
+//!
+//! Settlement decides a whole batch of payments in one transaction: it locks the
+//! batch's credentials ([`Tx::lock_offline_credentials`]), reads the stored payments
+//! its payments could collide with ([`Tx::offline_payments_colliding`]), and inserts
+//! the ones it settles with a statement that skips, rather than fails on, a payment
+//! stored meanwhile ([`Tx::insert_offline_payments`]).
 
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use crate::{Store, StoreError, Tx};
+use crate::sql::{Placeholders, ROWS_PER_STATEMENT, rows_for_ids, sorted_unique};
+use crate::{Backend, Store, StoreError, Tx};
 
 /// Each credential of a phone gets its own range of counter values, this wide.
 pub const COUNTER_RANGE: i64 = 1 << 32;
@@ -161,7 +169,7 @@ impl Tx {
         // After any settlement under way under it, so the payments checked below are
         // all those committed; the limit changes only here, once, so the limit read now
         // is the one closed.
-        self.lock_offline_credential(id).await?;
+        self.lock_offline_credentials(&[id]).await?;
         let Some(open) = self.offline_credential(id).await?.filter(|r| r.device_id == device_id) else {
             return Ok(Err(CloseRefusal::Unknown));
         };
@@ -200,7 +208,34 @@ impl Tx {
     }
 }
 
+impl Tx {
+    /// Locks the credentials among `ids` for this transaction and reads them, in id
+    /// order; unknown ids are left out. On PostgreSQL the row locks are taken in id
+    /// order, so settlements and closes over the same credentials, on one instance or
+    /// several, take turns without deadlocking, and each sees what the one before it
+    /// committed (read committed). SQLite has one writer at a time and needs no lock.
+    pub async fn lock_offline_credentials(&mut self, ids: &[&str]) -> Result<Vec<OfflineCredentialRecord>, StoreError> {
+        let lock = if self.postgres { " FOR UPDATE" } else { "" };
+        let rows = rows_for_ids(self.postgres, self.conn(), &sorted_unique(ids), |list| {
+            format!("SELECT {COLUMNS} FROM offline_credentials WHERE id IN ({list}) ORDER BY id{lock}")
+        })
+        .await?;
+        rows.iter().map(from_row).collect()
+    }
+}
+
 impl Store {
+    /// The credentials among `ids`, in id order; unknown ids are left out.
+    pub async fn offline_credentials(&self, ids: &[&str]) -> Result<Vec<OfflineCredentialRecord>, StoreError> {
+        let mut conn = self.pool().acquire().await?;
+        let postgres = self.backend == Backend::Postgres;
+        let rows = rows_for_ids(postgres, &mut conn, &sorted_unique(ids), |list| {
+            format!("SELECT {COLUMNS} FROM offline_credentials WHERE id IN ({list}) ORDER BY id")
+        })
+        .await?;
+        rows.iter().map(from_row).collect()
+    }
+
     pub async fn offline_credential(&self, id: &str) -> Result<OfflineCredentialRecord, StoreError> {
         let mut conn = self.pool().acquire().await?;
         fetch_credential(&mut conn, id).await?.ok_or(StoreError::NotFound { what: "offline credential" })
@@ -296,56 +331,13 @@ fn payment_from_row(row: &AnyRow) -> Result<OfflinePaymentRecord, StoreError> {
 }
 
 impl Tx {
-    /// The payment stored under `column` = `value` (`payment_id` or `nonce`), if any.
-    async fn offline_payment_where(
-        &mut self,
-        column: &'static str,
-        value: &str,
-    ) -> Result<Option<OfflinePaymentRecord>, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!("SELECT {PAYMENT_COLUMNS} FROM offline_payments WHERE {column} = $1"));
-        let row = sqlx::query(sql).bind(value).fetch_optional(self.conn()).await?;
-        row.as_ref().map(payment_from_row).transpose()
-    }
-
-    pub async fn offline_payment(&mut self, payment_id: &str) -> Result<Option<OfflinePaymentRecord>, StoreError> {
-        self.offline_payment_where("payment_id", payment_id).await
-    }
-
-    pub async fn offline_payment_by_nonce(&mut self, nonce: &str) -> Result<Option<OfflinePaymentRecord>, StoreError> {
-        self.offline_payment_where("nonce", nonce).await
-    }
-
-    pub async fn offline_payment_by_counter(
-        &mut self,
-        credential_id: &str,
-        counter: i64,
-    ) -> Result<Option<OfflinePaymentRecord>, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT {PAYMENT_COLUMNS} FROM offline_payments WHERE credential_id = $1 AND counter = $2"
-        ));
-        let row = sqlx::query(sql).bind(credential_id).bind(counter).fetch_optional(self.conn()).await?;
-        row.as_ref().map(payment_from_row).transpose()
-    }
-
-    /// On PostgreSQL, waits for and takes the credential's row lock until the transaction
-    /// ends, so concurrent settlements under one credential run one after another from
-    /// here: a check made after it sees what the others committed (read committed). SQLite
-    /// has one writer at a time and needs none.
-    pub async fn lock_offline_credential(&mut self, id: &str) -> Result<(), StoreError> {
-        if !self.postgres {
-            return Ok(());
-        }
-        sqlx::query("SELECT id FROM offline_credentials WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_optional(self.conn())
-            .await?;
-        Ok(())
-    }
-
-    /// Counts `amount_minor`, paid under `counter`, against the credential's limit, if it
-    /// is not revoked, the amount fits what is left and the counter is below the end set
-    /// by a close; nothing is written otherwise. One statement, so concurrent payments
-    /// under one credential cannot together pass its limit, and none slips past a close.
+    /// Counts `amount_minor`, paid under counters up to `counter`, against the
+    /// credential's limit, if it is not revoked, the amount fits what is left and the
+    /// counter is below the end set by a close; nothing is written otherwise. One
+    /// statement, so concurrent payments under one credential cannot together pass its
+    /// limit, and none slips past a close. Settlement decides a batch under the
+    /// credential's lock and then spends each credential's share at once, with its
+    /// highest counter.
     pub async fn spend_offline_credential(
         &mut self,
         id: &str,
@@ -383,25 +375,76 @@ impl Tx {
         Ok(revoked.rows_affected() == 1)
     }
 
-    pub async fn insert_offline_payment(&mut self, payment: &OfflinePaymentRecord) -> Result<(), StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!(
-            "INSERT INTO offline_payments ({PAYMENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
-        ));
-        sqlx::query(sql)
-            .bind(&payment.payment_id)
-            .bind(&payment.credential_id)
-            .bind(payment.counter)
-            .bind(&payment.nonce)
-            .bind(payment.amount_minor)
-            .bind(&payment.currency)
-            .bind(&payment.merchant_id)
-            .bind(&payment.terminal_id)
-            .bind(&payment.receipt)
-            .bind(payment.settled_at)
-            .execute(self.conn())
-            .await
-            .map_err(StoreError::on_insert("offline payment", "credential or merchant"))?;
-        Ok(())
+    /// The stored payments that share a payment id, a nonce, or a credential and
+    /// counter with any of `payments`, each once.
+    pub async fn offline_payments_colliding(
+        &mut self,
+        payments: &[&OfflinePaymentRecord],
+    ) -> Result<Vec<OfflinePaymentRecord>, StoreError> {
+        let mut found: Vec<OfflinePaymentRecord> = Vec::new();
+        for chunk in payments.chunks(ROWS_PER_STATEMENT) {
+            let mut placeholders = Placeholders::new(self.postgres);
+            let ids = placeholders.list(chunk.len());
+            let nonces = placeholders.list(chunk.len());
+            let counters = placeholders.tuples(chunk.len(), 2);
+            // Three lookups, each on its own unique index.
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {PAYMENT_COLUMNS} FROM offline_payments WHERE payment_id IN ({ids}) \
+                 UNION ALL SELECT {PAYMENT_COLUMNS} FROM offline_payments WHERE nonce IN ({nonces}) \
+                 UNION ALL SELECT {PAYMENT_COLUMNS} FROM offline_payments \
+                 WHERE (credential_id, counter) IN (VALUES {counters})"
+            ));
+            let mut query = sqlx::query(sql);
+            for payment in chunk {
+                query = query.bind(&payment.payment_id);
+            }
+            for payment in chunk {
+                query = query.bind(&payment.nonce);
+            }
+            for payment in chunk {
+                query = query.bind(&payment.credential_id).bind(payment.counter);
+            }
+            for row in query.fetch_all(self.conn()).await? {
+                let stored = payment_from_row(&row)?;
+                if !found.iter().any(|p| p.payment_id == stored.payment_id) {
+                    found.push(stored);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Inserts `payments`, in their order, skipping each that collides with a stored
+    /// payment (its id, its nonce, or its credential and counter) instead of failing;
+    /// returns the ids of those inserted. On PostgreSQL a payment another transaction
+    /// is inserting waits for that transaction to end.
+    pub async fn insert_offline_payments(
+        &mut self,
+        payments: &[&OfflinePaymentRecord],
+    ) -> Result<Vec<String>, StoreError> {
+        let mut inserted = Vec::with_capacity(payments.len());
+        for chunk in payments.chunks(ROWS_PER_STATEMENT) {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "INSERT INTO offline_payments ({PAYMENT_COLUMNS}) VALUES {} ON CONFLICT DO NOTHING RETURNING payment_id",
+                Placeholders::new(self.postgres).tuples(chunk.len(), 10)
+            ));
+            let mut insert = sqlx::query_scalar::<_, String>(sql);
+            for payment in chunk {
+                insert = insert
+                    .bind(&payment.payment_id)
+                    .bind(&payment.credential_id)
+                    .bind(payment.counter)
+                    .bind(&payment.nonce)
+                    .bind(payment.amount_minor)
+                    .bind(&payment.currency)
+                    .bind(&payment.merchant_id)
+                    .bind(&payment.terminal_id)
+                    .bind(&payment.receipt)
+                    .bind(payment.settled_at);
+            }
+            inserted.extend(insert.fetch_all(self.conn()).await?);
+        }
+        Ok(inserted)
     }
 
     /// The oldest settlement account of `merchant_id` in `currency`, opened on first
@@ -471,14 +514,5 @@ impl Store {
             .fetch_all(self.pool())
             .await?;
         rows.iter().map(payment_from_row).collect()
-    }
-
-    /// What a credential's settled payments have moved so far.
-    pub async fn offline_credential_settled(&self, id: &str) -> Result<i64, StoreError> {
-        let settled: Option<i64> = sqlx::query_scalar("SELECT settled_minor FROM offline_credentials WHERE id = $1")
-            .bind(id)
-            .fetch_optional(self.pool())
-            .await?;
-        settled.ok_or(StoreError::NotFound { what: "offline credential" })
     }
 }

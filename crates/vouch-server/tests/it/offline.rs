@@ -362,11 +362,16 @@ impl Shop {
 
     /// The three legs of a payment of `request`, approved under `counter`.
     fn legs(&self, request: PaymentRequest, counter: u64) -> Value {
+        self.legs_under(&self.credential_id, request, counter)
+    }
+
+    /// [`Shop::legs`], approved under the credential `credential_id`.
+    fn legs_under(&self, credential_id: &str, request: PaymentRequest, counter: u64) -> Value {
         let rng = SystemRandom::new();
         let request = request.sign(None, &self.terminal.device.key, &rng).unwrap();
         let approval = ConsumerApproval {
             request_hash: vouch_proto::crypto::sha256(request.bytes()),
-            credential_id: id_bytes(&self.credential_id),
+            credential_id: id_bytes(credential_id),
             counter,
             time: self.server().now(),
         }
@@ -681,7 +686,7 @@ async fn a_sync_gives_the_phone_its_receipts_which_verify_with_the_server_key() 
         ..shop.server().state.store.offline_payment(settled[0]["payment_id"].as_str().unwrap()).await.unwrap().unwrap()
     };
     let store = shop.server().state.store.clone();
-    store.write(move |tx| Box::pin(async move { tx.insert_offline_payment(&late).await })).await.unwrap();
+    store.write(move |tx| Box::pin(async move { tx.insert_offline_payments(&[&late]).await })).await.unwrap();
     let answer = shop.wallet.synced(json!({})).await;
     assert_eq!(answer["receipts"].as_array().unwrap().len(), 3);
     assert_eq!(answer["receipts"][0]["payment_id"], "0".repeat(64));
@@ -723,10 +728,8 @@ async fn receipts_come_a_page_at_a_time_after_the_cursor() {
         .store
         .write(move |tx| {
             Box::pin(async move {
-                for payment in &older {
-                    tx.insert_offline_payment(payment).await?;
-                }
-                Ok(())
+                let older: Vec<&OfflinePaymentRecord> = older.iter().collect();
+                tx.insert_offline_payments(&older).await.map(drop)
             })
         })
         .await
@@ -1033,4 +1036,150 @@ async fn sync_holds_on_postgres() {
     assert_eq!(shop.wallet.balance(&shop.reserve_id.clone()).await, 2_700);
     assert!(shop.server().state.store.ledger_imbalance().await.unwrap().is_empty());
     shop.server().assert_audit_intact("on postgres").await;
+}
+
+#[tokio::test]
+async fn a_batch_of_100_settles_exactly_its_good_payments() {
+    let mut shop = Shop::new(1_000).await;
+    let reply = shop.wallet.ask(json!({"currency": "EUR", "limit_minor": 500})).await;
+    assert_eq!(reply.status.as_u16(), 201, "{}", reply.json);
+    let second_id = reply.json["credential_id"].as_str().unwrap().to_owned();
+    let mut second_counter = reply.json["counter_start"].as_u64().unwrap();
+    let earlier = shop.payment(10);
+    let earlier_result = shop.settle_one(&earlier).await;
+    assert_eq!(earlier_result["status"], "settled");
+    let mark = shop.server().audit_mark().await;
+
+    // (payment, expected status, expected reason)
+    let mut batch: Vec<(Value, &str, &str)> = vec![(earlier, "already_settled", "")];
+    let mut spent_counter = 0;
+    for i in 1..=80 {
+        if i % 10 != 0 {
+            batch.push((shop.payment(10), "settled", ""));
+            spent_counter = spent_counter.max(shop.counter);
+            continue;
+        }
+        let case = match i / 10 {
+            1 => (tampered(&shop.payment(10), "terminal_certificate"), "refused", "server-signature"),
+            2 => (tampered(&shop.payment(10), "request"), "refused", "terminal-signature"),
+            3 => (tampered(&shop.payment(10), "approval"), "refused", "phone-signature"),
+            4 => (tampered(&shop.payment(10), "countersignature"), "refused", "countersignature-signature"),
+            5 => {
+                let request = shop.request(10);
+                (shop.legs_under(UNKNOWN_CREDENTIAL, request, 1), "refused", "unknown-credential")
+            }
+            // The payment just before, again.
+            6 => (batch.last().unwrap().0.clone(), "already_settled", ""),
+            // The nonce of the payment just before, under a new counter.
+            7 => {
+                let mut request = shop.request(10);
+                request.nonce = [shop.nonce - 1; 16];
+                shop.counter += 1;
+                (shop.legs(request, shop.counter), "refused", "nonce-reused")
+            }
+            _ => (shop.payment(1_001), "refused", "over-limit"),
+        };
+        batch.push(case);
+    }
+    // 730 of the 1,000 are spent by now: 300 is over what is left, 270 is exactly it.
+    batch.push((shop.payment(300), "refused", "over-limit"));
+    batch.push((shop.payment(270), "settled", ""));
+    batch.push((shop.payment(1), "refused", "over-limit"));
+    // Another request under a counter settled earlier in the batch, then a payment
+    // under the credential it revoked.
+    let request = shop.request(5);
+    batch.push((shop.legs(request, spent_counter), "refused", "double-spend"));
+    batch.push((shop.payment(10), "refused", "credential-revoked"));
+    // The second credential settles on.
+    while batch.len() < 100 {
+        let request = shop.request(10);
+        second_counter += 1;
+        batch.push((shop.legs_under(&second_id, request, second_counter), "settled", ""));
+    }
+
+    let payments: Vec<Value> = batch.iter().map(|(payment, _, _)| payment.clone()).collect();
+    let results = shop.settle(&payments).await;
+    assert_eq!(results.len(), 100);
+    let mut audited = Vec::new();
+    for (i, ((_, status, reason), result)) in batch.iter().zip(&results).enumerate() {
+        assert_eq!(result["status"], *status, "payment {i}: {result}");
+        if *status == "refused" {
+            assert_refused(&format!("payment {i}"), result, reason);
+        } else {
+            assert_eq!(result["transfer_id"], result["payment_id"], "payment {i}: {result}");
+        }
+        match (*status, *reason) {
+            ("settled", _) => audited.push(("offline.settled", result["payment_id"].as_str().unwrap())),
+            (_, "double-spend") => audited.push(("offline.double_spend", shop.credential_id.as_str())),
+            _ => {}
+        }
+    }
+    assert_eq!(results[0]["receipt"], earlier_result["receipt"]);
+    assert_eq!(results[60]["receipt"], results[59]["receipt"]);
+    shop.server().assert_audited("one entry per settled payment and the fraud", mark, &audited).await;
+
+    // 10 before the batch, then 72 x 10 and 270 under the first credential, 14 x 10
+    // under the second: exactly the good ones moved.
+    assert_eq!(shop.merchant_balance().await, 10 + 720 + 270 + 140);
+    assert_eq!(shop.wallet.balance(&shop.reserve_id.clone()).await, 1_500 - 1_140);
+    let store = &shop.server().state.store;
+    assert!(store.offline_credential(&shop.credential_id).await.unwrap().revoked_at.is_some());
+    assert!(store.offline_credential(&second_id).await.unwrap().revoked_at.is_none());
+    for result in results.iter().filter(|r| r["status"] == "settled") {
+        let transfer = store.transfer(result["payment_id"].as_str().unwrap()).await.unwrap();
+        assert!(transfer.is_some(), "settled without a transfer: {result}");
+    }
+    assert!(store.ledger_imbalance().await.unwrap().is_empty());
+    shop.server().assert_audit_intact("after the batch").await;
+}
+
+#[tokio::test]
+async fn two_instances_on_postgres_settle_overlapping_batches_once_and_catch_a_double_spend() {
+    let Some(url) = crate::support::postgres_url().await else { return };
+    let market = Market::with(|config| config.database_url = url, &DeviceHealth::clean()).await;
+    let mut shop = Shop::on(Wallet::on(market, 10_000).await, 4_000).await;
+    let other = shop.server().another_instance().await;
+    let admin = Some(shop.server().admin_key.clone());
+    let payments: Vec<Value> = (0..20).map(|_| shop.payment(10)).collect();
+    let reversed: Vec<Value> = payments.iter().rev().cloned().collect();
+    let (here, there) = tokio::join!(
+        shop.server().call("POST", SETTLE, admin.as_deref(), Some(json!({"payments": payments}))),
+        other.call("POST", SETTLE, admin.as_deref(), Some(json!({"payments": reversed}))),
+    );
+    assert_eq!((here.status.as_u16(), there.status.as_u16()), (200, 200), "{} {}", here.json, there.json);
+    let there: Vec<&Value> = there.json["results"].as_array().unwrap().iter().rev().collect();
+    for (i, (a, b)) in here.json["results"].as_array().unwrap().iter().zip(there).enumerate() {
+        let mut statuses = [a["status"].as_str().unwrap(), b["status"].as_str().unwrap()];
+        statuses.sort_unstable();
+        assert_eq!(statuses, ["already_settled", "settled"], "payment {i}: {a} {b}");
+        assert_eq!(a["receipt"], b["receipt"], "payment {i}");
+    }
+    assert_eq!(shop.merchant_balance().await, 200);
+
+    // Two different approvals under one counter, one to each instance at once.
+    shop.counter += 1;
+    let request = shop.request(100);
+    let first = shop.legs(request, shop.counter);
+    let request = shop.request(200);
+    let second = shop.legs(request, shop.counter);
+    let mark = shop.server().audit_mark().await;
+    let (a, b) = tokio::join!(
+        shop.server().call("POST", SETTLE, admin.as_deref(), Some(json!({"payments": [first]}))),
+        other.call("POST", SETTLE, admin.as_deref(), Some(json!({"payments": [second]}))),
+    );
+    let (a, b) = (&a.json["results"][0], &b.json["results"][0]);
+    let (winner, loser, amount) = if a["status"] == "settled" { (a, b, 100) } else { (b, a, 200) };
+    assert_eq!(winner["status"], "settled", "{a} {b}");
+    assert_refused("the concurrent double spend", loser, "double-spend");
+    let credential_id = shop.credential_id.clone();
+    let audited = shop.server().audited_since(mark).await;
+    let mut actions: Vec<&str> = audited.iter().map(|(action, _)| action.as_str()).collect();
+    actions.sort_unstable();
+    assert_eq!(actions, ["offline.double_spend", "offline.settled"], "{audited:?}");
+    assert!(audited.contains(&("offline.double_spend".to_owned(), credential_id.clone())));
+    let record = shop.server().state.store.offline_credential(&credential_id).await.unwrap();
+    assert!(record.revoked_at.is_some(), "the double spend revoked the credential");
+    assert_eq!(shop.merchant_balance().await, 200 + amount);
+    assert!(shop.server().state.store.ledger_imbalance().await.unwrap().is_empty());
+    shop.server().assert_audit_intact("two instances").await;
 }

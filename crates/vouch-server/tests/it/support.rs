@@ -272,6 +272,22 @@ impl TestServer {
         self.state.now()
     }
 
+    /// A second server on this one's configuration and clock: on a PostgreSQL
+    /// `database_url`, two instances sharing one database (and, through the same data
+    /// directory, one master key). It appraises with the default policy: a test's policy
+    /// file lives only as long as the first server's start.
+    pub async fn another_instance(&self) -> TestServer {
+        let mut config = (*self.state.config).clone();
+        config.attest_policy_file = None;
+        let state = build_state_with_clock(config, None, self.state.clock.clone()).await.unwrap();
+        TestServer {
+            router: router(state.clone()),
+            state,
+            admin_key: self.admin_key.clone(),
+            _dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
     pub async fn merchant(&self, name: &str) -> String {
         let body = self.expect(201, "POST", "/v1/merchants", Some(&self.admin_key), Some(json!({"name": name}))).await;
         body["merchant_id"].as_str().unwrap().to_owned()

@@ -258,4 +258,107 @@ conformance! {
         }
         assert!(t.store.ledger_imbalance().await.unwrap().is_empty());
     }
+
+    async fn a_batch_posts_as_one_transfer_after_another(t: TestStore) {
+        with_accounts(&t).await;
+        // A second set of the same accounts, posted to one transfer at a time.
+        let mut tx = t.store.begin().await.unwrap();
+        tx.insert_account(&Account::merchant_settlement("shop_b", "m1", "settlement", "EUR", 1)).await.unwrap();
+        for (id, kind, currency) in [
+            ("fund_b", AccountKind::ConsumerFunding, "EUR"),
+            ("reserve_b", AccountKind::ConsumerOfflineReserve, "EUR"),
+            ("usd_b", AccountKind::ConsumerFunding, "USD"),
+        ] {
+            tx.insert_account(&Account::consumer(id, kind, "c1", id, currency, 1)).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+        let names = [eur_issuer(), "fund".into(), "reserve".into(), "shop".into(), "usd".into(), "ghost".into()];
+        let mirrored = |name: &str| if name == eur_issuer() { name.to_owned() } else { format!("{name}_b") };
+        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move |bound: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % bound
+        };
+        let mut seen = HashSet::new();
+        for round in 0..4 {
+            // Ids repeat within and across rounds; a few amounts are invalid.
+            let batch: Vec<Transfer> = (0..120)
+                .map(|_| {
+                    let amount = [0, -3, 1_000].get(next(40) as usize).copied().unwrap_or(1 + next(700) as i64);
+                    let debit = &names[next(6) as usize];
+                    let credit = &names[next(6) as usize];
+                    transfer(&format!("q{}", next(150)), debit, credit, amount)
+                })
+                .collect();
+            let one_by_one: Vec<Transfer> = batch
+                .iter()
+                .map(|t| Transfer {
+                    id: format!("{}_b", t.id),
+                    debit_account_id: mirrored(&t.debit_account_id),
+                    credit_account_id: mirrored(&t.credit_account_id),
+                    ..t.clone()
+                })
+                .collect();
+            let posted = t.store.write(move |tx| Box::pin(async move { tx.post_transfers(&batch).await })).await.unwrap();
+            let mut tx = t.store.begin().await.unwrap();
+            let mut alone = Vec::new();
+            for transfer in &one_by_one {
+                alone.push(tx.post_transfer(transfer).await.unwrap());
+            }
+            tx.commit().await.unwrap();
+            for (i, (batched, single)) in posted.iter().zip(&alone).enumerate() {
+                let single = match single {
+                    TransferOutcome::AlreadyPosted(stored) => {
+                        let unmirror = |id: &str| id.strip_suffix("_b").unwrap_or(id).to_owned();
+                        TransferOutcome::AlreadyPosted(Transfer {
+                            id: unmirror(&stored.id),
+                            debit_account_id: unmirror(&stored.debit_account_id),
+                            credit_account_id: unmirror(&stored.credit_account_id),
+                            ..stored.clone()
+                        })
+                    }
+                    other => other.clone(),
+                };
+                assert_eq!(*batched, single, "round {round}, transfer {i}");
+                seen.insert(match single {
+                    TransferOutcome::Posted => "posted".to_owned(),
+                    TransferOutcome::AlreadyPosted(_) => "already".to_owned(),
+                    TransferOutcome::Refused(refusal) => format!("{refusal:?}"),
+                });
+            }
+        }
+        assert_eq!(seen.len(), 7, "every outcome occurs: {seen:?}");
+        for name in &names[1..5] {
+            let (batched, alone) = (t.store.account(name).await.unwrap(), t.store.account(&mirrored(name)).await.unwrap());
+            assert_eq!((batched.debits_minor, batched.credits_minor), (alone.debits_minor, alone.credits_minor), "{name}");
+        }
+        assert!(t.store.ledger_imbalance().await.unwrap().is_empty());
+    }
+
+    async fn a_batch_meeting_its_id_posted_elsewhere_at_the_same_moment_writes_nothing(t: TestStore) {
+        with_accounts(&t).await;
+        assert_eq!(post(&t, transfer("seed", &eur_issuer(), "reserve", 500)).await, TransferOutcome::Posted);
+        let mut first = t.store.begin().await.unwrap();
+        let elsewhere = transfer("x", &eur_issuer(), "fund", 100);
+        assert_eq!(first.post_transfer(&elsewhere).await.unwrap(), TransferOutcome::Posted);
+        let store = t.store.clone();
+        // The same id between other accounts, in a batch that shares no account with it.
+        let racer = tokio::spawn(async move {
+            let batch = vec![transfer("y", "reserve", "shop", 10), transfer("x", "reserve", "shop", 50)];
+            store.write(move |tx| Box::pin(async move { tx.post_transfers(&batch).await })).await
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        first.commit().await.unwrap();
+        match racer.await.unwrap() {
+            // PostgreSQL: the batch read no "x", then met it when inserting.
+            Err(StoreError::Conflict { what: "transfer" }) => assert!(t.store.transfer("y").await.unwrap().is_none()),
+            // SQLite: the batch's transaction began after the first committed.
+            Ok(outcomes) => assert_eq!(outcomes, [TransferOutcome::Posted, TransferOutcome::AlreadyPosted(elsewhere)]),
+            Err(e) => panic!("{e}"),
+        }
+        assert_eq!(balance(&t, "fund").await, 100);
+        assert!(t.store.ledger_imbalance().await.unwrap().is_empty());
+    }
 }

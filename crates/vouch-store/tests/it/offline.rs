@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use vouch_proto::enrol::DeviceKind;
 use vouch_store::{
     Account, AccountKind, CloseRefusal, Consumer, OfflineCredentialRecord, OfflinePaymentRecord, SpendRefusal,
@@ -72,7 +74,7 @@ async fn settle(t: &TestStore, payment: OfflinePaymentRecord) -> Result<(), Spen
                 if let Err(refusal) = spent.await? {
                     return Ok(Err(refusal));
                 }
-                tx.insert_offline_payment(&payment).await?;
+                tx.insert_offline_payments(&[&payment]).await?;
                 Ok(Ok(()))
             })
         })
@@ -115,7 +117,7 @@ conformance! {
         settle(&t, payment("p4", "ocr1", 3, 203)).await.unwrap();
         let refused = settle(&t, payment("p5", "ocr1", 2, 204)).await.unwrap_err();
         assert_eq!((refused, refused.reason()), (SpendRefusal::OverLimit, "over-limit"));
-        assert_eq!(t.store.offline_credential_settled("ocr1").await.unwrap(), 300);
+        assert_eq!(t.store.offline_credential("ocr1").await.unwrap().settled_minor, 300);
         // What the close was asked with and found stays as it was.
         let r = t.store.offline_credential("ocr1").await.unwrap();
         assert_eq!((r.counter_end, r.closed_spent_minor, r.closed_settled_minor), (Some(5), Some(300), Some(100)));
@@ -224,7 +226,7 @@ conformance! {
             payment("d", "ocr3", 1, 200),
             payment("e", "ocr2", (1 << 32) + 1, 400),
         ] {
-            tx.insert_offline_payment(&p).await.unwrap();
+            tx.insert_offline_payments(&[&p]).await.unwrap();
         }
         tx.commit().await.unwrap();
         let ids = |page: &[OfflinePaymentRecord]| page.iter().map(|p| p.payment_id.clone()).collect::<Vec<_>>();
@@ -238,5 +240,113 @@ conformance! {
         assert!(t.store.offline_payments_of_device("d1", Some((400, "e")), 2).await.unwrap().is_empty());
         assert_eq!(ids(&t.store.offline_payments_of_device("d2", None, 10).await.unwrap()), ["d"]);
         assert!(t.store.offline_payments_of_device("d9", None, 10).await.unwrap().is_empty());
+    }
+}
+
+/// Credential `id` of phone `p1`, limit 1,000, the `index`-th counter range.
+fn batch_credential(id: &str, index: i64) -> OfflineCredentialRecord {
+    OfflineCredentialRecord { issued_at: 10, ..credential(id, "p1", index << 32) }
+}
+
+fn batch_payment(id: &str, credential_id: &str, counter: i64, nonce: &str) -> OfflinePaymentRecord {
+    OfflinePaymentRecord {
+        payment_id: id.into(),
+        credential_id: credential_id.into(),
+        counter,
+        nonce: nonce.into(),
+        amount_minor: 100,
+        currency: "EUR".into(),
+        merchant_id: "m1".into(),
+        terminal_id: "dev_t".into(),
+        receipt: format!("receipt of {id}").into_bytes(),
+        settled_at: 50,
+    }
+}
+
+/// Merchant `m1`, consumer `c1` with phone `p1`, reserve account `reserve`, and
+/// credentials `ocr_a` and `ocr_b`.
+async fn with_credentials(t: &TestStore) {
+    let mut tx = t.store.begin().await.unwrap();
+    tx.insert_merchant(&merchant("m1")).await.unwrap();
+    tx.insert_device(&device("p1", "m1", "thumb-p1")).await.unwrap();
+    tx.insert_consumer(&Consumer { id: "c1".into(), name: "Ada".into(), created_at: 1 }).await.unwrap();
+    let reserve = Account::consumer("reserve", AccountKind::ConsumerOfflineReserve, "c1", "reserve", "EUR", 1);
+    tx.insert_account(&reserve).await.unwrap();
+    for (index, id) in ["ocr_a", "ocr_b"].into_iter().enumerate() {
+        tx.insert_offline_credential(&batch_credential(id, index as i64)).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+}
+
+async fn insert(t: &TestStore, payments: Vec<OfflinePaymentRecord>) -> Vec<String> {
+    t.store
+        .write(move |tx| {
+            Box::pin(async move {
+                let payments: Vec<&OfflinePaymentRecord> = payments.iter().collect();
+                tx.insert_offline_payments(&payments).await
+            })
+        })
+        .await
+        .unwrap()
+}
+
+async fn colliding(t: &TestStore, payments: Vec<OfflinePaymentRecord>) -> Vec<String> {
+    let mut tx = t.store.begin().await.unwrap();
+    let payments: Vec<&OfflinePaymentRecord> = payments.iter().collect();
+    let mut ids: Vec<String> =
+        tx.offline_payments_colliding(&payments).await.unwrap().into_iter().map(|p| p.payment_id).collect();
+    ids.sort();
+    ids
+}
+
+conformance! {
+    async fn credentials_are_read_and_locked_in_id_order(t: TestStore) {
+        with_credentials(&t).await;
+        let ids = ["ocr_b", "ocr_nope", "ocr_a", "ocr_b"];
+        let read = t.store.offline_credentials(&ids).await.unwrap();
+        assert_eq!(read, [batch_credential("ocr_a", 0), batch_credential("ocr_b", 1)]);
+        let mut tx = t.store.begin().await.unwrap();
+        tx.spend_offline_credential("ocr_b", 1 << 32, 300).await.unwrap().unwrap();
+        let locked = tx.lock_offline_credentials(&ids).await.unwrap();
+        let seen: Vec<(&str, i64)> = locked.iter().map(|l| (l.id.as_str(), l.settled_minor)).collect();
+        assert_eq!(seen, [("ocr_a", 0), ("ocr_b", 300)]);
+        assert!(tx.lock_offline_credentials(&[]).await.unwrap().is_empty());
+    }
+
+    async fn an_insert_skips_each_payment_that_collides(t: TestStore) {
+        with_credentials(&t).await;
+        assert_eq!(insert(&t, vec![batch_payment("p1", "ocr_a", 1, "n1")]).await, ["p1"]);
+        let batch = vec![
+            batch_payment("p2", "ocr_a", 2, "n2"),
+            // The same id, the same credential and counter, the same nonce.
+            batch_payment("p1", "ocr_b", 7, "n7"),
+            batch_payment("p3", "ocr_a", 1, "n3"),
+            batch_payment("p4", "ocr_b", 4, "n1"),
+            batch_payment("p5", "ocr_b", 1, "n5"),
+        ];
+        assert_eq!(insert(&t, batch.clone()).await, ["p2", "p5"]);
+        // Each stored payment a batch collides with comes back once.
+        assert_eq!(colliding(&t, batch).await, ["p1", "p2", "p5"]);
+        assert_eq!(colliding(&t, vec![batch_payment("p9", "ocr_a", 9, "n9")]).await, Vec::<String>::new());
+        assert!(insert(&t, Vec::new()).await.is_empty());
+    }
+
+    async fn settlements_over_one_credential_take_turns(t: TestStore) {
+        with_credentials(&t).await;
+        let mut first = t.store.begin().await.unwrap();
+        first.lock_offline_credentials(&["ocr_a"]).await.unwrap();
+        first.insert_offline_payments(&[&batch_payment("p1", "ocr_a", 1, "n1")]).await.unwrap();
+        let store = t.store.clone();
+        // A second settlement of another approval under the same counter.
+        let second = tokio::spawn(async move {
+            let mut tx = store.begin().await.unwrap();
+            tx.lock_offline_credentials(&["ocr_a"]).await.unwrap();
+            let seen = tx.offline_payments_colliding(&[&batch_payment("p2", "ocr_a", 1, "n2")]).await.unwrap();
+            seen.into_iter().map(|p| p.payment_id).collect::<Vec<_>>()
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!second.is_finished(), "the second settlement waits for the first");
+        first.commit().await.unwrap();
+        assert_eq!(second.await.unwrap(), ["p1"], "and then sees the first's payment");
     }
 }

@@ -4,6 +4,8 @@
 //! the ratio is what to compare).
 
 mod authorize;
+mod ledger;
+mod settle;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -79,6 +81,15 @@ pub enum Scenario {
     /// `db_share`.
     #[value(name = "authorize-iso8583")]
     AuthorizeIso8583,
+    /// Offline payments settled by terminals, `POST /v1/offline-payments` in batches of
+    /// 100 signed before the clock starts (server per payment: 4 verifies — terminal
+    /// certificate, request, approval, countersignature — + 1 sign for the receipt; the
+    /// crypto bound counts all five). `ops` are payments, latencies are per batch.
+    Settle,
+    /// Ledger transfers alone, posted in-process through the store's batch posting, for
+    /// batch sizes 1, 10, 100 and 1,000, each for `--seconds`. Prints a line per batch
+    /// size (JSON: one object, `runs` holding a row per batch size).
+    Ledger,
 }
 
 #[derive(Debug, clap::Args)]
@@ -120,6 +131,9 @@ struct BenchReport {
     crypto_bound_ops_per_sec: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ratio: Option<f64>,
+    /// Payments per request, for flows that send them in batches; latencies are per batch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch_payments: Option<usize>,
     /// For flows without signatures: the rates of their two parts alone and the share
     /// of each operation's time each accounts for (`ops_per_sec / part rate`).
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
@@ -206,6 +220,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         Scenario::Session => session(&args).await?,
         Scenario::Authorize => authorize::authorize(&args).await?,
         Scenario::AuthorizeIso8583 => authorize::authorize_iso8583(&args).await?,
+        Scenario::Settle => settle::settle(&args).await?,
+        Scenario::Ledger => {
+            ledger::ledger(&args).await?.print(args.json)?;
+            return Ok(ExitCode::SUCCESS);
+        }
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -222,8 +241,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             ),
             _ => String::new(),
         };
+        let batch = report.batch_payments.map(|n| format!(" batch={n}")).unwrap_or_default();
         println!(
-            "{} clients={} seconds={:.1} ops={} ops/s={:.0} p50={:.2}ms p99={:.2}ms p999={:.2}ms {bounds}",
+            "{} clients={}{batch} seconds={:.1} ops={} ops/s={:.0} p50={:.2}ms p99={:.2}ms p999={:.2}ms {bounds}",
             report.scenario,
             report.clients,
             report.seconds,
@@ -307,6 +327,36 @@ async fn bench_server(args: &BenchArgs) -> anyhow::Result<(VouchClient, Option<c
         }
     };
     Ok((VouchClient::new(&url)?.with_api_key(&api_key), local))
+}
+
+/// Setup calls with the admin key to endpoints the SDK has no method for; anything but
+/// a 2xx fails the setup.
+struct AdminCalls {
+    http: reqwest::Client,
+    base_url: String,
+    api_key: String,
+}
+
+impl AdminCalls {
+    fn new(admin: &VouchClient, args: &BenchArgs, local: Option<&crate::demo::LocalServer>) -> anyhow::Result<Self> {
+        let api_key = match local {
+            Some(local) => local.admin_key.clone(),
+            None => args.api_key.clone().context("--target needs --api-key (admin scope)")?,
+        };
+        Ok(AdminCalls { http: bench_http()?, base_url: admin.base_url().to_owned(), api_key })
+    }
+
+    async fn post<T: DeserializeOwned>(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<T> {
+        let response =
+            self.http.post(format!("{}{path}", self.base_url)).bearer_auth(&self.api_key).json(body).send().await?;
+        let status = response.status();
+        let bytes = response.bytes().await?;
+        if !status.is_success() {
+            let text: String = String::from_utf8_lossy(&bytes).chars().take(ERROR_BODY_CHARS_MAX).collect();
+            bail!("setup: POST {path} answered {status}: {text}");
+        }
+        serde_json::from_slice(&bytes).with_context(|| format!("setup: POST {path}: unexpected answer"))
+    }
 }
 
 async fn enroll(args: &BenchArgs) -> anyhow::Result<BenchReport> {
@@ -871,6 +921,7 @@ fn measured(
         p999_ms: quantile_ms(0.999),
         crypto_bound_ops_per_sec: None,
         ratio: None,
+        batch_payments: None,
         parts: None,
     }
 }
