@@ -487,15 +487,7 @@ impl Tx {
             balances.iter().filter(|(_, b)| b.debited_minor != 0 || b.credited_minor != 0).collect();
         moved.sort_unstable_by_key(|(id, _)| *id);
         for chunk in moved.chunks(ROWS_PER_STATEMENT) {
-            // A derived table of (id, debited, credited) that both back-ends join on.
-            let mut placeholders = Placeholders::new(self.postgres);
-            let rows = (0..chunk.len())
-                .map(|_| {
-                    let (id, debited, credited) = (placeholders.next(), placeholders.next(), placeholders.next());
-                    format!("SELECT {id} AS id, {debited} AS debited, {credited} AS credited")
-                })
-                .collect::<Vec<_>>()
-                .join(" UNION ALL ");
+            let rows = Placeholders::new(self.postgres).derived_table(chunk.len(), &["id", "debited", "credited"]);
             let sql = sqlx::AssertSqlSafe(format!(
                 "UPDATE accounts SET debits_minor = debits_minor + moved.debited, \
                  credits_minor = credits_minor + moved.credited FROM ({rows}) AS moved WHERE accounts.id = moved.id"

@@ -447,14 +447,14 @@ impl Tx {
         Ok(inserted)
     }
 
-    /// The oldest settlement account of `merchant_id` in `currency`, opened on first
-    /// use under an id derived from both, so concurrent first uses open it once.
-    pub async fn merchant_settlement_account(
+    /// The id of the oldest settlement account of `merchant_id` in `currency`, opened
+    /// on first use under an id derived from both, so concurrent first uses open it once.
+    pub async fn merchant_settlement_account_id(
         &mut self,
         merchant_id: &str,
         currency: &str,
         now: i64,
-    ) -> Result<crate::Account, StoreError> {
+    ) -> Result<String, StoreError> {
         let existing: Option<String> = sqlx::query_scalar(
             "SELECT id FROM accounts WHERE merchant_id = $1 AND kind = 'merchant_settlement' AND currency = $2 \
              ORDER BY created_at, id LIMIT 1",
@@ -480,7 +480,7 @@ impl Tx {
                 id
             }
         };
-        self.account(&id).await
+        Ok(id)
     }
 }
 

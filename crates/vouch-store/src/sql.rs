@@ -68,6 +68,19 @@ impl Placeholders {
     pub(crate) fn tuples(&mut self, rows: usize, columns: usize) -> String {
         (0..rows).map(|_| format!("({})", self.list(columns))).collect::<Vec<_>>().join(", ")
     }
+
+    /// A derived table of `rows` rows with the named `columns`, each value a
+    /// placeholder, for `UPDATE … FROM (…) AS name`: both back-ends join on it (SQLite
+    /// names no columns of a `VALUES` list).
+    pub(crate) fn derived_table(&mut self, rows: usize, columns: &[&str]) -> String {
+        (0..rows)
+            .map(|_| {
+                let values: Vec<String> = columns.iter().map(|column| format!("{} AS {column}", self.next())).collect();
+                format!("SELECT {}", values.join(", "))
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ")
+    }
 }
 
 #[cfg(test)]
@@ -80,6 +93,10 @@ mod tests {
         assert_eq!(postgres.list(3), "$1, $2, $3");
         assert_eq!(postgres.tuples(2, 2), "($4, $5), ($6, $7)");
         assert_eq!(postgres.next(), "$8");
+        assert_eq!(
+            postgres.derived_table(2, &["id", "n"]),
+            "SELECT $9 AS id, $10 AS n UNION ALL SELECT $11 AS id, $12 AS n"
+        );
         let mut sqlite = Placeholders::new(false);
         assert_eq!(sqlite.list(2), "?, ?");
         assert_eq!(sqlite.tuples(2, 3), "(?, ?, ?), (?, ?, ?)");

@@ -24,6 +24,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tokio::sync::Semaphore;
 use utoipa::ToSchema;
 use vouch_proto::cose::UnverifiedSign1;
 use vouch_proto::offline::{
@@ -265,6 +266,14 @@ fn cores() -> usize {
 /// Payments one verification task takes at the least, so a small batch stays whole.
 const VERIFY_CHUNK_MIN: usize = 16;
 
+/// The verification tasks of all settlements that run at once: one per core. More
+/// would not verify faster, and would crowd out the batches' writes, whose many short
+/// steps each wait for a core.
+fn verifying() -> &'static Semaphore {
+    static VERIFYING: OnceLock<Semaphore> = OnceLock::new();
+    VERIFYING.get_or_init(|| Semaphore::new(cores()))
+}
+
 /// Runs `work` over `items` on the blocking pool, in up to one chunk per core, and
 /// returns the results in order: a batch's signatures are checked on every core even
 /// when it is the only request in flight, and never on the threads serving requests.
@@ -281,7 +290,11 @@ where
     while items.peek().is_some() {
         let part: Vec<T> = items.by_ref().take(chunk).collect();
         let work = Arc::clone(&work);
-        tasks.push(tokio::task::spawn_blocking(move || part.into_iter().map(|item| work(item)).collect::<Vec<R>>()));
+        let permit = verifying().acquire().await.map_err(ApiError::internal)?;
+        tasks.push(tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            part.into_iter().map(|item| work(item)).collect::<Vec<R>>()
+        }));
     }
     let mut results = Vec::new();
     for task in tasks {
@@ -734,7 +747,7 @@ async fn settlement_accounts<'a>(
     pairs.dedup();
     let mut accounts = HashMap::with_capacity(pairs.len());
     for (merchant_id, currency) in pairs {
-        accounts.insert((merchant_id, currency), tx.merchant_settlement_account(merchant_id, currency, now).await?.id);
+        accounts.insert((merchant_id, currency), tx.merchant_settlement_account_id(merchant_id, currency, now).await?);
     }
     Ok(accounts)
 }

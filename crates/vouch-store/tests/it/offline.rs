@@ -313,6 +313,23 @@ conformance! {
         assert!(tx.lock_offline_credentials(&[]).await.unwrap().is_empty());
     }
 
+    async fn a_spend_stays_within_the_limit_of_a_credential_not_revoked(t: TestStore) {
+        with_credentials(&t).await;
+        let mut tx = t.store.begin().await.unwrap();
+        tx.spend_offline_credential("ocr_a", 1, 600).await.unwrap().unwrap();
+        tx.spend_offline_credential("ocr_b", 1 << 32, 1_000).await.unwrap().unwrap();
+        // 401 does not fit what is left of ocr_a; ocr_b is full; an unknown id spends nothing.
+        for (id, counter, amount) in [("ocr_a", 2, 401), ("ocr_b", (1 << 32) + 1, 1), ("ocr_nope", 1, 1)] {
+            let refused = tx.spend_offline_credential(id, counter, amount).await.unwrap();
+            assert_eq!(refused, Err(SpendRefusal::OverLimit), "{id}");
+        }
+        assert!(tx.revoke_offline_credential("ocr_a", 60).await.unwrap());
+        assert_eq!(tx.spend_offline_credential("ocr_a", 3, 1).await.unwrap(), Err(SpendRefusal::OverLimit), "revoked");
+        let locked = tx.lock_offline_credentials(&["ocr_a", "ocr_b"]).await.unwrap();
+        let seen: Vec<i64> = locked.iter().map(|l| l.settled_minor).collect();
+        assert_eq!(seen, [600, 1_000]);
+    }
+
     async fn an_insert_skips_each_payment_that_collides(t: TestStore) {
         with_credentials(&t).await;
         assert_eq!(insert(&t, vec![batch_payment("p1", "ocr_a", 1, "n1")]).await, ["p1"]);
