@@ -1,12 +1,13 @@
-//! Fuzzes the COSE_Sign1 parser and the offline payment payloads carried inside it:
-//! arbitrary bytes must be refused with an error, never a panic.
+//! Fuzzes the COSE_Sign1 parser, the offline payment payloads carried inside it and the
+//! two-item sequences that cross by sound: arbitrary bytes must be refused with an
+//! error, never a panic.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use vouch_proto::cose::UnverifiedSign1;
 use vouch_proto::offline::{
-    ConsumerApproval, MerchantCountersignature, OfflineCredential, PaymentRequest, SignedReceipt, TerminalCertificate,
-    WireType,
+    ApprovalReply, ConsumerApproval, MerchantCountersignature, OfflineCredential, PaymentOffer, PaymentRequest,
+    SignedReceipt, TerminalCertificate, WireType,
 };
 
 fn payloads(bytes: &[u8]) {
@@ -19,6 +20,8 @@ fn payloads(bytes: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
+    let _ = PaymentOffer::parse(data);
+    let _ = ApprovalReply::parse(data);
     match UnverifiedSign1::parse(data) {
         Ok(sign1) => {
             let _ = sign1.kid();

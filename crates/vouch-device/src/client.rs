@@ -108,6 +108,53 @@ impl std::fmt::Debug for TerminalCreated {
     }
 }
 
+/// The server's COSE certificate of a terminal's key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IssuedTerminalCertificate {
+    /// base64url (unpadded) tagged COSE_Sign1, signed by the server (kid in the
+    /// protected header).
+    pub certificate: String,
+    pub not_after: i64,
+}
+
+impl IssuedTerminalCertificate {
+    /// The COSE_Sign1's bytes.
+    pub fn bytes(&self) -> Result<Vec<u8>, DeviceError> {
+        Ok(vouch_proto::b64::decode("certificate", &self.certificate)?)
+    }
+}
+
+/// A ledger account and its running totals.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AccountRecord {
+    pub account_id: String,
+    /// `merchant_settlement`, `consumer_funding`, `consumer_offline_reserve` or `issuer`.
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merchant_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer_id: Option<String>,
+    pub label: String,
+    pub currency: String,
+    pub debits_minor: i64,
+    pub credits_minor: i64,
+    /// Credits minus debits.
+    pub balance_minor: i64,
+    pub created_at: i64,
+}
+
+/// A ledger transfer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferRecord {
+    pub transfer_id: String,
+    pub debit_account_id: String,
+    pub credit_account_id: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub reference: String,
+    pub created_at: i64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceRecord {
     pub device_id: String,
@@ -458,6 +505,45 @@ impl VouchClient {
     ) -> Result<TerminalCreated, DeviceError> {
         let path = format!("/v1/merchants/{}/terminals", path_segment(merchant_id));
         self.send(reqwest::Method::POST, &path, Some(json!({ "iso_terminal_id": iso_terminal_id }))).await
+    }
+
+    /// Has the server certify the key of an enrolled, active terminal (COSE), so that
+    /// offline phones can check its payment requests.
+    pub async fn terminal_certificate(&self, device_id: &str) -> Result<IssuedTerminalCertificate, DeviceError> {
+        let path = format!("/v1/devices/{}/terminal-certificate", path_segment(device_id));
+        self.send(reqwest::Method::POST, &path, None).await
+    }
+
+    /// Opens a consumer's account, `consumer_funding` or `consumer_offline_reserve`, at zero.
+    pub async fn create_consumer_account(
+        &self,
+        consumer_id: &str,
+        kind: &str,
+        currency: &str,
+    ) -> Result<AccountRecord, DeviceError> {
+        let path = format!("/v1/consumers/{}/accounts", path_segment(consumer_id));
+        self.send(reqwest::Method::POST, &path, Some(json!({ "kind": kind, "currency": currency }))).await
+    }
+
+    /// Moves `amount_minor` from the currency's issuer account into a consumer's funding
+    /// account; sent again with the same `transfer_id`, it moves nothing more.
+    pub async fn fund_consumer(
+        &self,
+        consumer_id: &str,
+        transfer_id: &str,
+        account_id: &str,
+        amount_minor: i64,
+        currency: &str,
+    ) -> Result<TransferRecord, DeviceError> {
+        let path = format!("/v1/consumers/{}/funding", path_segment(consumer_id));
+        let body = json!({
+            "transfer_id": transfer_id, "account_id": account_id, "amount_minor": amount_minor, "currency": currency,
+        });
+        self.send(reqwest::Method::POST, &path, Some(body)).await
+    }
+
+    pub async fn account(&self, account_id: &str) -> Result<AccountRecord, DeviceError> {
+        self.send(reqwest::Method::GET, &format!("/v1/accounts/{}", path_segment(account_id)), None).await
     }
 
     pub async fn reference_values(&self) -> Result<Vec<ReferenceValues>, DeviceError> {

@@ -61,6 +61,15 @@ pub enum DeviceError {
     /// A CA, certificate, key or server name for TLS that cannot be used.
     #[error("TLS configuration: {0}")]
     TlsConfig(String),
+    /// An offline wallet or POS cannot take the step with what it holds: no
+    /// credential, a counter this POS has seen before, a full queue. What it was shown
+    /// and refused to trust is [`DeviceError::Proto`] instead, with its
+    /// [`vouch_proto::offline::OfflineCheck`].
+    #[error("offline payment refused ({refusal}): {detail}")]
+    Offline { refusal: crate::offline::OfflineRefusal, detail: String },
+    /// Nothing could be heard in a recording, and why.
+    #[error("sound: {0}")]
+    Sound(#[from] vouch_sonic::Error),
 }
 
 impl DeviceError {
@@ -76,6 +85,23 @@ impl DeviceError {
     pub fn session_refusal(&self) -> Option<crate::session::SessionRefusal> {
         match self {
             DeviceError::Session { refusal, .. } => Some(*refusal),
+            _ => None,
+        }
+    }
+
+    /// Which check of an offline payment failed, for what a wallet or a POS refused to
+    /// trust.
+    pub fn offline_check(&self) -> Option<vouch_proto::offline::OfflineCheck> {
+        match self {
+            DeviceError::Proto(vouch_proto::ProtoError::OfflineRefused { check, .. }) => Some(*check),
+            _ => None,
+        }
+    }
+
+    /// Why an offline wallet or POS could not take a step, for [`DeviceError::Offline`].
+    pub fn offline_refusal(&self) -> Option<crate::offline::OfflineRefusal> {
+        match self {
+            DeviceError::Offline { refusal, .. } => Some(*refusal),
             _ => None,
         }
     }

@@ -2,7 +2,12 @@
 //! nonce, signs the enrolment with its own key, and checks the credential it gets
 //! against the server's published keys before trusting it. It attests the same way:
 //! its [`TamperMonitor`] answers the server's commands, and it checks the ticket it
-//! gets back before trusting it.
+//! gets back before trusting it. The parties of an offline payment are set up the
+//! same way: a certified terminal ([`offline_terminal`]) and a funded consumer phone
+//! holding a credential ([`offline_phone`]), and run a purchase with both legs
+//! carried by sound ([`offline_purchase`]).
+
+use std::sync::Arc;
 
 use vouch_proto::attest::{TicketClaims, verify_ticket};
 use vouch_proto::crypto::SystemRandom;
@@ -10,8 +15,13 @@ use vouch_proto::enrol::{DEVICE_CREDENTIAL_TYP, DeviceCredentialClaims, DeviceKi
 use vouch_proto::jws::UnverifiedJws;
 use vouch_proto::{Clock, JwkSet, jwt};
 
-use crate::attest::{Challenge, SignedEvidence, TamperMonitor};
-use crate::{AttestationOutcome, DeviceError, DeviceIdentity, EnrolledDevice, VouchClient};
+use crate::attest::{Challenge, SignedEvidence, SimulatedDeviceState, TamperMonitor};
+use crate::offline::sound::{Heard, SoundChannel};
+use crate::offline::{PaymentPrompt, QueuedPayment};
+use crate::{
+    AttestationOutcome, DeviceError, DeviceIdentity, EnrolledDevice, OfflinePos, OfflineWallet, TokenSession,
+    VouchClient,
+};
 
 /// What a simulated device says about itself.
 #[derive(Debug, Clone)]
@@ -144,4 +154,120 @@ pub async fn attest(
 /// device is still active is the server's to say (`VouchClient::verify_ticket`).
 pub fn verify_ticket_with(ticket: &str, jwks: &JwkSet, clock: &dyn Clock) -> Result<TicketClaims, DeviceError> {
     Ok(verify_ticket(ticket, |kid| jwks.find(kid).and_then(|jwk| jwk.verifying_key().ok()), clock)?)
+}
+
+/// A terminal of `merchant_id` ready to take payments offline: enrolled with a new key,
+/// that key certified by the server, the server's keys pinned, and a new API key of
+/// scope `terminal` to settle with. `admin` needs the admin scope.
+pub async fn offline_terminal(
+    admin: &VouchClient,
+    merchant_id: &str,
+    clock: Arc<dyn Clock>,
+    rng: &SystemRandom,
+) -> Result<OfflinePos, DeviceError> {
+    let identity = DeviceIdentity::generate(rng)?;
+    let profile = DeviceProfile::simulated(DeviceKind::Terminal, merchant_id);
+    let enrolled = enrol(admin, &identity, &profile, &*clock, rng).await?;
+    let certificate = admin.terminal_certificate(&enrolled.device_id).await?.bytes()?;
+    let label = format!("offline terminal {}", enrolled.device_id);
+    let api_key = admin.create_api_key(&["terminal"], &label).await?;
+    let client = VouchClient::new(admin.base_url())?.with_api_key(&api_key.api_key);
+    OfflinePos::new(client, identity, &certificate, admin.jwks().await?, clock)
+}
+
+/// What a simulated consumer is given to pay offline with.
+#[derive(Debug, Clone)]
+pub struct OfflineFunds {
+    /// ISO 4217 alphabetic, e.g. `EUR`.
+    pub currency: String,
+    /// Put in the consumer's funding account.
+    pub funded_minor: i64,
+    /// Set aside for the phone's credential.
+    pub limit_minor: i64,
+}
+
+/// A consumer's phone that pays offline, and who it belongs to.
+#[derive(Debug)]
+pub struct OfflinePhone {
+    pub wallet: OfflineWallet,
+    pub device_id: String,
+    pub consumer_id: String,
+    pub funding_account_id: String,
+}
+
+/// A consumer's phone ready to pay offline: enrolled under `merchant_id` and attested
+/// clean, with a session open; the phone of a new consumer whose new funding account
+/// holds `funds.funded_minor`; and holding a credential of `funds.limit_minor` checked
+/// against the server keys it pinned. `admin` needs the admin scope, and the server the
+/// clean reference values of the consumer phone model; the phone attests through
+/// `device_client`, which holds no API key.
+pub async fn offline_phone(
+    admin: &VouchClient,
+    device_client: &VouchClient,
+    merchant_id: &str,
+    funds: &OfflineFunds,
+    clock: Arc<dyn Clock>,
+    rng: &SystemRandom,
+) -> Result<OfflinePhone, DeviceError> {
+    let state = SimulatedDeviceState::clean(DeviceKind::Consumer, merchant_id);
+    let identity = Arc::new(DeviceIdentity::generate(rng)?);
+    let phone = enrol(admin, &identity, &state.profile(), &*clock, rng).await?;
+    let mut monitor = TamperMonitor::new(state);
+    let attestation = attest(device_client, &identity, &phone.device_id, &mut monitor, &*clock, rng).await?;
+    let session = TokenSession::open(device_client, identity, &attestation.outcome.ticket, clock, rng).await?;
+    let consumer = admin.create_consumer("Simulated consumer").await?;
+    admin.add_consumer_device(&consumer.consumer_id, &phone.device_id).await?;
+    let funding = admin.create_consumer_account(&consumer.consumer_id, "consumer_funding", &funds.currency).await?;
+    let transfer_id = format!("funding-{}", funding.account_id);
+    admin
+        .fund_consumer(&consumer.consumer_id, &transfer_id, &funding.account_id, funds.funded_minor, &funds.currency)
+        .await?;
+    let mut wallet = OfflineWallet::new(session, admin.jwks().await?);
+    wallet.obtain_credential(&funds.currency, funds.limit_minor).await?;
+    Ok(OfflinePhone {
+        wallet,
+        device_id: phone.device_id,
+        consumer_id: consumer.consumer_id,
+        funding_account_id: funding.account_id,
+    })
+}
+
+/// A purchase made offline, as both sides saw it.
+#[derive(Debug, Clone)]
+pub struct SoundPurchase {
+    /// What the phone showed the consumer.
+    pub prompt: PaymentPrompt,
+    /// What the POS queued for settlement.
+    pub payment: QueuedPayment,
+    /// Leg (a) as the phone heard it, and how long it sounded.
+    pub leg_a: Heard,
+    /// Leg (b) as the POS heard it.
+    pub leg_b: Heard,
+}
+
+impl SoundPurchase {
+    /// The audio time of both legs.
+    pub fn sound_secs(&self) -> f64 {
+        self.leg_a.audio_secs + self.leg_b.audio_secs
+    }
+}
+
+/// One purchase of `amount_minor` of `currency` with both legs carried by sound: the
+/// POS asks over `to_phone`, the phone checks the request and, as a consumer who
+/// approves what checks out, approves it over `to_pos`, and the POS checks the
+/// approval, countersigns and queues the payment.
+pub fn offline_purchase(
+    pos: &mut OfflinePos,
+    wallet: &mut OfflineWallet,
+    amount_minor: u64,
+    currency: &str,
+    to_phone: &mut SoundChannel,
+    to_pos: &mut SoundChannel,
+) -> Result<SoundPurchase, DeviceError> {
+    let sale = pos.offer(amount_minor, currency)?;
+    let leg_a = to_phone.carry(sale.leg_a())?;
+    let prompt = wallet.review(&leg_a.bytes)?;
+    let leg_b = to_pos.carry(&wallet.approve(&prompt)?)?;
+    let payment = pos.accept(&sale, &leg_b.bytes)?;
+    Ok(SoundPurchase { prompt, payment, leg_a, leg_b })
 }

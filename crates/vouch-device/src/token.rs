@@ -313,6 +313,16 @@ impl TokenSession {
         &*self.shared.clock
     }
 
+    /// The device key the session proves possession of; capabilities that sign for the
+    /// device (an offline approval) sign with it too.
+    pub(crate) fn identity(&self) -> &DeviceIdentity {
+        &self.shared.identity
+    }
+
+    pub(crate) fn client(&self) -> &VouchClient {
+        &self.shared.client
+    }
+
     /// Checks an object the server signed against the published keys this session
     /// holds, fetching them again when it names a key published since.
     pub(crate) async fn check_signed<T>(

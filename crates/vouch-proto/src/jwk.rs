@@ -98,6 +98,24 @@ impl JwkSet {
     pub fn find(&self, kid: &str) -> Option<&Jwk> {
         self.keys.iter().find(|k| k.kid.as_deref() == Some(kid))
     }
+
+    /// The key a COSE object's key id names: Vouch's COSE kid is the UTF-8 of the JWK's
+    /// `kid`. No kid, or one not in the set, is [`ProtoError::UnknownSigningKey`].
+    pub fn cose_key(&self, kid: Option<&[u8]>) -> Result<VerifyingKey, ProtoError> {
+        let kid = kid.map(String::from_utf8_lossy).unwrap_or_default();
+        self.find(&kid).ok_or_else(|| ProtoError::UnknownSigningKey { kid: kid.into_owned() })?.verifying_key()
+    }
+
+    /// Adds the keys of `keys` whose id is not in the set yet: pinning again, e.g.
+    /// after a server key rotation, never replaces a key pinned before.
+    pub fn pin(&mut self, keys: JwkSet) {
+        for key in keys.keys {
+            let known = key.kid.as_deref().is_some_and(|kid| self.find(kid).is_some());
+            if !known {
+                self.keys.push(key);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -113,6 +131,20 @@ mod tests {
         )
         .unwrap();
         assert_eq!(jwk.thumbprint(), "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I");
+    }
+
+    #[test]
+    fn a_cose_kid_names_a_key_and_pinning_again_keeps_the_first() {
+        let rng = crate::crypto::SystemRandom::new();
+        let key = |kid: &str| crate::SigningKey::generate(&rng).unwrap().verifying_key().to_jwk().with_kid(kid);
+        let (first, second) = (key("k1"), key("k2"));
+        let mut pinned = JwkSet { keys: vec![first.clone()] };
+        assert_eq!(pinned.cose_key(Some(b"k1")), first.verifying_key());
+        for kid in [None, Some(&b"k2"[..])] {
+            assert!(matches!(pinned.cose_key(kid), Err(ProtoError::UnknownSigningKey { .. })), "{kid:?}");
+        }
+        pinned.pin(JwkSet { keys: vec![key("k1"), second.clone()] });
+        assert_eq!(pinned.keys, [first, second]);
     }
 
     #[test]

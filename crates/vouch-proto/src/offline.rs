@@ -22,9 +22,15 @@
 //! cost on the wire. Legs (a) and (b) carry no key id: the verifier already knows the key
 //! from the certificate or the credential. Server-signed objects carry the server's kid.
 //!
+//! Legs (a) and (b) cross by sound together with what their receiver needs to check them
+//! offline: [`PaymentOffer`] (certificate + request) and [`ApprovalReply`] (approval +
+//! credential), each a CBOR sequence of two COSE_Sign1 items.
+//!
 //! Payloads are decoded strictly: exactly the expected keys, in the deterministic
 //! encoding (decoding and encoding again gives the same bytes), fixed-length byte strings
 //! where the field is fixed-length.
+
+mod sequence;
 
 use coset::cbor::value::{Integer, Value};
 
@@ -33,6 +39,8 @@ use crate::{
     crypto::{SecureRandom, sha256},
 };
 
+pub use sequence::{ApprovalReply, OFFLINE_SEQUENCE_BYTES_MAX, PaymentOffer, SignedPair};
+
 pub const ID_BYTES: usize = 16;
 pub const NONCE_BYTES: usize = 16;
 pub const DIGEST_BYTES: usize = 32;
@@ -40,6 +48,33 @@ pub const P256_SEC1_BYTES: usize = 65;
 pub const MERCHANT_NAME_BYTES_MAX: usize = 64;
 /// ISO 4217 numeric codes are three digits.
 pub const CURRENCY_CODE_MAX: u16 = 999;
+
+/// ISO 4217 numeric code of each alphabetic code accounts are opened in: credentials
+/// and requests carry the numeric one, people and the HTTP API the alphabetic one.
+const CURRENCIES: &[(&str, u16)] = &[
+    ("AUD", 36),
+    ("CAD", 124),
+    ("CHF", 756),
+    ("CZK", 203),
+    ("DKK", 208),
+    ("EUR", 978),
+    ("GBP", 826),
+    ("JPY", 392),
+    ("NOK", 578),
+    ("PLN", 985),
+    ("SEK", 752),
+    ("USD", 840),
+];
+
+/// The ISO 4217 numeric code of a supported alphabetic one, e.g. `EUR` -> 978.
+pub fn currency_numeric(alpha: &str) -> Option<u16> {
+    CURRENCIES.iter().find(|(code, _)| *code == alpha).map(|(_, numeric)| *numeric)
+}
+
+/// The alphabetic code of a supported ISO 4217 numeric one, e.g. 978 -> `EUR`.
+pub fn currency_alpha(numeric: u16) -> Option<&'static str> {
+    CURRENCIES.iter().find(|(_, code)| *code == numeric).map(|(alpha, _)| *alpha)
+}
 
 /// A server id on the wire: the 16 bytes of its UUID.
 pub type Id = [u8; ID_BYTES];
@@ -79,6 +114,8 @@ pub enum OfflineCheck {
     CountersignatureSignature,
     /// The countersignature covers other bytes than this request and approval.
     CountersignatureBinding,
+    /// A sound payload is not exactly two complete COSE_Sign1 items.
+    Sequence,
 }
 
 impl OfflineCheck {
@@ -99,6 +136,7 @@ impl OfflineCheck {
             OfflineCheck::OverLimit => "over-limit",
             OfflineCheck::CountersignatureSignature => "countersignature-signature",
             OfflineCheck::CountersignatureBinding => "countersignature-binding",
+            OfflineCheck::Sequence => "sequence",
         }
     }
 }

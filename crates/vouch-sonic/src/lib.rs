@@ -18,7 +18,11 @@
 //! check; anything else is reported as [`DecodeEvent::FrameDropped`] with the
 //! reason. Oversize payloads are refused, never truncated. Untrusted samples
 //! never panic the decoder.
+//!
+//! [`channel`] simulates what lies between: silence and white noise at a given SNR,
+//! from a seeded generator, for tests, benchmarks and demos.
 
+pub mod channel;
 mod demodulate;
 mod fec;
 mod frame;

@@ -38,7 +38,9 @@ pub use ledger::{
     Account, AccountKind, TRANSFER_AMOUNT_MAX_MINOR, TRANSFER_BATCH_MAX, Transfer, TransferOutcome, TransferRefusal,
     issuer_account_id,
 };
-pub use offline::{LockedCredential, OfflineCredentialRecord, OfflinePaymentRecord};
+pub use offline::{
+    COUNTER_RANGE, CloseRefusal, ClosedCredential, OfflineCredentialRecord, OfflinePaymentRecord, SpendRefusal,
+};
 pub use registry::{Device, DeviceFilter, DeviceStatus, Merchant, ServiceProvider};
 pub use secrets::{ApiKeyRecord, NonceRejection, SigningKeyRecord};
 pub use token::{ReaderSession, TokenSession, TokenSessionState};

@@ -30,10 +30,23 @@ pub struct OfflineCredentialRecord {
     pub issued_at: i64,
     pub not_after: i64,
     pub revoked_at: Option<i64>,
+    /// What settled payments have moved under it; never above `limit_minor`.
+    pub settled_minor: i64,
+    /// Set when the credential was closed at a sync: no counter at or above it settles.
+    /// It is the `counter_next` the sync named.
+    pub counter_end: Option<i64>,
+    pub closed_at: Option<i64>,
+    /// Set with `closed_at`: the `spent_minor` the sync named.
+    pub closed_spent_minor: Option<i64>,
+    /// Set with `closed_at`: what had settled under it when it closed.
+    pub closed_settled_minor: Option<i64>,
+    /// The credential this one was issued for the rest of, when it closed.
+    pub refreshed_from: Option<String>,
 }
 
 const COLUMNS: &str = "id, device_id, consumer_id, reserve_account_id, public_key, limit_minor, currency, \
-                       counter_start, issued_at, not_after, revoked_at";
+                       counter_start, issued_at, not_after, revoked_at, settled_minor, counter_end, closed_at, \
+                       closed_spent_minor, closed_settled_minor, refreshed_from";
 
 fn from_row(row: &AnyRow) -> Result<OfflineCredentialRecord, StoreError> {
     Ok(OfflineCredentialRecord {
@@ -48,7 +61,46 @@ fn from_row(row: &AnyRow) -> Result<OfflineCredentialRecord, StoreError> {
         issued_at: row.try_get("issued_at")?,
         not_after: row.try_get("not_after")?,
         revoked_at: row.try_get("revoked_at")?,
+        settled_minor: row.try_get("settled_minor")?,
+        counter_end: row.try_get("counter_end")?,
+        closed_at: row.try_get("closed_at")?,
+        closed_spent_minor: row.try_get("closed_spent_minor")?,
+        closed_settled_minor: row.try_get("closed_settled_minor")?,
+        refreshed_from: row.try_get("refreshed_from")?,
     })
+}
+
+async fn fetch_credential(
+    conn: &mut sqlx::AnyConnection,
+    id: &str,
+) -> Result<Option<OfflineCredentialRecord>, StoreError> {
+    let sql = sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM offline_credentials WHERE id = $1"));
+    let row = sqlx::query(sql).bind(id).fetch_optional(conn).await?;
+    row.as_ref().map(from_row).transpose()
+}
+
+/// Why a credential was not closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseRefusal {
+    /// No credential of this id belongs to the device.
+    Unknown,
+    Revoked,
+    /// It was closed before: a credential is closed once.
+    Closed,
+    /// A payment under a counter at or above the requested end has settled; `highest`
+    /// is the highest such counter.
+    CounterSpent {
+        highest: i64,
+    },
+}
+
+/// A credential as it was closed, and how much of its limit the close released.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClosedCredential {
+    pub record: OfflineCredentialRecord,
+    /// The limit before the close minus the limit after: money in the reserve that no
+    /// payment under the closed credential can take any more.
+    pub released_minor: i64,
 }
 
 impl Tx {
@@ -65,7 +117,8 @@ impl Tx {
 
     pub async fn insert_offline_credential(&mut self, record: &OfflineCredentialRecord) -> Result<(), StoreError> {
         let sql = sqlx::AssertSqlSafe(format!(
-            "INSERT INTO offline_credentials ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+            "INSERT INTO offline_credentials ({COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
         ));
         sqlx::query(sql)
             .bind(&record.id)
@@ -79,36 +132,95 @@ impl Tx {
             .bind(record.issued_at)
             .bind(record.not_after)
             .bind(record.revoked_at)
+            .bind(record.settled_minor)
+            .bind(record.counter_end)
+            .bind(record.closed_at)
+            .bind(record.closed_spent_minor)
+            .bind(record.closed_settled_minor)
+            .bind(&record.refreshed_from)
             .execute(self.conn())
             .await
-            .map_err(StoreError::on_insert("offline credential", "device, consumer or account"))?;
+            .map_err(StoreError::on_insert(
+                "offline credential",
+                "device, consumer, account or refreshed credential",
+            ))?;
         Ok(())
     }
-}
 
-/// A credential locked for the rest of a settlement's transaction, with what its
-/// settled payments have moved so far.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LockedCredential {
-    pub record: OfflineCredentialRecord,
-    pub settled_minor: i64,
+    pub async fn offline_credential(&mut self, id: &str) -> Result<Option<OfflineCredentialRecord>, StoreError> {
+        fetch_credential(self.conn(), id).await
+    }
+
+    /// Closes credential `id` of `device_id` at `now`, as its phone syncs: the limit is
+    /// lowered to `spent_minor`, or to what has settled under it when that is more (and
+    /// never raised), and the counter range ends at `counter_end`; `spent_minor` and
+    /// what had settled are kept with it. One conditional statement, computed on the row
+    /// as it is when the statement runs, so a credential is closed once even when
+    /// instances race, and settlements that land before the close stay within the
+    /// lowered limit.
+    pub async fn close_offline_credential(
+        &mut self,
+        id: &str,
+        device_id: &str,
+        counter_end: i64,
+        spent_minor: i64,
+        now: i64,
+    ) -> Result<Result<ClosedCredential, CloseRefusal>, StoreError> {
+        // After any settlement under way under it, so the payments checked below are
+        // all those committed; the limit changes only here, once, so the limit read now
+        // is the one closed.
+        self.lock_offline_credentials(&[id]).await?;
+        let Some(open) = self.offline_credential(id).await?.filter(|r| r.device_id == device_id) else {
+            return Ok(Err(CloseRefusal::Unknown));
+        };
+        let closed = sqlx::query(
+            "UPDATE offline_credentials SET \
+             limit_minor = CASE WHEN settled_minor >= $3 THEN settled_minor \
+                                WHEN $3 <= limit_minor THEN $3 ELSE limit_minor END, \
+             counter_end = $2, closed_at = $4, closed_spent_minor = $3, closed_settled_minor = settled_minor \
+             WHERE id = $1 AND revoked_at IS NULL AND closed_at IS NULL \
+             AND NOT EXISTS (SELECT 1 FROM offline_payments WHERE credential_id = $1 AND counter >= $2)",
+        )
+        .bind(id)
+        .bind(counter_end)
+        .bind(spent_minor)
+        .bind(now)
+        .execute(self.conn())
+        .await?;
+        let record = self.offline_credential(id).await?.ok_or(StoreError::NotFound { what: "offline credential" })?;
+        if closed.rows_affected() == 0 {
+            let refusal = if record.revoked_at.is_some() {
+                CloseRefusal::Revoked
+            } else if record.closed_at.is_some() {
+                CloseRefusal::Closed
+            } else {
+                let highest: Option<i64> =
+                    sqlx::query_scalar("SELECT MAX(counter) FROM offline_payments WHERE credential_id = $1")
+                        .bind(id)
+                        .fetch_one(self.conn())
+                        .await?;
+                CloseRefusal::CounterSpent { highest: highest.unwrap_or(counter_end) }
+            };
+            return Ok(Err(refusal));
+        }
+        let released_minor = open.limit_minor.saturating_sub(record.limit_minor);
+        Ok(Ok(ClosedCredential { record, released_minor }))
+    }
 }
 
 impl Tx {
     /// Locks the credentials among `ids` for this transaction and reads them, in id
     /// order; unknown ids are left out. On PostgreSQL the row locks are taken in id
-    /// order, so settlements over the same credentials, on one instance or several,
-    /// take turns without deadlocking, and each sees the payments the one before it
-    /// committed. SQLite has one writer at a time and needs no lock.
-    pub async fn lock_offline_credentials(&mut self, ids: &[&str]) -> Result<Vec<LockedCredential>, StoreError> {
+    /// order, so settlements and closes over the same credentials, on one instance or
+    /// several, take turns without deadlocking, and each sees what the one before it
+    /// committed (read committed). SQLite has one writer at a time and needs no lock.
+    pub async fn lock_offline_credentials(&mut self, ids: &[&str]) -> Result<Vec<OfflineCredentialRecord>, StoreError> {
         let lock = if self.postgres { " FOR UPDATE" } else { "" };
         let rows = rows_for_ids(self.postgres, self.conn(), &sorted_unique(ids), |list| {
-            format!("SELECT {COLUMNS}, settled_minor FROM offline_credentials WHERE id IN ({list}) ORDER BY id{lock}")
+            format!("SELECT {COLUMNS} FROM offline_credentials WHERE id IN ({list}) ORDER BY id{lock}")
         })
         .await?;
-        rows.iter()
-            .map(|row| Ok(LockedCredential { record: from_row(row)?, settled_minor: row.try_get("settled_minor")? }))
-            .collect()
+        rows.iter().map(from_row).collect()
     }
 }
 
@@ -125,9 +237,18 @@ impl Store {
     }
 
     pub async fn offline_credential(&self, id: &str) -> Result<OfflineCredentialRecord, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM offline_credentials WHERE id = $1"));
+        let mut conn = self.pool().acquire().await?;
+        fetch_credential(&mut conn, id).await?.ok_or(StoreError::NotFound { what: "offline credential" })
+    }
+
+    /// The credential issued for the rest of `id`'s limit when `id` closed, if any.
+    pub async fn offline_credential_refreshed_from(
+        &self,
+        id: &str,
+    ) -> Result<Option<OfflineCredentialRecord>, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM offline_credentials WHERE refreshed_from = $1"));
         let row = sqlx::query(sql).bind(id).fetch_optional(self.pool()).await?;
-        row.as_ref().map(from_row).transpose()?.ok_or(StoreError::NotFound { what: "offline credential" })
+        row.as_ref().map(from_row).transpose()
     }
 
     pub async fn offline_credentials_of_device(
@@ -139,6 +260,38 @@ impl Store {
         ));
         let rows = sqlx::query(sql).bind(device_id).fetch_all(self.pool()).await?;
         rows.iter().map(from_row).collect()
+    }
+}
+
+/// Why a payment was not counted against its credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpendRefusal {
+    /// The credential is revoked, or what is left of its limit is below the amount.
+    OverLimit,
+    /// The credential was closed at a sync, ending its counters at `counter_end`.
+    CounterClosed { counter_end: i64 },
+}
+
+impl SpendRefusal {
+    /// The refusal reason a settlement answers with.
+    pub fn reason(self) -> &'static str {
+        match self {
+            SpendRefusal::OverLimit => "over-limit",
+            SpendRefusal::CounterClosed { .. } => "counter-closed",
+        }
+    }
+}
+
+impl std::fmt::Display for SpendRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpendRefusal::OverLimit => {
+                f.write_str("the credential is revoked or its remaining limit is below the amount")
+            }
+            SpendRefusal::CounterClosed { counter_end } => {
+                write!(f, "the credential was closed at a sync: its counters end below {counter_end}")
+            }
+        }
     }
 }
 
@@ -178,27 +331,37 @@ fn payment_from_row(row: &AnyRow) -> Result<OfflinePaymentRecord, StoreError> {
 }
 
 impl Tx {
-    /// Counts each amount against its credential's limit, if the credential is not
-    /// revoked and the amount fits what is left; returns how many credentials were
-    /// spent (the others are left as they were). One statement, so concurrent
-    /// settlements under one credential cannot together pass its limit.
-    pub async fn spend_offline_credentials(&mut self, spends: &[(&str, i64)]) -> Result<usize, StoreError> {
-        let mut spent = 0;
-        for chunk in spends.chunks(ROWS_PER_STATEMENT) {
-            let rows = Placeholders::new(self.postgres).derived_table(chunk.len(), &["id", "amount"]);
-            let sql = sqlx::AssertSqlSafe(format!(
-                "UPDATE offline_credentials SET settled_minor = settled_minor + spend.amount FROM ({rows}) AS spend \
-                 WHERE offline_credentials.id = spend.id AND revoked_at IS NULL \
-                 AND settled_minor + spend.amount <= limit_minor"
-            ));
-            let mut update = sqlx::query(sql);
-            for (id, amount_minor) in chunk {
-                update = update.bind(*id).bind(*amount_minor);
-            }
-            let rows = update.execute(self.conn()).await?.rows_affected();
-            spent += usize::try_from(rows).unwrap_or(usize::MAX);
+    /// Counts `amount_minor`, paid under counters up to `counter`, against the
+    /// credential's limit, if it is not revoked, the amount fits what is left and the
+    /// counter is below the end set by a close; nothing is written otherwise. One
+    /// statement, so concurrent payments under one credential cannot together pass its
+    /// limit, and none slips past a close. Settlement decides a batch under the
+    /// credential's lock and then spends each credential's share at once, with its
+    /// highest counter.
+    pub async fn spend_offline_credential(
+        &mut self,
+        id: &str,
+        counter: i64,
+        amount_minor: i64,
+    ) -> Result<Result<(), SpendRefusal>, StoreError> {
+        let spent = sqlx::query(
+            "UPDATE offline_credentials SET settled_minor = settled_minor + $3 \
+             WHERE id = $1 AND revoked_at IS NULL AND settled_minor + $3 <= limit_minor \
+             AND (counter_end IS NULL OR $2 < counter_end)",
+        )
+        .bind(id)
+        .bind(counter)
+        .bind(amount_minor)
+        .execute(self.conn())
+        .await?;
+        if spent.rows_affected() == 1 {
+            return Ok(Ok(()));
         }
-        Ok(spent)
+        let counter_end = self.offline_credential(id).await?.and_then(|r| r.counter_end);
+        Ok(Err(match counter_end {
+            Some(counter_end) if counter >= counter_end => SpendRefusal::CounterClosed { counter_end },
+            _ => SpendRefusal::OverLimit,
+        }))
     }
 
     /// Revokes a credential at `now`; false if it was revoked already.
@@ -318,5 +481,38 @@ impl Tx {
             }
         };
         Ok(id)
+    }
+}
+
+impl Store {
+    pub async fn offline_payment(&self, payment_id: &str) -> Result<Option<OfflinePaymentRecord>, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!("SELECT {PAYMENT_COLUMNS} FROM offline_payments WHERE payment_id = $1"));
+        let row = sqlx::query(sql).bind(payment_id).fetch_optional(self.pool()).await?;
+        row.as_ref().map(payment_from_row).transpose()
+    }
+
+    /// One page of the payments settled under any credential of `device_id`, in
+    /// (`settled_at`, `payment_id`) order, after that position when `after` is given.
+    pub async fn offline_payments_of_device(
+        &self,
+        device_id: &str,
+        after: Option<(i64, &str)>,
+        limit: u32,
+    ) -> Result<Vec<OfflinePaymentRecord>, StoreError> {
+        let (after_settled_at, after_id) = after.unzip();
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {PAYMENT_COLUMNS} FROM offline_payments \
+             WHERE credential_id IN (SELECT id FROM offline_credentials WHERE device_id = $1) \
+             AND ($2 IS NULL OR settled_at > $2 OR (settled_at = $2 AND payment_id > $3)) \
+             ORDER BY settled_at, payment_id LIMIT $4"
+        ));
+        let rows = sqlx::query(sql)
+            .bind(device_id)
+            .bind(after_settled_at)
+            .bind(after_id)
+            .bind(i64::from(limit))
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter().map(payment_from_row).collect()
     }
 }

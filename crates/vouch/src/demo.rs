@@ -10,19 +10,24 @@ use anyhow::{Context, bail};
 use vouch_device::attest::{ReferenceValues, SimulatedDeviceState, Tamper, TamperMonitor};
 use vouch_device::dvv::{Authorization, AuthorizationInput};
 use vouch_device::iso8583::{self, APPROVED, AuthorizationMessage, Iso8583Client};
+use vouch_device::offline::sound::SoundChannel;
+use vouch_device::offline::{OfflinePos, SettlementOutcome};
 use vouch_device::session::{CardReader, FramedPipe, PosApp, PosSession, ReaderSession, SimulatedCard};
-use vouch_device::sim::{self, DeviceProfile};
+use vouch_device::sim::{self, DeviceProfile, OfflineFunds};
 use vouch_device::token::{Method, SIGN_PATH};
 use vouch_device::{
-    DeviceError, DeviceIdentity, NewMerchant, PaymentTerminal, TerminalCreated, TokenSession, VouchClient, Wallet,
+    DeviceError, DeviceIdentity, MerchantRecord, NewMerchant, PaymentTerminal, TerminalCreated, TokenSession,
+    VouchClient, Wallet,
 };
 use vouch_proto::attest::EarStatus;
 use vouch_proto::crypto::{SystemRandom, sha256};
 use vouch_proto::dvv::{AccountRef, Digits, Dvv};
 use vouch_proto::enrol::DeviceKind;
+use vouch_proto::offline::verify_receipt;
 use vouch_proto::session::{NOISE_PARAMS, TamperState};
 use vouch_proto::{Clock, SystemClock, b64};
 use vouch_server::dvv::iso8583::Iso8583Listener;
+use vouch_sonic::Profile;
 
 /// ISO 18245: grocery stores and supermarkets.
 const GROCERY: &str = "5411";
@@ -176,6 +181,7 @@ pub async fn run() -> anyhow::Result<ExitCode> {
     token_steps(&server, &factory, &merchant.merchant_id, &mut steps, &rng).await?;
     session_steps(&server, &admin, &factory, &merchant.merchant_id, &mut steps, &rng).await?;
     dvv_steps(&server, &admin, &factory, &merchant.merchant_id, &mut steps, &rng).await?;
+    offline_steps(&server, &admin, &merchant, &mut steps, &rng).await?;
 
     let audit = admin.verify_audit().await?;
     if !audit.intact {
@@ -547,6 +553,165 @@ async fn iso8583_exchange_steps(
         answer.get(STAN_FIELD).unwrap_or_default()
     ));
     Ok(())
+}
+
+/// White noise mixed into each leg of the offline purchase, full-band SNR in dB.
+const OFFLINE_SNR_DB: f64 = 5.0;
+
+/// Seed 001 (second part): a funded phone holding an offline credential pays a
+/// certified terminal with neither online, legs (a) and (b) crossing a noisy room by
+/// sound; the terminal settles once with a signed receipt, a re-submission moves
+/// nothing, the phone's sync brings it the receipt and a refreshed credential, and a
+/// counter spent twice is caught and revokes the credential.
+async fn offline_steps(
+    server: &LocalServer,
+    admin: &VouchClient,
+    merchant: &MerchantRecord,
+    steps: &mut Steps,
+    rng: &SystemRandom,
+) -> anyhow::Result<()> {
+    let device_client = VouchClient::new(&server.url)?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let funds = OfflineFunds { currency: "EUR".into(), funded_minor: 10_000, limit_minor: 5_000 };
+    let mut phone =
+        sim::offline_phone(admin, &device_client, &merchant.merchant_id, &funds, clock.clone(), rng).await?;
+    let credential = phone.wallet.credential().context("the phone holds no credential")?.clone();
+    let funding = admin.account(&phone.funding_account_id).await?;
+    steps.pass(&format!(
+        "phone {} of consumer {} got offline credential {} for {} (counters from {}, valid {} days), \
+         checked against its {} pinned server keys; funding account left with {}",
+        phone.device_id,
+        phone.consumer_id,
+        phone.wallet.credential_id().unwrap_or_default(),
+        money(credential.limit_minor, &funds.currency),
+        credential.counter_start,
+        (credential.not_after - credential.issued_at) / 86_400,
+        phone.wallet.pinned_keys().keys.len(),
+        money(u64::try_from(funding.balance_minor)?, &funds.currency)
+    ));
+
+    let mut pos = sim::offline_terminal(admin, &merchant.merchant_id, clock.clone(), rng).await?;
+    steps.pass(&format!(
+        "terminal {} of {} certified by the server (COSE, valid {} days), settling with a terminal-scoped API key",
+        pos.terminal_id(),
+        pos.certificate().merchant_name,
+        (pos.certificate().not_after - clock.now_unix()) / 86_400
+    ));
+
+    let mut to_phone = SoundChannel::new(Profile::Audible, 48_000)?.with_noise(OFFLINE_SNR_DB, 1);
+    let mut to_pos = SoundChannel::new(Profile::Audible, 48_000)?.with_noise(OFFLINE_SNR_DB, 2);
+    let purchase = sim::offline_purchase(&mut pos, &mut phone.wallet, 1_250, "EUR", &mut to_phone, &mut to_pos)?;
+    let prompt = &purchase.prompt;
+    steps.pass(&format!(
+        "leg (a), certificate + request ({} bytes), sent as {:.2} s of {} audio with white noise at {OFFLINE_SNR_DB} dB \
+         SNR, decoded and checked by the phone offline: it shows {} asking {}",
+        purchase.leg_a.bytes.len(),
+        purchase.leg_a.audio_secs,
+        to_phone.profile(),
+        prompt.merchant_name,
+        money(prompt.amount_minor, &prompt.currency)
+    ));
+    steps.pass(&format!(
+        "leg (b), approval under counter {} + credential ({} bytes), {:.2} s of audio with noise, decoded; \
+         the terminal checked it against the credential, countersigned and queued payment {}",
+        purchase.payment.counter,
+        purchase.leg_b.bytes.len(),
+        purchase.leg_b.audio_secs,
+        short(&purchase.payment.payment_id)
+    ));
+
+    let settlement = pos.settle().await?;
+    let Some(settled) = settlement.settled.first() else {
+        bail!("the offline payment was not settled: {:?}", settlement.refused)
+    };
+    let jwks = admin.jwks().await?;
+    verify_receipt(&settled.receipt, |kid| jwks.cose_key(kid))?;
+    let shop_account = format!("acc_settle_{}_EUR", merchant.merchant_id);
+    let shop_balance = admin.account(&shop_account).await?.balance_minor;
+    steps.pass(&format!(
+        "settled in {} batch: transfer {} from the offline reserve, receipt ({} bytes) verified against \
+         /.well-known/jwks.json; merchant's settlement account {}",
+        settlement.batches,
+        short(&settled.transfer_id),
+        settled.receipt.len(),
+        money(u64::try_from(shop_balance)?, "EUR")
+    ));
+
+    match &pos.submit(std::slice::from_ref(&settled.payment)).await?[..] {
+        [SettlementOutcome::Settled { receipt, first_time: false, .. }] if *receipt == settled.receipt => {}
+        other => bail!("a re-submitted payment was not answered with its receipt: {other:?}"),
+    }
+    if admin.account(&shop_account).await?.balance_minor != shop_balance {
+        bail!("a re-submitted payment moved money");
+    }
+    steps.pass("the same payment re-submitted: already settled, the same receipt, nothing moved");
+
+    let synced = phone.wallet.sync().await?;
+    let same_receipt = phone.wallet.approved().first().and_then(|p| p.receipt.as_ref()).map(|r| &r.receipt);
+    if synced.matched != 1 || same_receipt != Some(&settled.receipt) {
+        bail!("the phone's sync did not bring the POS's receipt: {synced:?}");
+    }
+    let closed = synced.closed.context("the sync closed no credential")?;
+    let refreshed = phone.wallet.credential().context("the sync refreshed no credential")?;
+    steps.pass(&format!(
+        "back online, the phone synced: its receipt verified with its pinned keys (the POS's very bytes); \
+         credential closed at counter {} with its limit lowered to {}, refreshed as {} for the {} left",
+        closed.counter_end,
+        money(closed.limit_minor, "EUR"),
+        phone.wallet.credential_id().unwrap_or_default(),
+        money(refreshed.limit_minor, "EUR")
+    ));
+
+    double_spend_steps(&mut phone, &mut pos, admin, &merchant.merchant_id, clock, steps, rng).await
+}
+
+/// A phone restored from a backup approves a second purchase, at another terminal,
+/// under a counter it spent already: settlement refuses it and revokes the credential.
+async fn double_spend_steps(
+    phone: &mut sim::OfflinePhone,
+    first_shop: &mut OfflinePos,
+    admin: &VouchClient,
+    merchant_id: &str,
+    clock: Arc<dyn Clock>,
+    steps: &mut Steps,
+    rng: &SystemRandom,
+) -> anyhow::Result<()> {
+    let counter = phone.wallet.next_counter().context("the phone holds no credential")?;
+    let mut quiet = SoundChannel::new(Profile::Audible, 48_000)?;
+    let mut second_shop = sim::offline_terminal(admin, merchant_id, clock, rng).await?;
+    let mut buy = |pos: &mut OfflinePos, wallet: &mut vouch_device::OfflineWallet| {
+        let mut back = quiet.clone();
+        sim::offline_purchase(pos, wallet, 300, "EUR", &mut quiet, &mut back)
+    };
+    buy(first_shop, &mut phone.wallet)?;
+    phone.wallet.restore_counter(counter)?;
+    buy(&mut second_shop, &mut phone.wallet)?;
+    first_shop.settle().await?;
+    let caught = second_shop.settle().await?;
+    let reason = caught.refused.first().map(|(_, reason)| reason.as_str());
+    if reason != Some("double-spend") {
+        bail!("the double spend was not refused: {caught:?}");
+    }
+    buy(first_shop, &mut phone.wallet)?;
+    let after = first_shop.settle().await?;
+    if after.refused.first().map(|(_, reason)| reason.as_str()) != Some("credential-revoked") {
+        bail!("the revoked credential still paid: {after:?}");
+    }
+    steps.pass(&format!(
+        "phone restored to counter {counter} paid two terminals with it: the second refused as double-spend, \
+         the credential revoked (its next payment refused credential-revoked)"
+    ));
+    Ok(())
+}
+
+/// `amount_minor` of `currency`, e.g. `12.50 EUR`.
+fn money(amount_minor: u64, currency: &str) -> String {
+    format!("{}.{:02} {currency}", amount_minor / 100, amount_minor % 100)
+}
+
+/// The start of a long hex id, for a line a person reads.
+fn short(id: &str) -> &str {
+    id.get(..16).unwrap_or(id)
 }
 
 /// `dvv` with its last digit changed: well-formed, but not the value issued.

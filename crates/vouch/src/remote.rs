@@ -9,14 +9,16 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use vouch_device::attest::{ReferenceValues, SimulatedDeviceState, Tamper, TamperMonitor};
+use vouch_device::offline::sound::SoundChannel;
 use vouch_device::session::{CardReader, FramedPipe, PosApp, SimulatedCard};
-use vouch_device::sim::{self, DeviceProfile};
+use vouch_device::sim::{self, DeviceProfile, OfflineFunds};
 use vouch_device::{DeviceError, DeviceIdentity, NewMerchant, TokenSession, VouchClient, Wallet};
 use vouch_proto::crypto::SystemRandom;
 use vouch_proto::dvv::AccountRef;
 use vouch_proto::enrol::DeviceKind;
 use vouch_proto::session::TamperState;
-use vouch_proto::{Clock, JwkSet, SystemClock};
+use vouch_proto::{Clock, JwkSet, SystemClock, b64};
+use vouch_sonic::Profile;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RemoteArgs {
@@ -139,6 +141,12 @@ pub enum SimCommand {
     /// card_acceptor_id, iso_terminal_id, terminal_api_key} without using it, for a
     /// terminal to present with POST /v1/authorizations.
     Dvv(DvvArgs),
+    /// Set up a merchant with a certified terminal and a funded consumer phone holding an
+    /// offline credential; run one purchase with legs (a) and (b) carried by sound with
+    /// white noise mixed in, then settle it; print {payment_id, transfer_id, receipt,
+    /// settled, sound_seconds}. The receipt (base64url COSE_Sign1) verifies with the
+    /// server's key from the JWK Set. A refusal is an answer: settled is false, exit 0.
+    Offline(OfflineArgs),
     /// The card reader's side of `sim session`, speaking frames over stdin and stdout.
     #[command(hide = true)]
     ReaderProcess(ReaderProcessArgs),
@@ -169,6 +177,24 @@ pub struct DvvArgs {
     /// ISO 18245 category of the simulated merchant; the phone names it when it asks.
     #[arg(long, default_value = "5411")]
     merchant_category: String,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct OfflineArgs {
+    #[command(flatten)]
+    remote: RemoteArgs,
+    /// The purchase, in minor units of EUR (at most the credential's 50.00 EUR).
+    #[arg(long, default_value_t = 1_250)]
+    amount_minor: u64,
+    /// Full-band SNR of the white noise mixed into each leg's recording, in dB.
+    #[arg(long, default_value_t = 10.0, allow_negative_numbers = true)]
+    snr_db: f64,
+    /// Frequency band of the sound link.
+    #[arg(long, value_enum, default_value = "audible")]
+    profile: crate::sonic_cmd::ProfileArg,
+    /// Seed of the noise generator, so a run can be repeated.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -257,6 +283,7 @@ pub async fn sim(command: SimCommand) -> anyhow::Result<ExitCode> {
         SimCommand::Token(args) => token(&args).await,
         SimCommand::Session(args) => session(&args).await,
         SimCommand::Dvv(args) => dvv(&args).await,
+        SimCommand::Offline(args) => offline(&args).await,
         SimCommand::ReaderProcess(args) => reader_process(&args).await,
     }
 }
@@ -744,6 +771,133 @@ async fn dvv(args: &DvvArgs) -> anyhow::Result<ExitCode> {
         )
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The `sim offline` output. The first five keys are the stable contract; the rest is
+/// there for people and may grow.
+#[derive(Debug, Serialize)]
+struct OfflineOutput {
+    payment_id: String,
+    /// The ledger transfer (the payment id); `None` when settlement refused it.
+    transfer_id: Option<String>,
+    /// base64url (unpadded) COSE_Sign1 of the server's receipt.
+    receipt: Option<String>,
+    settled: bool,
+    /// Audio time of legs (a) and (b) together.
+    sound_seconds: f64,
+    /// Why settlement refused the payment.
+    reason: Option<String>,
+    merchant_id: String,
+    merchant_name: String,
+    terminal_id: String,
+    phone_device_id: String,
+    consumer_id: String,
+    credential_id: String,
+    counter: u64,
+    amount_minor: u64,
+    currency: String,
+    leg_a_bytes: usize,
+    leg_b_bytes: usize,
+    leg_a_seconds: f64,
+    leg_b_seconds: f64,
+    profile: String,
+    snr_db: f64,
+}
+
+/// The offline purchase's sample rate: every phone and POS speaker plays 48 kHz.
+const OFFLINE_SAMPLE_RATE_HZ: u32 = 48_000;
+
+async fn offline(args: &OfflineArgs) -> anyhow::Result<ExitCode> {
+    let remote = &args.remote;
+    let client = remote.client()?;
+    // Devices attest and use their sessions with their own signatures; they hold no API key.
+    let device_client = VouchClient::new(&remote.server)?;
+    let rng = SystemRandom::new();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    ensure_reference_values(&client, DeviceKind::Consumer).await?;
+    let merchant = client.create_merchant("Simulated café").await.context("registering a merchant")?;
+    let funds = OfflineFunds { currency: "EUR".into(), funded_minor: 10_000, limit_minor: 5_000 };
+    let mut phone = sim::offline_phone(&client, &device_client, &merchant.merchant_id, &funds, clock.clone(), &rng)
+        .await
+        .context("setting up the consumer's phone with an offline credential")?;
+    let mut pos = sim::offline_terminal(&client, &merchant.merchant_id, clock, &rng)
+        .await
+        .context("setting up the certified terminal")?;
+    let profile = Profile::from(args.profile);
+    let mut to_phone = SoundChannel::new(profile, OFFLINE_SAMPLE_RATE_HZ)?.with_noise(args.snr_db, args.seed);
+    let mut to_pos =
+        SoundChannel::new(profile, OFFLINE_SAMPLE_RATE_HZ)?.with_noise(args.snr_db, args.seed.wrapping_add(1));
+    let purchase = sim::offline_purchase(
+        &mut pos,
+        &mut phone.wallet,
+        args.amount_minor,
+        &funds.currency,
+        &mut to_phone,
+        &mut to_pos,
+    )
+    .context("the purchase over sound")?;
+    let settlement = pos.settle().await.context("settling the terminal's queue")?;
+    let (transfer_id, receipt, reason) = match (settlement.settled.first(), settlement.refused.first()) {
+        (Some(settled), _) => (Some(settled.transfer_id.clone()), Some(b64::encode(&settled.receipt)), None),
+        (None, Some((_, reason))) => (None, None, Some(reason.clone())),
+        (None, None) => bail!("settlement answered nothing for the payment"),
+    };
+    let payment = purchase.payment;
+    let output = OfflineOutput {
+        payment_id: payment.payment_id,
+        settled: transfer_id.is_some(),
+        transfer_id,
+        receipt,
+        sound_seconds: millis(purchase.leg_a.audio_secs + purchase.leg_b.audio_secs),
+        reason,
+        merchant_id: merchant.merchant_id,
+        merchant_name: purchase.prompt.merchant_name,
+        terminal_id: pos.terminal_id(),
+        phone_device_id: phone.device_id,
+        consumer_id: phone.consumer_id,
+        credential_id: payment.credential_id,
+        counter: payment.counter,
+        amount_minor: payment.amount_minor,
+        currency: purchase.prompt.currency,
+        leg_a_bytes: purchase.leg_a.bytes.len(),
+        leg_b_bytes: purchase.leg_b.bytes.len(),
+        leg_a_seconds: millis(purchase.leg_a.audio_secs),
+        leg_b_seconds: millis(purchase.leg_b.audio_secs),
+        profile: profile.to_string(),
+        snr_db: args.snr_db,
+    };
+    remote.print(&output, |o| {
+        let outcome = match (&o.transfer_id, &o.reason) {
+            (Some(transfer), _) => format!("settled as transfer {transfer}, receipt signed by the server"),
+            (None, reason) => format!("refused: {}", reason.as_deref().unwrap_or("no reason given")),
+        };
+        format!(
+            "phone {} paid {}.{:02} {} to {} (terminal {}) offline, under credential {} counter {}\n\
+             by sound ({}, {} dB SNR): request {} bytes in {:.2} s, approval {} bytes in {:.2} s\n\
+             payment {}: {outcome}",
+            o.phone_device_id,
+            o.amount_minor / 100,
+            o.amount_minor % 100,
+            o.currency,
+            o.merchant_name,
+            o.terminal_id,
+            o.credential_id,
+            o.counter,
+            o.profile,
+            o.snr_db,
+            o.leg_a_bytes,
+            o.leg_a_seconds,
+            o.leg_b_bytes,
+            o.leg_b_seconds,
+            o.payment_id,
+        )
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Seconds to the millisecond, for output.
+fn millis(secs: f64) -> f64 {
+    (secs * 1_000.0).round() / 1_000.0
 }
 
 /// A consumer who owns `phone` and one payment account with a random, Luhn-valid

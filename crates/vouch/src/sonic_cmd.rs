@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use vouch_sonic::channel::{NoiseRng, recording};
 use vouch_sonic::{Encoder, PAYLOAD_BYTES_MAX, Profile, decode_all};
 
 /// SNR points of the benchmark, full-band (noise white from 0 Hz to Nyquist).
@@ -225,9 +226,8 @@ struct BenchRow {
     decode_ms_per_audio_sec: f64,
 }
 
-/// White Gaussian noise over the whole recording; variance = mean power of
-/// the transmitted waveform / 10^(SNR/10). Same definition as
-/// `bench/sonic_vs_ggwave.py`.
+/// White Gaussian noise over the whole recording, at full-band SNR
+/// ([`vouch_sonic::channel`]).
 fn bench(trials: usize, seed: u64, json: bool) -> Result<ExitCode> {
     let trials = trials.max(1);
     let mut rng = NoiseRng::new(seed);
@@ -258,20 +258,13 @@ fn bench_row(encoder: &Encoder, payload_bytes: usize, trials: usize, rng: &mut N
     for snr_db in BENCH_SNRS_DB {
         let (mut ok, mut wrong) = (0, 0);
         for _ in 0..trials {
-            let payload: Vec<u8> = (0..payload_bytes).map(|_| rng.next_u64() as u8).collect();
+            let payload = rng.bytes(payload_bytes);
             let started = Instant::now();
             let tx = encoder.encode(&payload)?;
             encode_secs += started.elapsed().as_secs_f64();
             audio_secs = tx.len() as f64 / rate_f;
-            let power = tx.iter().map(|&s| f64::from(s).powi(2)).sum::<f64>() / tx.len().max(1) as f64;
-            let sigma = (power / 10f64.powf(snr_db / 10.0)).sqrt();
             let lead = (rng.uniform() * BENCH_LEAD_MAX_SECS * rate_f) as usize;
-            let mut rx = vec![0.0f32; lead];
-            rx.extend_from_slice(&tx);
-            rx.resize(rx.len() + (BENCH_TAIL_SECS * rate_f) as usize, 0.0);
-            for sample in &mut rx {
-                *sample += (rng.gaussian() * sigma) as f32;
-            }
+            let rx = recording(&tx, lead, (BENCH_TAIL_SECS * rate_f) as usize, Some(snr_db), rng);
             recorded_secs += rx.len() as f64 / rate_f;
             let started = Instant::now();
             let result = decode_all(rate, &rx);
@@ -346,33 +339,6 @@ fn row_json(row: &BenchRow, trials: usize) -> String {
         row.decode_ms_per_audio_sec,
         points.join(",")
     )
-}
-
-/// xorshift64* with Box-Muller: reproducible payloads and noise from a seed.
-#[derive(Debug)]
-struct NoiseRng(u64);
-
-impl NoiseRng {
-    fn new(seed: u64) -> Self {
-        // A zero state would stay zero.
-        Self(seed ^ 0x9e37_79b9_7f4a_7c15)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    fn gaussian(&mut self) -> f64 {
-        let (u, v) = (self.uniform(), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-    }
 }
 
 #[cfg(test)]

@@ -219,12 +219,7 @@ impl CardReader {
     /// Pins `keys` too, as a re-provisioning after a server key rotation does; keys
     /// already pinned under the same id stay as they were.
     pub fn pin_keys(&mut self, keys: JwkSet) {
-        for key in keys.keys {
-            let known = key.kid.as_deref().is_some_and(|kid| self.pinned_keys.find(kid).is_some());
-            if !known {
-                self.pinned_keys.keys.push(key);
-            }
-        }
+        self.pinned_keys.pin(keys);
     }
 
     /// A fresh signed hello. Only a grant for the latest hello is accepted.

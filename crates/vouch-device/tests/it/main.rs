@@ -6,6 +6,7 @@ mod enrolment;
 mod instances;
 mod interop;
 mod iso8583;
+mod offline;
 mod session;
 mod support;
 mod token;

@@ -377,6 +377,100 @@ fn values_the_decoder_refuses_are_not_signed() {
     check_refused(certificate.sign(Some(SERVER_KID), &p.server, &p.rng), OfflineCheck::Payload);
 }
 
+#[test]
+fn both_sound_payloads_round_trip() {
+    let p = purchase();
+    let offer = PaymentOffer::new(&p.certificate, &p.request);
+    let bytes = offer.to_bytes();
+    assert_eq!(bytes.len(), p.certificate.bytes().len() + p.request.bytes().len());
+    let parsed = PaymentOffer::parse(&bytes).unwrap();
+    assert_eq!(parsed, offer);
+    assert_eq!((parsed.certificate(), parsed.request()), (p.certificate.bytes(), p.request.bytes()));
+    // What comes out verifies as the phone would verify it.
+    let certificate = verify_terminal_certificate(parsed.certificate(), p.server_key(), NOW).unwrap();
+    verify_payment_request(parsed.request(), certificate.value()).unwrap();
+
+    let reply = ApprovalReply::new(&p.approval, &p.credential);
+    let parsed = ApprovalReply::parse(&reply.to_bytes()).unwrap();
+    assert_eq!(parsed, reply);
+    assert_eq!((parsed.approval(), parsed.credential()), (p.approval.bytes(), p.credential.bytes()));
+    let credential = verify_credential(parsed.credential(), p.server_key()).unwrap();
+    verify_approval(parsed.approval(), &p.request, credential.value(), 50_00).unwrap();
+}
+
+/// Both sound payloads fit one vouch-sonic transmission (1,024 bytes) with room to spare.
+#[test]
+fn sound_payloads_are_small() {
+    let p = purchase();
+    let offer = PaymentOffer::new(&p.certificate, &p.request).to_bytes().len();
+    let reply = ApprovalReply::new(&p.approval, &p.credential).to_bytes().len();
+    assert!(offer < 512 && reply < 512, "offer {offer} bytes, reply {reply} bytes");
+}
+
+fn check_offer_refused(bytes: &[u8], expected: OfflineCheck, what: &str) {
+    match PaymentOffer::parse(bytes) {
+        Err(ProtoError::OfflineRefused { check, .. }) => assert_eq!(check, expected, "{what}"),
+        other => panic!("{what}: expected {expected:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_sound_payload_is_exactly_two_complete_items() {
+    let p = purchase();
+    let (certificate, request) = (p.certificate.bytes(), p.request.bytes());
+    let offer = PaymentOffer::new(&p.certificate, &p.request).to_bytes();
+    // Cut anywhere, including right after the first item and before anything.
+    for len in 0..offer.len() {
+        check_offer_refused(&offer[..len], OfflineCheck::Sequence, &format!("cut to {len} bytes"));
+    }
+    check_offer_refused(certificate, OfflineCheck::Sequence, "one item");
+    let mut trailing = offer.clone();
+    trailing.push(0);
+    check_offer_refused(&trailing, OfflineCheck::Sequence, "a trailing byte");
+    check_offer_refused(&[offer.as_slice(), request].concat(), OfflineCheck::Sequence, "three items");
+    check_offer_refused(&[offer.as_slice(), certificate].concat(), OfflineCheck::Sequence, "three items");
+    // Swapped, or the other leg's payload: each item must carry what its place expects.
+    check_offer_refused(&[request, certificate].concat(), OfflineCheck::Payload, "swapped");
+    check_offer_refused(&ApprovalReply::new(&p.approval, &p.credential).to_bytes(), OfflineCheck::Payload, "leg (b)");
+    let swapped = [p.credential.bytes(), p.approval.bytes()].concat();
+    assert!(
+        matches!(ApprovalReply::parse(&swapped), Err(ProtoError::OfflineRefused { check: OfflineCheck::Payload, .. })),
+        "swapped leg (b)"
+    );
+    // An item that is CBOR but not a tagged COSE_Sign1 in Vouch's encoding.
+    assert!(matches!(
+        PaymentOffer::parse(&[&certificate[1..], request].concat()),
+        Err(ProtoError::CoseRefused { why: crate::cose::CoseRefusal::Untagged, .. })
+    ));
+    let mut long_tag = vec![0xd8, 0x12];
+    long_tag.extend_from_slice(&certificate[1..]);
+    assert!(matches!(
+        PaymentOffer::parse(&[long_tag.as_slice(), request].concat()),
+        Err(ProtoError::CoseRefused { why: crate::cose::CoseRefusal::NonCanonical, .. })
+    ));
+}
+
+#[test]
+fn an_item_over_the_cose_limit_is_refused() {
+    let p = purchase();
+    // A well-formed tagged COSE_Sign1 whose payload alone is at the limit.
+    let payload = vec![0u8; crate::cose::COSE_SIGN1_BYTES_MAX];
+    let unsigned = coset::CoseSign1Builder::new()
+        .protected(coset::HeaderBuilder::new().algorithm(coset::iana::Algorithm::ES256).build())
+        .payload(payload)
+        .signature(vec![0; 64])
+        .build();
+    let big = coset::TaggedCborSerializable::to_tagged_vec(unsigned).unwrap();
+    let sequence = [big.as_slice(), p.request.bytes()].concat();
+    assert!(sequence.len() <= OFFLINE_SEQUENCE_BYTES_MAX);
+    assert!(matches!(
+        PaymentOffer::parse(&sequence),
+        Err(ProtoError::TooLarge { max: crate::cose::COSE_SIGN1_BYTES_MAX, .. })
+    ));
+    let whole = vec![0u8; OFFLINE_SEQUENCE_BYTES_MAX + 1];
+    assert!(matches!(PaymentOffer::parse(&whole), Err(ProtoError::TooLarge { max: OFFLINE_SEQUENCE_BYTES_MAX, .. })));
+}
+
 fn encode_value(value: &Value) -> Vec<u8> {
     let mut out = Vec::new();
     coset::cbor::ser::into_writer(value, &mut out).unwrap();
@@ -409,6 +503,14 @@ fn any_key() -> impl Strategy<Value = VerifyingKey> {
 
 fn any_currency() -> impl Strategy<Value = u16> {
     0..=CURRENCY_CODE_MAX
+}
+
+thread_local! {
+    /// Server, terminal and phone keys for property tests: generating keys per case is slow.
+    static SIGNERS: (SigningKey, SigningKey, SigningKey) = {
+        let rng = SystemRandom::new();
+        (SigningKey::generate(&rng).unwrap(), SigningKey::generate(&rng).unwrap(), SigningKey::generate(&rng).unwrap())
+    };
 }
 
 fn round_trips<T: WireType + PartialEq + std::fmt::Debug>(value: T) -> Result<(), TestCaseError> {
@@ -461,6 +563,35 @@ proptest! {
         settled_at in any::<i64>(),
     ) {
         round_trips(SignedReceipt { payment_id, transfer_id, amount_minor, currency, settled_at })?;
+    }
+
+    #[test]
+    fn sound_payloads_round_trip(
+        merchant_name in "\\PC{0,16}", amount_minor in any::<u64>(), nonce in any::<[u8; NONCE_BYTES]>(),
+        counter in any::<u64>(), time in any::<i64>(), limit_minor in any::<u64>(),
+    ) {
+        SIGNERS.with(|(server, terminal, phone)| {
+            let rng = SystemRandom::new();
+            let certificate = TerminalCertificate { merchant_name, ..certificate_for(terminal) }
+                .sign(Some(SERVER_KID), server, &rng).unwrap();
+            let request = PaymentRequest { amount_minor, nonce, time, ..request_for(certificate.value(), 1) }
+                .sign(None, terminal, &rng).unwrap();
+            let offer = PaymentOffer::new(&certificate, &request);
+            prop_assert_eq!(PaymentOffer::parse(&offer.to_bytes())?, offer);
+            let credential = OfflineCredential { limit_minor, ..credential_for(phone) }
+                .sign(Some(SERVER_KID), server, &rng).unwrap();
+            let approval = ConsumerApproval { counter, time, ..approval_for(&request, credential.value(), time) }
+                .sign(None, phone, &rng).unwrap();
+            let reply = ApprovalReply::new(&approval, &credential);
+            prop_assert_eq!(ApprovalReply::parse(&reply.to_bytes())?, reply);
+            Ok(())
+        })?;
+    }
+
+    #[test]
+    fn arbitrary_sound_payloads_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let _ = PaymentOffer::parse(&bytes);
+        let _ = ApprovalReply::parse(&bytes);
     }
 
     #[test]

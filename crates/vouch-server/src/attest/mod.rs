@@ -433,7 +433,9 @@ async fn verify_ticket(
 
 /// The check every capability makes before it trusts a ticket: signature by a
 /// published key, expiry, and — now, not at issue — the device active and still
-/// holding the key the ticket names. The inner error is the refusal reason.
+/// holding the key the ticket names. The inner error is the refusal reason. A phone
+/// calling with a token issued on its ticket is checked against what the ticket
+/// allowed by [`crate::token::DpopCaller::require_ticket`].
 pub async fn check_ticket(state: &AppState, token: &str) -> ApiResult<Result<TicketClaims, &'static str>> {
     let claims = match wire::verify_ticket(token, |kid| state.keys.verifying_key(kid), &*state.clock) {
         Ok(claims) => claims,

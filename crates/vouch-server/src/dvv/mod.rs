@@ -22,7 +22,6 @@ use serde_json::json;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use vouch_proto::attest::EarStatus;
 use vouch_proto::crypto::random_bytes;
 use vouch_proto::dvv::{AccountRef, Assurance, Digits, DvvKeys, ISSUE_NONCE_BYTES};
 use vouch_proto::enrol::DeviceKind;
@@ -445,22 +444,8 @@ async fn issue_checked(state: &AppState, caller: &DpopCaller, body: &DvvRequest)
             ));
         }
     };
+    caller.require_ticket(DVV_OPERATION, config.dvv_risk_threshold)?;
     let token = &caller.token;
-    if token.ear_status != EarStatus::Affirming {
-        return Err(ApiError::forbidden(
-            "ticket-not-affirming",
-            format!("the phone's attestation is {}, expected affirming", token.ear_status.as_str()),
-        ));
-    }
-    if !token.operations.iter().any(|op| op == DVV_OPERATION) {
-        return Err(ApiError::forbidden("operation-not-allowed", "the phone's ticket does not allow dvv"));
-    }
-    if token.risk >= config.dvv_risk_threshold {
-        return Err(ApiError::forbidden(
-            "risk-too-high",
-            format!("the phone's risk {} is at or above the threshold {}", token.risk, config.dvv_risk_threshold),
-        ));
-    }
     let assurance = assurance_for(token.risk, config.dvv_risk_threshold);
     let category_policy = body.merchant_category.as_ref().and_then(|c| config.dvv_category_policies.get(c));
     let policy = category_policy.copied().unwrap_or(config.dvv_policy);

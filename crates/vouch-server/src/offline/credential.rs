@@ -9,16 +9,15 @@ use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
-use vouch_proto::attest::EarStatus;
+use vouch_proto::b64;
 use vouch_proto::enrol::DeviceKind;
-use vouch_proto::offline::{OfflineCredential, TerminalCertificate, WireType};
-use vouch_proto::{VerifyingKey, b64};
+use vouch_proto::offline::TerminalCertificate;
 use vouch_store::{
     Account, AccountKind, DeviceStatus, OfflineCredentialRecord, TRANSFER_AMOUNT_MAX_MINOR, Transfer, TransferOutcome,
     TransferRefusal,
 };
 
-use super::{OFFLINE_OPERATION, currency_numeric, id_bytes, sign_wire};
+use super::{OFFLINE_OPERATION, credential_of, currency_numeric, id_bytes, sign_wire, sign_with};
 use crate::auth::{ApiCaller, Scope};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::{ApiJson, ApiPath};
@@ -69,30 +68,16 @@ pub(super) async fn issue_credential(
 
 async fn issue_checked(state: &AppState, caller: &DpopCaller, body: CredentialRequest) -> ApiResult<IssuedCredential> {
     check_currency(&body.currency)?;
-    let Some(currency_code) = currency_numeric(&body.currency) else {
+    if currency_numeric(&body.currency).is_none() {
         return Err(ApiError::unprocessable("unsupported-currency", format!("{} is not supported", body.currency)));
-    };
+    }
     let config = &state.config;
     let phone = caller.device_id();
     let Some(consumer_id) = state.store.consumer_of_device(phone).await? else {
         return Err(ApiError::forbidden("not-a-consumer-phone", "the calling device belongs to no consumer"));
     };
+    require_offline_ticket(state, caller)?;
     let token = &caller.token;
-    if token.ear_status != EarStatus::Affirming {
-        return Err(ApiError::forbidden(
-            "ticket-not-affirming",
-            format!("the phone's attestation is {}, expected affirming", token.ear_status.as_str()),
-        ));
-    }
-    if !token.operations.iter().any(|op| op == OFFLINE_OPERATION) {
-        return Err(ApiError::forbidden("operation-not-allowed", "the phone's ticket does not allow offline"));
-    }
-    if token.risk >= config.offline_risk_threshold {
-        return Err(ApiError::forbidden(
-            "risk-too-high",
-            format!("the phone's risk {} is at or above the threshold {}", token.risk, config.offline_risk_threshold),
-        ));
-    }
     let limit_max = token.max_amount_minor.min(config.offline_limit_max_minor).min(TRANSFER_AMOUNT_MAX_MINOR);
     if !(1..=limit_max).contains(&body.limit_minor) {
         return Err(ApiError::unprocessable("invalid-limit", format!("limit_minor must be 1 to {limit_max}")));
@@ -122,6 +107,12 @@ async fn issue_checked(state: &AppState, caller: &DpopCaller, body: CredentialRe
         issued_at: now,
         not_after,
         revoked_at: None,
+        settled_minor: 0,
+        counter_end: None,
+        closed_at: None,
+        closed_spent_minor: None,
+        closed_settled_minor: None,
+        refreshed_from: None,
     };
     let (actor, ticket_id, risk) = (format!("device:{phone}"), token.ticket_id.clone(), token.risk);
     let funding_account_id = body.funding_account_id;
@@ -151,9 +142,10 @@ async fn issue_checked(state: &AppState, caller: &DpopCaller, body: CredentialRe
                     return Ok(Err(Refusal::InsufficientFunds));
                 }
                 let counter_start = tx.next_counter_start(&record.device_id).await?;
+                let record = OfflineCredentialRecord { counter_start, ..record };
                 // Signed before anything is written: a credential is recorded only
                 // together with the signature the phone receives.
-                let signed = match sign_credential(&*keys, &record, counter_start, &phone_key, currency_code) {
+                let signed = match sign_credential(&*keys, &record) {
                     Ok(signed) => signed,
                     Err(e) => return Ok(Err(Refusal::Signing(e))),
                 };
@@ -167,8 +159,7 @@ async fn issue_checked(state: &AppState, caller: &DpopCaller, body: CredentialRe
                         reserve_account
                     }
                 };
-                let record =
-                    OfflineCredentialRecord { reserve_account_id: reserve.id.clone(), counter_start, ..record };
+                let record = OfflineCredentialRecord { reserve_account_id: reserve.id.clone(), ..record };
                 let transfer = Transfer {
                     id: reserve_transfer_id(&record.id),
                     debit_account_id: funding.id.clone(),
@@ -207,7 +198,7 @@ async fn issue_checked(state: &AppState, caller: &DpopCaller, body: CredentialRe
         .await;
     let (record, bytes) = match written {
         Ok(Ok(written)) => written,
-        Ok(Err(Refusal::Signing(e))) => return Err(ApiError::internal(e)),
+        Ok(Err(Refusal::Signing(e))) => return Err(e),
         Ok(Err(Refusal::NoFundingAccount)) => {
             return Err(ApiError::unprocessable(
                 "no-funding-account",
@@ -219,42 +210,39 @@ async fn issue_checked(state: &AppState, caller: &DpopCaller, body: CredentialRe
         }
         Err(e) => return Err(e.into()),
     };
-    Ok(IssuedCredential {
-        credential: b64::encode(&bytes),
-        credential_id: record.id,
-        limit_minor: record.limit_minor,
-        currency: record.currency,
-        counter_start: record.counter_start,
-        not_after: record.not_after,
-    })
+    Ok(IssuedCredential::new(&record, &bytes))
 }
 
 enum Refusal {
     NoFundingAccount,
     InsufficientFunds,
-    Signing(String),
+    Signing(ApiError),
 }
 
-/// The COSE credential for `record`, starting to count at `counter_start`.
-fn sign_credential(
-    keys: &dyn KeyStore,
-    record: &OfflineCredentialRecord,
-    counter_start: i64,
-    phone_key: &VerifyingKey,
-    currency: u16,
-) -> Result<Vec<u8>, String> {
-    let credential = OfflineCredential {
-        credential_id: id_bytes(&record.id).map_err(|_| format!("credential id {} is not a UUID", record.id))?,
-        phone_key: *phone_key,
-        limit_minor: u64::try_from(record.limit_minor).map_err(|e| e.to_string())?,
-        currency,
-        counter_start: u64::try_from(counter_start).map_err(|e| e.to_string())?,
-        not_after: record.not_after,
-        issued_at: record.issued_at,
-    };
-    let payload = credential.to_cbor();
-    OfflineCredential::from_cbor(&payload).map_err(|e| e.to_string())?;
-    keys.sign_cose(&payload, OfflineCredential::AAD).map_err(|e| e.to_string())
+impl IssuedCredential {
+    /// The answer for `record`, whose signed credential is `signed`.
+    pub(super) fn new(record: &OfflineCredentialRecord, signed: &[u8]) -> Self {
+        IssuedCredential {
+            credential: b64::encode(signed),
+            credential_id: record.id.clone(),
+            limit_minor: record.limit_minor,
+            currency: record.currency.clone(),
+            counter_start: record.counter_start,
+            not_after: record.not_after,
+        }
+    }
+}
+
+/// The ticket checks before a credential is issued, at a sync too: the phone's
+/// attestation is affirming, its ticket allows `offline`, and its risk is under the
+/// configured threshold.
+pub(super) fn require_offline_ticket(state: &AppState, caller: &DpopCaller) -> ApiResult<()> {
+    caller.require_ticket(OFFLINE_OPERATION, state.config.offline_risk_threshold)
+}
+
+/// The COSE credential the phone receives for `record`.
+pub(super) fn sign_credential(keys: &dyn KeyStore, record: &OfflineCredentialRecord) -> ApiResult<Vec<u8>> {
+    sign_with(keys, &credential_of(record)?)
 }
 
 /// The id of the transfer that sets a credential's limit aside: one per credential.

@@ -11,24 +11,32 @@
 //! from the credential's), with the credential's row and its audit entry, so whatever
 //! the phone pays under it is already set aside.
 //!
-//! `credential` issues both; `settle` settles what terminals collected.
+//! `credential` issues both; `settle` settles what terminals collected; `sync` gives a
+//! phone its receipts and closes and refreshes the credential it pays under.
 
 mod credential;
 mod settle;
+mod sync;
 
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use vouch_proto::VerifyingKey;
+pub(super) use vouch_proto::offline::currency_alpha;
+pub use vouch_proto::offline::currency_numeric;
 use vouch_proto::offline::{ID_BYTES, Id, OfflineCredential, WireType};
 use vouch_store::OfflineCredentialRecord;
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
+use crate::keys::KeyStore;
 
 pub use credential::{CredentialRequest, IssuedCredential, IssuedTerminalCertificate, reserve_transfer_id};
 pub use settle::{
     OfflinePayment, SETTLEMENT_BATCH_MAX, SETTLEMENT_BODY_BYTES_MAX, SettlementRequest, SettlementResult,
     SettlementResults, SettlementStatus,
+};
+pub use sync::{
+    ClosedCredentialView, OfflineReceipt, RECEIPTS_CURSOR_LAG_SECS, SYNC_RECEIPTS_MAX, SyncAnswer, SyncRequest,
 };
 
 /// The operation a phone's ticket must allow.
@@ -39,27 +47,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(credential::issue_terminal_certificate))
         .routes(routes!(credential::issue_credential))
         .routes(routes!(settle::settle_payments))
-}
-
-/// ISO 4217 numeric code of the alphabetic codes accounts are opened in; an offline
-/// credential carries the numeric one.
-const CURRENCIES: &[(&str, u16)] = &[
-    ("AUD", 36),
-    ("CAD", 124),
-    ("CHF", 756),
-    ("CZK", 203),
-    ("DKK", 208),
-    ("EUR", 978),
-    ("GBP", 826),
-    ("JPY", 392),
-    ("NOK", 578),
-    ("PLN", 985),
-    ("SEK", 752),
-    ("USD", 840),
-];
-
-pub fn currency_numeric(alpha: &str) -> Option<u16> {
-    CURRENCIES.iter().find(|(code, _)| *code == alpha).map(|(_, numeric)| *numeric)
+        .routes(routes!(sync::sync))
 }
 
 /// The 16 bytes of the UUID behind a server id (`prefix_<32 hex digits>`).
@@ -73,20 +61,22 @@ pub fn id_bytes(id: &str) -> ApiResult<Id> {
 /// Signs a wire type with the server's active key. The payload is decoded again first,
 /// so a value the verifier would refuse is never signed.
 pub fn sign_wire<T: WireType>(state: &AppState, value: &T) -> ApiResult<Vec<u8>> {
+    sign_with(&*state.keys, value)
+}
+
+/// [`sign_wire`] with the key store alone, for work inside a write that holds no state.
+pub(super) fn sign_with<T: WireType>(keys: &dyn KeyStore, value: &T) -> ApiResult<Vec<u8>> {
     let payload = value.to_cbor();
     T::from_cbor(&payload).map_err(ApiError::internal)?;
-    state.keys.sign_cose(&payload, T::AAD).map_err(ApiError::internal)
+    keys.sign_cose(&payload, T::AAD).map_err(ApiError::internal)
 }
 
 pub(super) fn server_id(prefix: &str, bytes: &Id) -> String {
     format!("{prefix}_{}", uuid::Uuid::from_bytes(*bytes).simple())
 }
 
-pub(super) fn currency_alpha(numeric: u16) -> Option<&'static str> {
-    CURRENCIES.iter().find(|(_, code)| *code == numeric).map(|(alpha, _)| *alpha)
-}
-
-/// The credential as the phone holds it, rebuilt from its row.
+/// The credential as the phone holds it, rebuilt from its row; once the credential is
+/// closed, with the lowered limit.
 pub(super) fn credential_of(record: &OfflineCredentialRecord) -> ApiResult<OfflineCredential> {
     let corrupt = |what: &str| ApiError::internal(format!("offline credential {}: {what}", record.id));
     Ok(OfflineCredential {

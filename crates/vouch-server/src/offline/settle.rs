@@ -33,8 +33,7 @@ use vouch_proto::offline::{
 };
 use vouch_proto::{ProtoError, VerifyingKey, b64};
 use vouch_store::{
-    AuditEntry, LockedCredential, OfflineCredentialRecord, OfflinePaymentRecord, StoreError, Transfer, TransferOutcome,
-    Tx,
+    AuditEntry, OfflineCredentialRecord, OfflinePaymentRecord, SpendRefusal, StoreError, Transfer, TransferOutcome, Tx,
 };
 
 use super::{credential_of, currency_alpha, server_id, sign_wire, to_hex};
@@ -486,7 +485,7 @@ enum Decision {
 
 /// A credential as the batch's payments leave it.
 struct Balance<'a> {
-    locked: &'a LockedCredential,
+    record: &'a OfflineCredentialRecord,
     settled_minor: i64,
     revoked: bool,
 }
@@ -514,15 +513,14 @@ impl<'a> Spent<'a> {
 /// locked credential, and the payments of the batch settled before it.
 fn decide(
     batch: &[Option<&OfflinePaymentRecord>],
-    credentials: &[LockedCredential],
+    credentials: &[OfflineCredentialRecord],
     stored: &[OfflinePaymentRecord],
 ) -> Vec<Option<Decision>> {
     let mut balances: HashMap<&str, Balance> = credentials
         .iter()
-        .map(|locked| {
-            let balance =
-                Balance { locked, settled_minor: locked.settled_minor, revoked: locked.record.revoked_at.is_some() };
-            (locked.record.id.as_str(), balance)
+        .map(|record| {
+            let balance = Balance { record, settled_minor: record.settled_minor, revoked: record.revoked_at.is_some() };
+            (record.id.as_str(), balance)
         })
         .collect();
     let mut spent = Spent::default();
@@ -555,10 +553,10 @@ fn decide(
 
 /// The rules that need the ledger's state, in order, for a payment not settled before:
 /// this is where each is applied, and the only place. A double spend revokes the
-/// credential for the batch's later payments; a settled payment counts against the
-/// credential's limit.
+/// credential for the batch's later payments; a counter at or above the end a sync set
+/// is refused; a settled payment counts against the credential's limit.
 fn against_credential(payment: &OfflinePaymentRecord, balance: &mut Balance, spent: &Spent) -> Decision {
-    let record = &balance.locked.record;
+    let record = balance.record;
     if balance.revoked {
         return Decision::Refused(Refusal::new("credential-revoked", format!("credential {} is revoked", record.id)));
     }
@@ -568,6 +566,10 @@ fn against_credential(payment: &OfflinePaymentRecord, balance: &mut Balance, spe
     }
     if spent.nonces.contains(payment.nonce.as_str()) {
         return Decision::Refused(Refusal::nonce_reused());
+    }
+    if let Some(counter_end) = record.counter_end.filter(|end| payment.counter >= *end) {
+        let refusal = SpendRefusal::CounterClosed { counter_end };
+        return Decision::Refused(Refusal::new(refusal.reason(), refusal.to_string()));
     }
     let left = record.limit_minor.saturating_sub(balance.settled_minor);
     if payment.amount_minor > left {
@@ -632,19 +634,25 @@ async fn write_batch(
     settling.retain(|&i| decisions[i].as_ref() == Some(&Decision::Settle));
     settling.sort_unstable();
 
-    let mut spent: HashMap<&str, i64> = HashMap::new();
+    // Each credential's share: what its settled payments move, and their highest counter.
+    let mut spent: HashMap<&str, (i64, i64)> = HashMap::new();
     for &i in &settling {
         if let Some(payment) = payments[i] {
-            *spent.entry(payment.credential_id.as_str()).or_default() += payment.amount_minor;
+            let (amount_minor, counter) = spent.entry(payment.credential_id.as_str()).or_default();
+            *amount_minor += payment.amount_minor;
+            *counter = (*counter).max(payment.counter);
         }
     }
-    let spent: Vec<(&str, i64)> = spent.into_iter().collect();
-    // The credentials are locked and `decide` kept within their limits.
-    if tx.spend_offline_credentials(&spent).await? != spent.len() {
-        return Err(StoreError::Corrupt {
-            what: "offline credential",
-            detail: "a spend decided under the credential's lock was refused".to_owned(),
-        });
+    let mut spent: Vec<(&str, (i64, i64))> = spent.into_iter().collect();
+    spent.sort_unstable();
+    for (credential_id, (amount_minor, counter)) in spent {
+        // The credential is locked and `decide` kept within its limit and counters.
+        if let Err(refusal) = tx.spend_offline_credential(credential_id, counter, amount_minor).await? {
+            return Err(StoreError::Corrupt {
+                what: "offline credential",
+                detail: format!("{credential_id} refused a spend decided under its lock: {refusal}"),
+            });
+        }
     }
     let merchants = settlement_accounts(tx, &settling, &payments, now).await?;
     let mut transfers = Vec::with_capacity(settling.len());
@@ -766,22 +774,25 @@ fn double_spend_entry(
 mod tests {
     use super::*;
 
-    fn credential(id: &str, limit_minor: i64, settled_minor: i64, revoked: bool) -> LockedCredential {
-        LockedCredential {
-            record: OfflineCredentialRecord {
-                id: id.into(),
-                device_id: "dev_phone".into(),
-                consumer_id: "con_1".into(),
-                reserve_account_id: "acc_reserve".into(),
-                public_key: vec![4; 65],
-                limit_minor,
-                currency: "EUR".into(),
-                counter_start: 0,
-                issued_at: 0,
-                not_after: 100,
-                revoked_at: revoked.then_some(50),
-            },
+    fn credential(id: &str, limit_minor: i64, settled_minor: i64, revoked: bool) -> OfflineCredentialRecord {
+        OfflineCredentialRecord {
+            id: id.into(),
+            device_id: "dev_phone".into(),
+            consumer_id: "con_1".into(),
+            reserve_account_id: "acc_reserve".into(),
+            public_key: vec![4; 65],
+            limit_minor,
+            currency: "EUR".into(),
+            counter_start: 0,
+            issued_at: 0,
+            not_after: 100,
+            revoked_at: revoked.then_some(50),
             settled_minor,
+            counter_end: None,
+            closed_at: None,
+            closed_spent_minor: None,
+            closed_settled_minor: None,
+            refreshed_from: None,
         }
     }
 

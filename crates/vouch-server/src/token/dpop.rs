@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::Response;
 use vouch_proto::ProtoError;
+use vouch_proto::attest::EarStatus;
 use vouch_proto::crypto::sha256;
 use vouch_proto::dpop::{self, DpopCheck, NonceKey, ProofContext, VerifiedProof};
 use vouch_proto::token::{AccessTokenClaims, verify_access_token};
@@ -263,6 +264,33 @@ pub struct DpopCaller {
 impl DpopCaller {
     pub fn device_id(&self) -> &str {
         &self.token.sub
+    }
+
+    /// What a phone's token must show before it is given something to pay with: the
+    /// attestation it was issued on is affirming, its ticket allows `operation`, and
+    /// its risk is under `risk_threshold`. (The ticket itself was checked, by
+    /// [`crate::attest::check_ticket`], when the token was issued.)
+    pub fn require_ticket(&self, operation: &str, risk_threshold: u8) -> ApiResult<()> {
+        let token = &self.token;
+        if token.ear_status != EarStatus::Affirming {
+            return Err(ApiError::forbidden(
+                "ticket-not-affirming",
+                format!("the phone's attestation is {}, expected affirming", token.ear_status.as_str()),
+            ));
+        }
+        if !token.operations.iter().any(|op| op == operation) {
+            return Err(ApiError::forbidden(
+                "operation-not-allowed",
+                format!("the phone's ticket does not allow {operation}"),
+            ));
+        }
+        if token.risk >= risk_threshold {
+            return Err(ApiError::forbidden(
+                "risk-too-high",
+                format!("the phone's risk {} is at or above the threshold {risk_threshold}", token.risk),
+            ));
+        }
+        Ok(())
     }
 }
 

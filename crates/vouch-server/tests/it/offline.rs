@@ -5,18 +5,22 @@ use serde_json::{Value, json};
 use vouch_proto::crypto::SystemRandom;
 use vouch_proto::enrol::DeviceKind;
 use vouch_proto::offline::{
-    ConsumerApproval, MerchantCountersignature, PaymentRequest, TerminalCertificate, WireType, countersignature_digest,
-    payment_id, verify_credential, verify_payment_request, verify_receipt, verify_terminal_certificate,
+    ConsumerApproval, MerchantCountersignature, OfflineCredential, PaymentRequest, TerminalCertificate, WireType,
+    countersignature_digest, payment_id, verify_credential, verify_payment_request, verify_receipt,
+    verify_terminal_certificate,
 };
 use vouch_proto::{ProtoError, VerifyingKey, b64};
 use vouch_server::Config;
+use vouch_server::offline::{RECEIPTS_CURSOR_LAG_SECS, SYNC_RECEIPTS_MAX};
+use vouch_store::{OfflineCredentialRecord, OfflinePaymentRecord};
 
 use crate::attest::{DeviceHealth, Enrolled, fixture};
 use crate::dvv::{Market, outdated_phone, risk_tolerant_policy};
 use crate::support::{Reply, TestServer, assert_problem};
-use crate::token::Holder;
+use crate::token::{Holder, protected_request};
 
 const CREDENTIALS: &str = "/v1/offline/credentials";
+const SYNC: &str = "/v1/offline/sync";
 
 /// The server's key named by a COSE kid, from the published JWK Set.
 pub async fn server_key(server: &TestServer) -> impl Fn(Option<&[u8]>) -> Result<VerifyingKey, ProtoError> {
@@ -132,6 +136,18 @@ impl Wallet {
         ask(&mut self.market.phone, &self.market.session.token.clone(), body).await
     }
 
+    async fn sync(&mut self, body: Value) -> Reply {
+        post_as(&mut self.market.phone, &self.market.session.token.clone(), SYNC, body).await
+    }
+
+    /// A sync answered 200, as a phone must keep it.
+    async fn synced(&mut self, body: Value) -> Value {
+        let reply = self.sync(body).await;
+        assert_eq!(reply.status.as_u16(), 200, "{}", reply.json);
+        assert_eq!(reply.headers["cache-control"], "no-store");
+        reply.json
+    }
+
     async fn balance(&self, account_id: &str) -> i64 {
         let admin = Some(self.server().admin_key.as_str());
         let account = self.server().expect(200, "GET", &format!("/v1/accounts/{account_id}"), admin, None).await;
@@ -140,8 +156,13 @@ impl Wallet {
 }
 
 async fn ask(phone: &mut Holder, token: &str, body: Value) -> Reply {
-    let proof = phone.proof("POST", CREDENTIALS, Some(token));
-    phone.protected(CREDENTIALS, Some(format!("DPoP {token}")), &[proof], body).await
+    post_as(phone, token, CREDENTIALS, body).await
+}
+
+/// A DPoP-protected POST of the phone.
+async fn post_as(phone: &mut Holder, token: &str, path: &str, body: Value) -> Reply {
+    let proof = phone.proof("POST", path, Some(token));
+    phone.protected(path, Some(format!("DPoP {token}")), &[proof], body).await
 }
 
 #[tokio::test]
@@ -250,6 +271,10 @@ async fn a_ticket_must_allow_offline() {
     let mut wallet = Wallet::on(market, 1_000).await;
     let reply = wallet.ask(json!({"currency": "EUR", "limit_minor": 100})).await;
     assert_problem("no offline operation", &reply, 403, "operation-not-allowed");
+    let reply = wallet.sync(refresh_of(UNKNOWN_CREDENTIAL, 1, 0)).await;
+    assert_problem("refresh", &reply, 403, "operation-not-allowed");
+    // Receipts alone need no offline permission.
+    assert_eq!(wallet.synced(json!({})).await["receipts"], json!([]));
 }
 
 #[tokio::test]
@@ -270,11 +295,15 @@ async fn a_risky_or_unaffirmed_phone_gets_no_credential() {
     let mut wallet = Wallet::on(market, 1_000).await;
     let reply = wallet.ask(json!({"currency": "EUR", "limit_minor": 100})).await;
     assert_problem("risk", &reply, 403, "risk-too-high");
+    let reply = wallet.sync(refresh_of(UNKNOWN_CREDENTIAL, 1, 0)).await;
+    assert_problem("risk, refresh", &reply, 403, "risk-too-high");
 
     let market = Market::with(|c| c.attest_spot_check_share = 1.0, &outdated_phone()).await;
     let mut wallet = Wallet::on(market, 1_000).await;
     let reply = wallet.ask(json!({"currency": "EUR", "limit_minor": 100})).await;
     assert_problem("warning", &reply, 403, "ticket-not-affirming");
+    let reply = wallet.sync(refresh_of(UNKNOWN_CREDENTIAL, 1, 0)).await;
+    assert_problem("warning, refresh", &reply, 403, "ticket-not-affirming");
     assert_eq!(wallet.balance(&wallet.funding_id.clone()).await, 1_000);
 }
 
@@ -450,6 +479,27 @@ async fn settlement_holds_on_postgres() {
     shop.server().assert_audit_intact("on postgres").await;
 }
 
+/// The same batch sent twice at once: on PostgreSQL the two requests settle under one
+/// credential concurrently, and each payment still settles once and revokes nothing.
+#[tokio::test]
+async fn the_same_batch_sent_twice_at_once_settles_each_payment_once_on_postgres() {
+    let Some(url) = crate::support::postgres_url().await else { return };
+    let market = Market::with(|config| config.database_url = url, &DeviceHealth::clean()).await;
+    let mut shop = Shop::on(Wallet::on(market, 10_000).await, 4_000).await;
+    let batch: Vec<Value> = (0..20).map(|_| shop.payment(100)).collect();
+    let (first, second) = tokio::join!(shop.settle(&batch), shop.settle(&batch));
+    for (a, b) in first.iter().zip(&second) {
+        let mut statuses = [a["status"].as_str().unwrap(), b["status"].as_str().unwrap()];
+        statuses.sort_unstable();
+        assert_eq!(statuses, ["already_settled", "settled"], "{a} {b}");
+        assert_eq!(a["receipt"], b["receipt"]);
+    }
+    let record = shop.server().state.store.offline_credential(&shop.credential_id).await.unwrap();
+    assert_eq!((record.revoked_at, record.settled_minor), (None, 2_000));
+    assert_eq!(shop.merchant_balance().await, 2_000);
+    assert!(shop.server().state.store.ledger_imbalance().await.unwrap().is_empty());
+}
+
 #[tokio::test]
 async fn a_double_spend_is_refused_revokes_the_credential_and_is_audited() {
     let mut shop = Shop::new(4_000).await;
@@ -575,8 +625,418 @@ async fn a_malformed_batch_is_a_problem_and_settlement_needs_a_terminal_key() {
     assert_eq!(reply.json["results"][0]["status"], "settled");
 }
 
-/// A credential id the server never issued.
-const UNKNOWN_CREDENTIAL: &str = "ocr_0000000000000000000000000000000f";
+const UNKNOWN_CREDENTIAL: &str = "ocr_00000000000000000000000000000000";
+
+/// A sync that closes and refreshes `credential_id`.
+fn refresh_of(credential_id: &str, counter_next: u64, spent_minor: i64) -> Value {
+    json!({"credential_id": credential_id, "counter_next": counter_next, "spent_minor": spent_minor})
+}
+
+impl Shop {
+    /// Pays from now on under the credential `issued` answers with.
+    fn pay_under(&mut self, issued: &Value) {
+        self.credential_id = issued["credential_id"].as_str().unwrap().to_owned();
+        self.counter = issued["counter_start"].as_u64().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_sync_gives_the_phone_its_receipts_which_verify_with_the_server_key() {
+    let mut shop = Shop::new(4_000).await;
+    let answer = shop.wallet.synced(json!({})).await;
+    assert_eq!(answer, json!({"receipts": [], "next_cursor": null, "more": false, "credential": null, "closed": null}));
+    let payments = [shop.payment(1_000), shop.payment(500)];
+    let settled = shop.settle(&payments).await;
+    let answer = shop.wallet.synced(json!({})).await;
+    assert_eq!(
+        (&answer["more"], &answer["credential"], &answer["closed"]),
+        (&json!(false), &Value::Null, &Value::Null)
+    );
+    let receipts = answer["receipts"].as_array().unwrap();
+    assert_eq!(receipts.len(), 2);
+    let key = server_key(shop.server()).await;
+    let merchant_id = shop.wallet.market.phone.fx.merchant_id.clone();
+    for (counter, amount_minor, result) in [(1, 1_000, &settled[0]), (2, 500, &settled[1])] {
+        let receipt = receipts.iter().find(|r| r["payment_id"] == result["payment_id"]).unwrap();
+        let expected = json!({
+            "payment_id": result["payment_id"], "transfer_id": result["transfer_id"], "receipt": result["receipt"],
+            "credential_id": shop.credential_id, "counter": counter, "amount_minor": amount_minor, "currency": "EUR",
+            "merchant_id": merchant_id, "settled_at": receipt["settled_at"],
+        });
+        assert_eq!(receipt, &expected);
+        let bytes = b64::decode("receipt", receipt["receipt"].as_str().unwrap()).unwrap();
+        let verified = verify_receipt(&bytes, &key).unwrap();
+        let r = verified.value();
+        let hex: String = r.payment_id.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            (hex.as_str(), r.amount_minor, r.currency),
+            (receipt["payment_id"].as_str().unwrap(), amount_minor, 978)
+        );
+        assert_eq!(r.settled_at, receipt["settled_at"].as_i64().unwrap());
+    }
+    drop(key);
+    // The cursor stays behind the newest receipts, so one stamped earlier that commits
+    // later is still read.
+    assert_eq!(answer["next_cursor"], Value::Null);
+    let late = OfflinePaymentRecord {
+        payment_id: "0".repeat(64),
+        nonce: "0".repeat(32),
+        counter: 99,
+        settled_at: shop.server().now() - 1,
+        ..shop.server().state.store.offline_payment(settled[0]["payment_id"].as_str().unwrap()).await.unwrap().unwrap()
+    };
+    let store = shop.server().state.store.clone();
+    store.write(move |tx| Box::pin(async move { tx.insert_offline_payments(&[&late]).await })).await.unwrap();
+    let answer = shop.wallet.synced(json!({})).await;
+    assert_eq!(answer["receipts"].as_array().unwrap().len(), 3);
+    assert_eq!(answer["receipts"][0]["payment_id"], "0".repeat(64));
+    let phone = &mut shop.wallet.market.phone;
+    phone.fx.clock.advance(RECEIPTS_CURSOR_LAG_SECS + 1);
+    // The server's nonce may have moved on by two windows meanwhile.
+    phone.nonce = phone.fx.server.state.dpop.current_nonce(phone.fx.server.now()).unwrap();
+    let answer = shop.wallet.synced(json!({})).await;
+    let last = &answer["receipts"][2];
+    let cursor = json!(format!("{}.{}", last["settled_at"], last["payment_id"].as_str().unwrap()));
+    assert_eq!(answer["next_cursor"], cursor);
+    let after = shop.wallet.synced(json!({"receipts_after": cursor})).await;
+    assert_eq!((&after["receipts"], &after["next_cursor"], &after["more"]), (&json!([]), &cursor, &json!(false)));
+}
+
+#[tokio::test]
+async fn receipts_come_a_page_at_a_time_after_the_cursor() {
+    let mut shop = Shop::new(4_000).await;
+    let payment = shop.payment(100);
+    let newest = shop.settle_one(&payment).await;
+    // More settled payments than one answer holds, all older than the one above.
+    let (credential_id, merchant_id) = (shop.credential_id.clone(), shop.wallet.market.phone.fx.merchant_id.clone());
+    let older: Vec<OfflinePaymentRecord> = (0..SYNC_RECEIPTS_MAX as i64)
+        .map(|i| OfflinePaymentRecord {
+            payment_id: format!("{:064x}", 1_000 - i),
+            credential_id: credential_id.clone(),
+            counter: 1_000 + i,
+            nonce: format!("{i:032x}"),
+            amount_minor: 1,
+            currency: "EUR".into(),
+            merchant_id: merchant_id.clone(),
+            terminal_id: shop.terminal.device_id.clone(),
+            receipt: vec![0xd2, 0x84],
+            settled_at: 1_000 + i / 100,
+        })
+        .collect();
+    shop.server()
+        .state
+        .store
+        .write(move |tx| {
+            Box::pin(async move {
+                let older: Vec<&OfflinePaymentRecord> = older.iter().collect();
+                tx.insert_offline_payments(&older).await.map(drop)
+            })
+        })
+        .await
+        .unwrap();
+    let first = shop.wallet.synced(json!({})).await;
+    let page = first["receipts"].as_array().unwrap();
+    assert_eq!((page.len(), &first["more"]), (SYNC_RECEIPTS_MAX, &json!(true)));
+    let positions: Vec<(i64, &str)> =
+        page.iter().map(|r| (r["settled_at"].as_i64().unwrap(), r["payment_id"].as_str().unwrap())).collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "in (settled_at, payment_id) order");
+    let second = shop.wallet.synced(json!({"receipts_after": first["next_cursor"]})).await;
+    let rest = second["receipts"].as_array().unwrap();
+    assert_eq!((rest.len(), &rest[0]["payment_id"], &second["more"]), (1, &newest["payment_id"], &json!(false)));
+    // A phone that re-reads from an older cursor gets what it has again, by payment id.
+    let midway = shop.wallet.synced(json!({"receipts_after": first["next_cursor"]})).await;
+    assert_eq!(midway["receipts"], second["receipts"]);
+    let cursor = format!("{}.{}", positions[249].0, positions[249].1);
+    let again = shop.wallet.synced(json!({"receipts_after": cursor})).await;
+    let again = again["receipts"].as_array().unwrap();
+    assert_eq!((again.len(), &again[0]["payment_id"]), (251, &page[250]["payment_id"]));
+}
+
+#[tokio::test]
+async fn a_sync_closes_the_credential_and_issues_the_rest_without_moving_money() {
+    let mut shop = Shop::new(4_000).await;
+    let old_id = shop.credential_id.clone();
+    let payments = [shop.payment(1_000), shop.payment(500)];
+    assert!(shop.settle(&payments).await.iter().all(|r| r["status"] == "settled"));
+    // Approved offline under counter 3, not uploaded by the terminal yet.
+    let pending = shop.payment(300);
+    let store = &shop.server().state.store;
+    let transfers = store.account_transfers(&shop.reserve_id, None, 100).await.unwrap().len();
+    let mark = shop.server().audit_mark().await;
+    let answer = shop.wallet.synced(refresh_of(&old_id, 4, 1_800)).await;
+    assert_eq!(
+        answer["closed"],
+        json!({"credential_id": old_id, "limit_minor": 1_800, "counter_end": 4, "settled_minor": 1_500})
+    );
+    let issued = answer["credential"].clone();
+    let new_id = issued["credential_id"].as_str().unwrap().to_owned();
+    assert_ne!(new_id, old_id);
+    let now = shop.server().now();
+    assert_eq!(
+        (&issued["limit_minor"], &issued["currency"], &issued["counter_start"], &issued["not_after"]),
+        (&json!(2_200), &json!("EUR"), &json!(1_i64 << 32), &json!(now + 7 * 24 * 3600))
+    );
+    let bytes = b64::decode("credential", issued["credential"].as_str().unwrap()).unwrap();
+    let credential = verify_credential(&bytes, server_key(shop.server()).await).unwrap();
+    let c = credential.value();
+    assert_eq!(c.credential_id, id_bytes(&new_id));
+    assert_eq!(c.phone_key, shop.wallet.market.phone.key().verifying_key());
+    assert_eq!((c.limit_minor, c.currency, c.counter_start, c.issued_at), (2_200, 978, 1 << 32, now));
+    assert_eq!(answer["receipts"].as_array().unwrap().len(), 2);
+    shop.server().assert_audited("refreshed", mark, &[("offline.credential_refreshed", &old_id)]).await;
+    // No money moved: the rest was in the reserve already.
+    let store = &shop.server().state.store;
+    assert_eq!(store.account_transfers(&shop.reserve_id, None, 100).await.unwrap().len(), transfers);
+    assert_eq!(store.offline_credential(&new_id).await.unwrap().reserve_account_id, shop.reserve_id);
+    assert_eq!(shop.wallet.balance(&shop.wallet.funding_id.clone()).await, 6_000);
+    assert_eq!(shop.wallet.balance(&shop.reserve_id.clone()).await, 2_500);
+
+    // Under the old credential a counter at or past the end is refused; one below settles.
+    let late = shop.payment(100);
+    assert_refused("counter past the end", &shop.settle_one(&late).await, "counter-closed");
+    assert_eq!(shop.settle_one(&pending).await["status"], "settled");
+    // The new credential pays the rest.
+    shop.pay_under(&issued);
+    let rest = shop.payment(2_200);
+    assert_eq!(shop.settle_one(&rest).await["status"], "settled", "under {new_id}");
+    assert_eq!((shop.merchant_balance().await, shop.wallet.balance(&shop.reserve_id.clone()).await), (4_000, 0));
+
+    let again = shop.wallet.sync(refresh_of(&old_id, 4, 1_800)).await;
+    assert_problem("a second refresh", &again, 409, "credential-closed");
+    let later = shop.wallet.synced(json!({})).await;
+    let mut counters: Vec<u64> =
+        later["receipts"].as_array().unwrap().iter().map(|r| r["counter"].as_u64().unwrap()).collect();
+    counters.sort_unstable();
+    assert_eq!(counters, [1, 2, 3, (1 << 32) + 1]);
+    assert!(shop.server().state.store.ledger_imbalance().await.unwrap().is_empty());
+    shop.server().assert_audit_intact("after refreshing").await;
+}
+
+#[tokio::test]
+async fn a_credential_spent_in_full_closes_with_nothing_to_refresh() {
+    let mut shop = Shop::new(1_000).await;
+    let payment = shop.payment(1_000);
+    assert_eq!(shop.settle_one(&payment).await["status"], "settled");
+    let answer = shop.wallet.synced(refresh_of(&shop.credential_id.clone(), 2, 600)).await;
+    assert_eq!(answer["credential"], Value::Null);
+    assert_eq!(
+        answer["closed"],
+        json!({"credential_id": shop.credential_id, "limit_minor": 1_000, "counter_end": 2, "settled_minor": 1_000})
+    );
+    let device_id = shop.wallet.market.phone.device.device_id.clone();
+    assert_eq!(shop.server().state.store.offline_credentials_of_device(&device_id).await.unwrap().len(), 1);
+    let again = shop.wallet.synced(refresh_of(&shop.credential_id.clone(), 2, 600)).await;
+    assert_eq!((&again["closed"], &again["credential"]), (&answer["closed"], &Value::Null));
+}
+
+impl Wallet {
+    /// The same sync sent twice at once, as by a phone that retries before the first
+    /// answer has come.
+    async fn sync_twice_at_once(&mut self, body: Value) -> (Reply, Reply) {
+        let token = self.market.session.token.clone();
+        let phone = &self.market.phone;
+        let request = || {
+            let proof = phone.proof("POST", SYNC, Some(&token));
+            protected_request(SYNC, Some(format!("DPoP {token}")), &[proof], body.clone())
+        };
+        let (first, second) = (request(), request());
+        tokio::join!(phone.fx.server.send(first), phone.fx.server.send(second))
+    }
+}
+
+/// The offline credential an answer carries, checked with the server key.
+async fn verified_credential(server: &TestServer, issued: &Value) -> OfflineCredential {
+    let bytes = b64::decode("credential", issued["credential"].as_str().unwrap()).unwrap();
+    verify_credential(&bytes, server_key(server).await).unwrap().value().clone()
+}
+
+#[tokio::test]
+async fn a_sync_whose_answer_was_lost_is_answered_again() {
+    let mut shop = Shop::new(4_000).await;
+    let old_id = shop.credential_id.clone();
+    let payment = shop.payment(1_000);
+    assert_eq!(shop.settle_one(&payment).await["status"], "settled");
+    let pending = shop.payment(300);
+    let mark = shop.server().audit_mark().await;
+    let first = shop.wallet.synced(refresh_of(&old_id, 3, 1_300)).await;
+    // The answer is lost. Meanwhile the terminal uploads what the phone approved before.
+    assert_eq!(shop.settle_one(&pending).await["status"], "settled");
+    let store = shop.server().state.store.clone();
+    let transfers = store.account_transfers(&shop.reserve_id, None, 100).await.unwrap();
+    shop.wallet.market.phone.advance(60);
+    let retry = shop.wallet.synced(refresh_of(&old_id, 3, 1_300)).await;
+    // As the close found it, though more has settled under it since.
+    let closed = json!({"credential_id": old_id, "limit_minor": 1_300, "counter_end": 3, "settled_minor": 1_000});
+    assert_eq!((&first["closed"], &retry["closed"]), (&closed, &closed));
+    let (issued, reissued) = (&first["credential"], &retry["credential"]);
+    for field in ["credential_id", "limit_minor", "currency", "counter_start", "not_after"] {
+        assert_eq!(reissued[field], issued[field], "{field}");
+    }
+    assert_eq!((&reissued["limit_minor"], &reissued["counter_start"]), (&json!(2_700), &json!(1_i64 << 32)));
+    let credential = verified_credential(shop.server(), reissued).await;
+    assert_eq!(credential, verified_credential(shop.server(), issued).await);
+    assert_eq!(credential.credential_id, id_bytes(reissued["credential_id"].as_str().unwrap()));
+    assert_eq!(retry["receipts"].as_array().unwrap().len(), 2);
+
+    // Another counter_next or spent_minor is another close, which is not repeated.
+    for (counter_next, spent_minor) in [(4, 1_300), (2, 1_300), (3, 1_400), (3, 1_000)] {
+        let reply = shop.wallet.sync(refresh_of(&old_id, counter_next, spent_minor)).await;
+        assert_problem(&format!("{counter_next}, {spent_minor}"), &reply, 409, "credential-closed");
+    }
+    let audited = [("offline.credential_refreshed", old_id.as_str()), ("offline.settled", "*")];
+    shop.server().assert_audited("one refresh, nothing for its repeats", mark, &audited).await;
+    assert_eq!(store.account_transfers(&shop.reserve_id, None, 100).await.unwrap(), transfers);
+    assert_eq!(shop.wallet.balance(&shop.wallet.funding_id.clone()).await, 6_000);
+    assert_eq!(shop.wallet.balance(&shop.reserve_id.clone()).await, 2_700);
+    let device_id = shop.wallet.market.phone.device.device_id.clone();
+    assert_eq!(store.offline_credentials_of_device(&device_id).await.unwrap().len(), 2);
+
+    // Once a payment under the new credential settles, the phone has it: no repeat.
+    shop.pay_under(reissued);
+    let payment = shop.payment(200);
+    assert_eq!(shop.settle_one(&payment).await["status"], "settled");
+    let reply = shop.wallet.sync(refresh_of(&old_id, 3, 1_300)).await;
+    assert_problem("the new credential is in use", &reply, 409, "credential-closed");
+    assert!(store.ledger_imbalance().await.unwrap().is_empty());
+    shop.server().assert_audit_intact("after a repeated sync").await;
+}
+
+#[tokio::test]
+async fn a_lost_answer_is_not_repeated_once_its_credential_is_closed_or_revoked() {
+    let mut shop = Shop::new(4_000).await;
+    let first_id = shop.credential_id.clone();
+    let first = shop.wallet.synced(refresh_of(&first_id, 1, 0)).await;
+    let second_id = first["credential"]["credential_id"].as_str().unwrap().to_owned();
+    // The phone got the answer after all, and closes the new credential at its next sync.
+    let second = shop.wallet.synced(refresh_of(&second_id, 1 << 32, 0)).await;
+    let reply = shop.wallet.sync(refresh_of(&first_id, 1, 0)).await;
+    assert_problem("the new credential is closed", &reply, 409, "credential-closed");
+    let again = shop.wallet.synced(refresh_of(&second_id, 1 << 32, 0)).await;
+    assert_eq!(again["credential"]["credential_id"], second["credential"]["credential_id"]);
+
+    let third_id = second["credential"]["credential_id"].as_str().unwrap().to_owned();
+    let store = shop.server().state.store.clone();
+    let revoked = store.write(move |tx| Box::pin(async move { tx.revoke_offline_credential(&third_id, 1).await }));
+    assert!(revoked.await.unwrap());
+    let reply = shop.wallet.sync(refresh_of(&second_id, 1 << 32, 0)).await;
+    assert_problem("the new credential is revoked", &reply, 409, "credential-closed");
+}
+
+#[tokio::test]
+async fn the_same_sync_sent_twice_at_once_closes_once_and_both_get_its_answer() {
+    let mut shop = Shop::new(4_000).await;
+    let old_id = shop.credential_id.clone();
+    let mark = shop.server().audit_mark().await;
+    let (first, second) = shop.wallet.sync_twice_at_once(refresh_of(&old_id, 1, 500)).await;
+    assert_eq!((first.status.as_u16(), second.status.as_u16()), (200, 200), "{} {}", first.json, second.json);
+    assert_eq!(
+        (&first.json["closed"], &first.json["credential"]["credential_id"]),
+        (&second.json["closed"], &second.json["credential"]["credential_id"])
+    );
+    shop.server().assert_audited("one refresh", mark, &[("offline.credential_refreshed", &old_id)]).await;
+}
+
+#[tokio::test]
+async fn each_sync_refusal_names_its_reason_and_closes_nothing() {
+    let mut shop = Shop::new(4_000).await;
+    let payment = shop.payment(100);
+    assert_eq!(shop.settle_one(&payment).await["status"], "settled");
+    let id = shop.credential_id.clone();
+    let cases = [
+        (json!({"credential_id": id}), 422, "invalid-counter"),
+        (json!({"credential_id": id, "counter_next": 2}), 422, "invalid-spent"),
+        (json!({"credential_id": id, "spent_minor": 100}), 422, "invalid-counter"),
+        (json!({"credential_id": id, "counter_next": -1, "spent_minor": 100}), 422, "invalid-counter"),
+        (refresh_of(&id, (1 << 32) + 1, 100), 422, "invalid-counter"),
+        // Counter 1 has settled, so the phone's next counter cannot be 1.
+        (refresh_of(&id, 1, 100), 422, "invalid-counter"),
+        (json!({"credential_id": id, "counter_next": 2, "spent_minor": -1}), 422, "invalid-spent"),
+        (refresh_of(&id, 2, 4_001), 422, "invalid-spent"),
+        (json!({"counter_next": 2}), 422, "invalid-counter"),
+        (json!({"spent_minor": 100}), 422, "invalid-spent"),
+        (json!({"receipts_after": "yesterday"}), 422, "invalid-cursor"),
+        (json!({"receipts_after": format!("1.{}", "A".repeat(64))}), 422, "invalid-cursor"),
+        (json!({"credential_id": id, "counter_next": "2", "spent_minor": 100}), 422, "invalid-body"),
+        (json!({"credential_id": 7}), 422, "invalid-body"),
+        (json!({"extra": 1}), 422, "invalid-body"),
+        (refresh_of(UNKNOWN_CREDENTIAL, 2, 100), 404, "unknown-credential"),
+    ];
+    let other = shop.wallet.market.phone.fx.enrol(DeviceKind::Consumer).await;
+    let mark = shop.server().audit_mark().await;
+    for (body, status, problem) in cases {
+        let reply = shop.wallet.sync(body.clone()).await;
+        assert_problem(&body.to_string(), &reply, status, problem);
+    }
+
+    // Another phone's credential is unknown to this one.
+    let record = shop.server().state.store.offline_credential(&id).await.unwrap();
+    let theirs = OfflineCredentialRecord {
+        id: "ocr_0123456789abcdef0123456789abcdef".into(),
+        device_id: other.device_id.clone(),
+        settled_minor: 0,
+        ..record.clone()
+    };
+    let insert = theirs.clone();
+    let store = &shop.server().state.store;
+    store.write(move |tx| Box::pin(async move { tx.insert_offline_credential(&insert).await })).await.unwrap();
+    let reply = shop.wallet.sync(refresh_of(&theirs.id, 1, 0)).await;
+    assert_problem("another phone's", &reply, 404, "unknown-credential");
+    shop.server().assert_audited("nothing refused is audited", mark, &[]).await;
+    let after = shop.server().state.store.offline_credential(&id).await.unwrap();
+    assert_eq!(after, record, "still open, its limit whole");
+
+    // A double spend revokes the credential: it is not refreshed either.
+    let request = shop.request(100);
+    let double = shop.legs(request, 1);
+    assert_refused("double spend", &shop.settle_one(&double).await, "double-spend");
+    let reply = shop.wallet.sync(refresh_of(&id, 2, 100)).await;
+    assert_problem("revoked", &reply, 409, "credential-revoked");
+    let admin = Some(shop.server().admin_key.clone());
+    let reply = shop.server().call("POST", SYNC, admin.as_deref(), Some(json!({}))).await;
+    assert_eq!(reply.status.as_u16(), 401, "an API key is not a phone: {}", reply.json);
+    assert!(shop.server().state.store.ledger_imbalance().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn sync_holds_on_postgres() {
+    let Some(url) = crate::support::postgres_url().await else { return };
+    let market = Market::with(|config| config.database_url = url, &DeviceHealth::clean()).await;
+    let mut shop = Shop::on(Wallet::on(market, 10_000).await, 4_000).await;
+    let old_id = shop.credential_id.clone();
+    let first = shop.payment(1_000);
+    assert_eq!(shop.settle_one(&first).await["status"], "settled");
+    let pending = shop.payment(300);
+    let answer = shop.wallet.synced(refresh_of(&old_id, 3, 1_300)).await;
+    assert_eq!(
+        answer["closed"],
+        json!({"credential_id": old_id, "limit_minor": 1_300, "counter_end": 3, "settled_minor": 1_000})
+    );
+    assert_eq!(
+        (&answer["credential"]["limit_minor"], answer["receipts"].as_array().unwrap().len()),
+        (&json!(2_700), 1)
+    );
+    let late = shop.payment(100);
+    assert_refused("counter past the end", &shop.settle_one(&late).await, "counter-closed");
+    assert_eq!(shop.settle_one(&pending).await["status"], "settled");
+    // The same sync again, as after a lost answer, gets the same answer.
+    let again = shop.wallet.synced(refresh_of(&old_id, 3, 1_300)).await;
+    assert_eq!(
+        (&again["closed"], &again["credential"]["credential_id"]),
+        (&answer["closed"], &answer["credential"]["credential_id"])
+    );
+    assert_eq!(again["receipts"].as_array().unwrap().len(), 2);
+    let other = shop.wallet.sync(refresh_of(&old_id, 3, 1_200)).await;
+    assert_problem("a second refresh", &other, 409, "credential-closed");
+    let (first, second) = shop
+        .wallet
+        .sync_twice_at_once(refresh_of(answer["credential"]["credential_id"].as_str().unwrap(), (1 << 32) + 1, 0))
+        .await;
+    assert_eq!((first.status.as_u16(), second.status.as_u16()), (200, 200), "{} {}", first.json, second.json);
+    assert_eq!(first.json["credential"]["credential_id"], second.json["credential"]["credential_id"]);
+    assert_eq!(shop.wallet.balance(&shop.reserve_id.clone()).await, 2_700);
+    assert!(shop.server().state.store.ledger_imbalance().await.unwrap().is_empty());
+    shop.server().assert_audit_intact("on postgres").await;
+}
 
 #[tokio::test]
 async fn a_batch_of_100_settles_exactly_its_good_payments() {

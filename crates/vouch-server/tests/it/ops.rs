@@ -56,6 +56,7 @@ const OPERATIONS: &[(&str, &str)] = &[
     ("get", "/v1/accounts/{}/transfers"),
     ("post", "/v1/devices/{}/terminal-certificate"),
     ("post", "/v1/offline/credentials"),
+    ("post", "/v1/offline/sync"),
     ("post", "/v1/offline-payments"),
 ];
 

@@ -35,6 +35,18 @@ pub struct Session {
     pub claims: AccessTokenClaims,
 }
 
+/// A protected POST of `body` to `path` with exactly these headers.
+pub fn protected_request(path: &str, authorization: Option<String>, proofs: &[String], body: Value) -> Request<Body> {
+    let mut request = Request::post(path).header("host", HOST).header("content-type", "application/json");
+    if let Some(authorization) = authorization {
+        request = request.header("authorization", authorization);
+    }
+    for proof in proofs {
+        request = request.header("dpop", proof.as_str());
+    }
+    request.body(Body::from(body.to_string())).unwrap()
+}
+
 fn form(pairs: &[(&str, &str)]) -> String {
     pairs
         .iter()
@@ -140,14 +152,7 @@ impl Holder {
         proofs: &[String],
         body: Value,
     ) -> Reply {
-        let mut request = Request::post(path).header("host", HOST).header("content-type", "application/json");
-        if let Some(authorization) = authorization {
-            request = request.header("authorization", authorization);
-        }
-        for proof in proofs {
-            request = request.header("dpop", proof.as_str());
-        }
-        self.send(request.body(Body::from(body.to_string())).unwrap()).await
+        self.send(protected_request(path, authorization, proofs, body)).await
     }
 
     pub fn digest_body() -> Value {

@@ -3,16 +3,16 @@
 
 use vouch_sonic::{DecodedPayload, Encoder, Profile, SAMPLE_RATES_HZ};
 
-use crate::support::{Rng, payloads, recording, resample, stream_events};
+use crate::support::{NoiseRng, below, payloads, recording, resample, stream_events};
 
 #[test]
 fn decodes_at_minus_6_db_full_band_snr_on_every_rate_and_profile() {
-    let mut rng = Rng(0x5eed);
+    let mut rng = NoiseRng::new(0x5eed);
     for rate in SAMPLE_RATES_HZ {
         for profile in Profile::ALL {
             let payload = rng.bytes(64);
             let tx = Encoder::new(profile, rate).unwrap().encode(&payload).unwrap();
-            let lead = rng.below(rate as usize / 2);
+            let lead = below(&mut rng, rate as usize / 2);
             let rx = recording(&tx, lead, 2_000, Some(-6.0), &mut rng);
             let events = stream_events(rate, &[profile], &rx, 1024);
             assert_eq!(payloads(&events), vec![DecodedPayload { profile, bytes: payload }], "{rate} Hz {profile}");
@@ -22,7 +22,7 @@ fn decodes_at_minus_6_db_full_band_snr_on_every_rate_and_profile() {
 
 #[test]
 fn tolerates_plus_minus_100_ppm_clock_drift_with_margin() {
-    let mut rng = Rng(3);
+    let mut rng = NoiseRng::new(3);
     // A 240-byte payload is the longest single frame (about 2.4 s), where
     // drift accumulates most; 300 ppm shows the margin beyond the spec.
     let payload = rng.bytes(200);
@@ -43,7 +43,7 @@ fn tolerates_plus_minus_100_ppm_clock_drift_with_margin() {
 
 #[test]
 fn sender_and_receiver_may_use_different_sample_rates() {
-    let mut rng = Rng(9);
+    let mut rng = NoiseRng::new(9);
     let payload = rng.bytes(40);
     for profile in Profile::ALL {
         let at_48k = Encoder::new(profile, 48_000).unwrap().encode(&payload).unwrap();
@@ -60,7 +60,7 @@ fn sender_and_receiver_may_use_different_sample_rates() {
 
 #[test]
 fn audible_and_ultrasonic_transmissions_overlapping_in_time_both_decode() {
-    let mut rng = Rng(21);
+    let mut rng = NoiseRng::new(21);
     let (a, u) = (rng.bytes(30), rng.bytes(50));
     let audible = Encoder::new(Profile::Audible, 48_000).unwrap().encode(&a).unwrap();
     let ultrasonic = Encoder::new(Profile::Ultrasonic, 48_000).unwrap().encode(&u).unwrap();

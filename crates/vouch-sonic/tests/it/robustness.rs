@@ -3,7 +3,7 @@
 
 use vouch_sonic::{DecodeEvent, Encoder, Error, PAYLOAD_BYTES_MAX, Profile, StreamDecoder, decode_all};
 
-use crate::support::{Rng, payloads, recording, stream_events};
+use crate::support::{NoiseRng, payloads, recording, stream_events};
 
 #[test]
 fn silence_yields_no_signal() {
@@ -13,7 +13,7 @@ fn silence_yields_no_signal() {
 
 #[test]
 fn pure_noise_yields_no_events_at_all() {
-    let mut rng = Rng(99);
+    let mut rng = NoiseRng::new(99);
     for rate in [44_100u32, 48_000] {
         let noise: Vec<f32> = (0..rate as usize * 3).map(|_| (rng.gaussian() * 0.3) as f32).collect();
         let events = stream_events(rate, &Profile::ALL, &noise, 4096);
@@ -23,7 +23,7 @@ fn pure_noise_yields_no_events_at_all() {
 
 #[test]
 fn heavy_noise_never_produces_a_wrong_payload() {
-    let mut rng = Rng(1234);
+    let mut rng = NoiseRng::new(1234);
     let encoder = Encoder::new(Profile::Audible, 48_000).unwrap();
     for snr_db in [-12.0, -14.0, -16.0] {
         let payload = rng.bytes(64);

@@ -4,7 +4,7 @@
 use proptest::prelude::*;
 use vouch_sonic::{DecodedPayload, Encoder, PAYLOAD_BYTES_MAX, Profile, SAMPLE_RATES_HZ, decode_all};
 
-use crate::support::{Rng, payloads, recording, stream_events};
+use crate::support::{NoiseRng, payloads, recording, stream_events};
 
 proptest! {
     // Each case synthesises and decodes up to ~2 s of audio in a debug
@@ -21,7 +21,7 @@ proptest! {
         let profile = if ultrasonic { Profile::Ultrasonic } else { Profile::Audible };
         let rate = SAMPLE_RATES_HZ[rate_index];
         let tx = Encoder::new(profile, rate).unwrap().encode(&payload).unwrap();
-        let rx = recording(&tx, lead, 2_000, None, &mut Rng(1));
+        let rx = recording(&tx, lead, 2_000, None, &mut NoiseRng::new(1));
         let events = stream_events(rate, &[profile], &rx, 4096);
         prop_assert_eq!(payloads(&events), vec![DecodedPayload { profile, bytes: payload }]);
     }
@@ -29,7 +29,7 @@ proptest! {
 
 #[test]
 fn every_rate_and_profile_round_trips_through_decode_all() {
-    let mut rng = Rng(7);
+    let mut rng = NoiseRng::new(7);
     for rate in SAMPLE_RATES_HZ {
         for profile in Profile::ALL {
             let payload = rng.bytes(48);
@@ -43,7 +43,7 @@ fn every_rate_and_profile_round_trips_through_decode_all() {
 
 #[test]
 fn largest_payload_spans_frames_and_reassembles() {
-    let mut rng = Rng(11);
+    let mut rng = NoiseRng::new(11);
     let payload = rng.bytes(PAYLOAD_BYTES_MAX);
     let tx = Encoder::new(Profile::Ultrasonic, 48_000).unwrap().encode(&payload).unwrap();
     let events = stream_events(48_000, &[Profile::Ultrasonic], &tx, 48_000);

@@ -2,7 +2,7 @@
 
 use vouch_sonic::{DecodeEvent, DecodedPayload, Encoder, Error, Profile, StreamDecoder, decode_all};
 
-use crate::support::{Rng, payloads, recording, stream_events};
+use crate::support::{NoiseRng, below, payloads, recording, stream_events};
 
 /// Events other than progress, whose granularity follows the chunk size.
 fn outcomes(events: Vec<DecodeEvent>) -> Vec<DecodeEvent> {
@@ -11,7 +11,7 @@ fn outcomes(events: Vec<DecodeEvent>) -> Vec<DecodeEvent> {
 
 #[test]
 fn any_chunking_gives_the_same_outcomes() {
-    let mut rng = Rng(5);
+    let mut rng = NoiseRng::new(5);
     let payload = rng.bytes(90);
     let tx = Encoder::new(Profile::Audible, 44_100).unwrap().encode(&payload).unwrap();
     let rx = recording(&tx, 12_345, 3_000, Some(5.0), &mut rng);
@@ -26,7 +26,7 @@ fn any_chunking_gives_the_same_outcomes() {
     let mut decoder = StreamDecoder::with_profiles(44_100, &[Profile::Audible]).unwrap();
     let (mut events, mut at) = (Vec::new(), 0);
     while at < rx.len() {
-        let len = (1 + rng.below(3_000)).min(rx.len() - at);
+        let len = (1 + below(&mut rng, 3_000)).min(rx.len() - at);
         events.extend(decoder.push(&rx[at..at + len]));
         at += len;
     }

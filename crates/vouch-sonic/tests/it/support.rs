@@ -1,54 +1,11 @@
 //! Test channel: deterministic noise, offsets and clock-rate changes.
 
+pub use vouch_sonic::channel::{NoiseRng, recording};
 use vouch_sonic::{DecodeEvent, DecodedPayload, Profile, StreamDecoder};
 
-/// xorshift64* with Box-Muller: deterministic, no RNG crate needed.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-
-    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.next_u64() as u8).collect()
-    }
-
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    pub fn gaussian(&mut self) -> f64 {
-        let (u, v) = (self.uniform(), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-    }
-}
-
-pub fn mean_power(samples: &[f32]) -> f64 {
-    samples.iter().map(|&s| f64::from(s).powi(2)).sum::<f64>() / samples.len().max(1) as f64
-}
-
-/// Puts `signal` after `lead` samples of silence, adds `tail` more, then
-/// white Gaussian noise over everything at `snr_db` relative to the signal's
-/// mean power (full-band SNR).
-pub fn recording(signal: &[f32], lead: usize, tail: usize, snr_db: Option<f64>, rng: &mut Rng) -> Vec<f32> {
-    let mut out = vec![0.0f32; lead];
-    out.extend_from_slice(signal);
-    out.resize(out.len() + tail, 0.0);
-    if let Some(snr_db) = snr_db {
-        let sigma = (mean_power(signal) / 10f64.powf(snr_db / 10.0)).sqrt();
-        for s in &mut out {
-            *s += (rng.gaussian() * sigma) as f32;
-        }
-    }
-    out
+/// Uniform in `0..n`, from the channel's seeded generator.
+pub fn below(rng: &mut NoiseRng, n: usize) -> usize {
+    (rng.next_u64() % n as u64) as usize
 }
 
 /// Band-limited resampling by windowed-sinc interpolation: output sample `i`

@@ -1,6 +1,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+use crate::serve::{ServeProcess, postgres_schema};
+
 fn vouch(args: &[&str], data_dir: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vouch"))
         .args(args)
@@ -63,58 +65,9 @@ fn unknown_scope_and_bad_config_are_refused_with_reasons() {
     assert!(String::from_utf8_lossy(&bad_db.stderr).contains("database_url"));
 }
 
-/// A `vouch serve` child process on a free port, killed when dropped.
-struct ServeProcess {
-    child: std::process::Child,
-    url: String,
-    admin_key: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for ServeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve() -> ServeProcess {
-    serve_on(None)
-}
-
-/// `vouch serve` on `database`, or on SQLite in its data directory.
-fn serve_on(database: Option<&str>) -> ServeProcess {
-    let dir = tempfile::tempdir().unwrap();
-    let listen = free_port();
-    let mut args = vec!["serve", "--listen", &listen];
-    if let Some(url) = database {
-        args.extend(["--database", url]);
-    }
-    let child = Command::new(env!("CARGO_BIN_EXE_vouch"))
-        .args(args)
-        .env("VOUCH_DATA_DIR", dir.path())
-        .env_remove("VOUCH_DATABASE_URL")
-        .env_remove("VOUCH_MASTER_KEY")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let key_file = dir.path().join("admin.key");
-    let mut admin_key = String::new();
-    for _ in 0..100 {
-        if let Ok(key) = std::fs::read_to_string(&key_file) {
-            admin_key = key.trim().to_owned();
-            if std::net::TcpStream::connect(&listen).is_ok() {
-                break;
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    ServeProcess { child, url: format!("http://{listen}"), admin_key, _dir: dir }
-}
-
 #[test]
 fn sim_enroll_prints_the_documented_json() {
-    let server = serve();
+    let server = ServeProcess::start(None);
     let dir = tempfile::tempdir().unwrap();
     let args = ["sim", "enroll", "--server", &server.url, "--api-key", &server.admin_key, "--kind", "reader", "--json"];
     let out = vouch(&args, dir.path());
@@ -128,7 +81,7 @@ fn sim_enroll_prints_the_documented_json() {
 
 #[test]
 fn sim_attest_prints_the_documented_json_and_keeps_one_device_per_key() {
-    let server = serve();
+    let server = ServeProcess::start(None);
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("terminal.pem");
     let key = key.to_str().unwrap();
@@ -156,7 +109,7 @@ fn sim_attest_prints_the_documented_json_and_keeps_one_device_per_key() {
 
 #[test]
 fn sim_token_prints_the_documented_json_and_keeps_one_device_per_key() {
-    let server = serve();
+    let server = ServeProcess::start(None);
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("terminal.pem");
     let key = key.to_str().unwrap();
@@ -234,34 +187,14 @@ fn check_sim_session(server: &ServeProcess) {
 
 #[test]
 fn sim_session_runs_the_reader_as_a_second_process_and_prints_the_documented_json() {
-    check_sim_session(&serve());
+    check_sim_session(&ServeProcess::start(None));
 }
 
 /// The same two processes against a server on PostgreSQL, in a schema of its own.
 #[test]
 fn sim_session_runs_the_reader_as_a_second_process_on_postgres() {
     let Some(url) = postgres_schema() else { return };
-    check_sim_session(&serve_on(Some(&url)));
-}
-
-/// A database URL for a new schema of its own on `VOUCH_TEST_DATABASE_URL`; `None`,
-/// with a notice, without it.
-fn postgres_schema() -> Option<String> {
-    let Ok(base) = std::env::var("VOUCH_TEST_DATABASE_URL") else {
-        eprintln!("skipping PostgreSQL case: VOUCH_TEST_DATABASE_URL is not set");
-        return None;
-    };
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let schema = format!("cli_{}_{nanos}", std::process::id());
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(async {
-        use sqlx::Executor;
-        sqlx::any::install_default_drivers();
-        let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&base).await.unwrap();
-        conn.execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).await.unwrap();
-    });
-    let separator = if base.contains('?') { '&' } else { '?' };
-    Some(format!("{base}{separator}options=-c%20search_path%3D{schema}"))
+    check_sim_session(&ServeProcess::start(Some(&url)));
 }
 
 /// `sim dvv` sets the parties up once per phone key and obtains one unused value per
@@ -343,18 +276,61 @@ fn check_sim_dvv(server: &ServeProcess) {
 
 #[test]
 fn sim_dvv_prints_an_unused_value_that_a_terminal_gets_approved() {
-    check_sim_dvv(&serve());
+    check_sim_dvv(&ServeProcess::start(None));
 }
 
 #[test]
 fn sim_dvv_prints_an_unused_value_that_a_terminal_gets_approved_on_postgres() {
     let Some(url) = postgres_schema() else { return };
-    check_sim_dvv(&serve_on(Some(&url)));
+    check_sim_dvv(&ServeProcess::start(Some(&url)));
 }
 
-fn free_port() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
+/// `sim offline` sets everything up with the admin key, runs one purchase with both
+/// legs carried by noisy sound, settles it, and prints a receipt that verifies with the
+/// server's key from the JWK Set.
+fn check_sim_offline(server: &ServeProcess) {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["sim", "offline", "--server", &server.url, "--api-key", &server.admin_key, "--snr-db", "5", "--json"];
+    let out = vouch(&args, dir.path());
+    assert!(out.status.success(), "{out:?}");
+    let text = stdout(&out);
+    let positions: Vec<usize> = ["payment_id", "transfer_id", "receipt", "settled", "sound_seconds"]
+        .iter()
+        .map(|key| text.find(&format!("\"{key}\":")).unwrap_or_else(|| panic!("missing {key} in {text}")))
+        .collect();
+    assert!(text.starts_with("{\"payment_id\":") && positions.is_sorted(), "keys out of order: {text}");
+    let printed: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(printed["settled"], true, "{printed}");
+    let seconds = |key: &str| printed[key].as_f64().unwrap();
+    assert!(seconds("leg_a_seconds") > 0.5 && seconds("leg_b_seconds") > 0.5, "{printed}");
+    assert!((seconds("sound_seconds") - seconds("leg_a_seconds") - seconds("leg_b_seconds")).abs() < 0.002);
+    assert!(printed["leg_a_bytes"].as_u64().unwrap() < 512 && printed["leg_b_bytes"].as_u64().unwrap() < 512);
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let jwks: vouch_proto::JwkSet = runtime.block_on(async {
+        let response = reqwest::get(format!("{}/.well-known/jwks.json", server.url)).await.unwrap();
+        response.json().await.unwrap()
+    });
+    let receipt = vouch_proto::b64::decode("receipt", printed["receipt"].as_str().unwrap()).unwrap();
+    let verified = vouch_proto::offline::verify_receipt(&receipt, |kid| jwks.cose_key(kid)).unwrap();
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let r = verified.value();
+    assert_eq!(printed["payment_id"], hex(&r.payment_id).as_str());
+    assert_eq!(printed["transfer_id"], hex(&r.transfer_id).as_str());
+    assert_eq!((r.amount_minor, r.currency), (1_250, 978));
+}
+
+mod sim_offline_prints_a_settled_purchase_whose_receipt_verifies {
+    #[test]
+    fn sqlite() {
+        super::check_sim_offline(&super::ServeProcess::start(None));
+    }
+
+    #[test]
+    fn postgres() {
+        let Some(url) = super::postgres_schema() else { return };
+        super::check_sim_offline(&super::ServeProcess::start(Some(&url)));
+    }
 }
 
 #[test]

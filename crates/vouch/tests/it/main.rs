@@ -1,4 +1,7 @@
 //! The `vouch` binary as operators and scripts use it.
 
 mod cli;
+mod instances;
 mod iso8583;
+mod serve;
+mod settlement;
