@@ -514,6 +514,17 @@ impl VouchClient {
         self.send(reqwest::Method::POST, &path, None).await
     }
 
+    /// Opens a settlement account for a merchant, at zero.
+    pub async fn create_merchant_account(
+        &self,
+        merchant_id: &str,
+        label: &str,
+        currency: &str,
+    ) -> Result<AccountRecord, DeviceError> {
+        let path = format!("/v1/merchants/{}/accounts", path_segment(merchant_id));
+        self.send(reqwest::Method::POST, &path, Some(json!({ "label": label, "currency": currency }))).await
+    }
+
     /// Opens a consumer's account, `consumer_funding` or `consumer_offline_reserve`, at zero.
     pub async fn create_consumer_account(
         &self,

@@ -7,15 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use serde_json::json;
 use vouch_device::VouchClient;
 use vouch_proto::{Clock, SystemClock};
 use vouch_store::{Backend, Store, TRANSFER_AMOUNT_MAX_MINOR, Transfer, TransferOutcome};
 
-use super::{AdminCalls, BenchArgs, BenchClient, OpFuture, gather_all, measure};
+use super::{BenchArgs, BenchClient, OpFuture, gather_all, measure};
 
 /// Transfers per `post_transfers` call, each size measured for `--seconds`.
 const BATCH_SIZES: [usize; 4] = [1, 10, 100, 1_000];
@@ -78,8 +77,7 @@ pub(super) async fn ledger(args: &BenchArgs) -> anyhow::Result<LedgerReport> {
     }
     let local = crate::demo::start_local(args.database.as_deref(), 10_000_000).await?;
     let admin = VouchClient::new(&local.url)?.with_api_key(&local.admin_key);
-    let calls = AdminCalls::new(&admin, args, Some(&local))?;
-    let lanes = lanes(&admin, &calls, args.clients).await?;
+    let lanes = lanes(&admin, args.clients).await?;
     let store = local.state.store.clone();
     // Transfer ids of this run, so that runs on one database never meet.
     let run = SystemClock.now_unix();
@@ -129,23 +127,24 @@ fn row(batch_size: usize, transfers: u64, duration: Duration, histogram: &Histog
 
 /// A consumer with a funding account holding the most one transfer can move, and a
 /// merchant with a settlement account, per client.
-async fn lanes(admin: &VouchClient, calls: &AdminCalls, count: usize) -> anyhow::Result<Vec<Lane>> {
+async fn lanes(admin: &VouchClient, count: usize) -> anyhow::Result<Vec<Lane>> {
     let mut lanes = Vec::with_capacity(count);
     for i in 0..count {
         let consumer = admin.create_consumer(&format!("Ledger consumer {i}")).await?;
-        let path = format!("/v1/consumers/{}/accounts", consumer.consumer_id);
-        let funding: serde_json::Value =
-            calls.post(&path, &json!({"kind": "consumer_funding", "currency": CURRENCY})).await?;
-        let funding_id = funding["account_id"].as_str().context("setup: the account has no id")?.to_owned();
-        let fund = json!({"transfer_id": format!("bench-fund-{}", consumer.consumer_id), "account_id": funding_id,
-            "amount_minor": TRANSFER_AMOUNT_MAX_MINOR, "currency": CURRENCY});
-        calls.post::<serde_json::Value>(&format!("/v1/consumers/{}/funding", consumer.consumer_id), &fund).await?;
+        let funding = admin.create_consumer_account(&consumer.consumer_id, "consumer_funding", CURRENCY).await?;
+        let transfer_id = format!("bench-fund-{}", consumer.consumer_id);
+        admin
+            .fund_consumer(
+                &consumer.consumer_id,
+                &transfer_id,
+                &funding.account_id,
+                TRANSFER_AMOUNT_MAX_MINOR,
+                CURRENCY,
+            )
+            .await?;
         let merchant = admin.create_merchant(&format!("Ledger merchant {i}")).await?;
-        let path = format!("/v1/merchants/{}/accounts", merchant.merchant_id);
-        let settlement: serde_json::Value =
-            calls.post(&path, &json!({"label": "bench settlement", "currency": CURRENCY})).await?;
-        let settlement_id = settlement["account_id"].as_str().context("setup: the account has no id")?.to_owned();
-        lanes.push(Lane { funding_id, settlement_id });
+        let settlement = admin.create_merchant_account(&merchant.merchant_id, "bench settlement", CURRENCY).await?;
+        lanes.push(Lane { funding_id: funding.account_id, settlement_id: settlement.account_id });
     }
     Ok(lanes)
 }

@@ -329,36 +329,6 @@ async fn bench_server(args: &BenchArgs) -> anyhow::Result<(VouchClient, Option<c
     Ok((VouchClient::new(&url)?.with_api_key(&api_key), local))
 }
 
-/// Setup calls with the admin key to endpoints the SDK has no method for; anything but
-/// a 2xx fails the setup.
-struct AdminCalls {
-    http: reqwest::Client,
-    base_url: String,
-    api_key: String,
-}
-
-impl AdminCalls {
-    fn new(admin: &VouchClient, args: &BenchArgs, local: Option<&crate::demo::LocalServer>) -> anyhow::Result<Self> {
-        let api_key = match local {
-            Some(local) => local.admin_key.clone(),
-            None => args.api_key.clone().context("--target needs --api-key (admin scope)")?,
-        };
-        Ok(AdminCalls { http: bench_http()?, base_url: admin.base_url().to_owned(), api_key })
-    }
-
-    async fn post<T: DeserializeOwned>(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<T> {
-        let response =
-            self.http.post(format!("{}{path}", self.base_url)).bearer_auth(&self.api_key).json(body).send().await?;
-        let status = response.status();
-        let bytes = response.bytes().await?;
-        if !status.is_success() {
-            let text: String = String::from_utf8_lossy(&bytes).chars().take(ERROR_BODY_CHARS_MAX).collect();
-            bail!("setup: POST {path} answered {status}: {text}");
-        }
-        serde_json::from_slice(&bytes).with_context(|| format!("setup: POST {path}: unexpected answer"))
-    }
-}
-
 async fn enroll(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let (admin, _local) = bench_server(args).await?;
     let merchant = admin.create_merchant("Bench merchant").await?;

@@ -13,22 +13,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::json;
-use vouch_device::token::Method;
-use vouch_device::{DeviceIdentity, VouchClient, sim};
+use vouch_device::{DeviceIdentity, OfflineWallet, VouchClient, sim};
 use vouch_proto::crypto::{SystemRandom, random_bytes, sha256};
 use vouch_proto::enrol::DeviceKind;
 use vouch_proto::offline::{
     ConsumerApproval, Id, MerchantCountersignature, PaymentRequest, TerminalCertificate, WireType,
     countersignature_digest, payment_id, verify_terminal_certificate,
 };
-use vouch_proto::{Clock, ProtoError, SigningKey, SystemClock, b64};
-use vouch_server::offline::{
-    IssuedCredential, IssuedTerminalCertificate, SettlementResults, SettlementStatus, id_bytes,
-};
+use vouch_proto::{Clock, SigningKey, SystemClock, b64};
+use vouch_server::offline::{SettlementResults, SettlementStatus};
 
 use super::{
-    AdminCalls, BenchArgs, BenchClient, BenchReport, CRYPTO_SAMPLE, OpFuture, bench_http, bench_server, bound_devices,
-    cores, crypto_bound, gather_all, measure, report,
+    BenchArgs, BenchClient, BenchReport, CRYPTO_SAMPLE, OpFuture, bench_http, bench_server, bound_devices, cores,
+    crypto_bound, gather_all, measure, report,
 };
 
 /// Payments per settlement request.
@@ -44,11 +41,9 @@ const CREDENTIAL_LIMIT_MAX_MINOR: u64 = 100_000;
 /// a certificate's verification when a batch repeats it, so it can beat the bound a little.
 const PAYMENTS_PER_BOUND: f64 = 1.5;
 const SETTLE_PATH: &str = "/v1/offline-payments";
-const CREDENTIALS_PATH: &str = "/v1/offline/credentials";
 
 pub(super) async fn settle(args: &BenchArgs) -> anyhow::Result<BenchReport> {
-    let (admin, local) = bench_server(args).await?;
-    let calls = AdminCalls::new(&admin, args, local.as_ref())?;
+    let (admin, _local) = bench_server(args).await?;
     let bound = crypto_bound(4, CRYPTO_SAMPLE).await?;
     let duration = Duration::from_secs(args.seconds);
     let batches_per_lane = pool_batches(bound, duration, args.clients);
@@ -60,7 +55,7 @@ pub(super) async fn settle(args: &BenchArgs) -> anyhow::Result<BenchReport> {
              {CREDENTIAL_LIMIT_MAX_MINOR}; raise --clients or lower --seconds"
         );
     }
-    let lanes = lanes(&admin, &calls, args.clients, limit_minor).await?;
+    let lanes = lanes(&admin, args.clients, limit_minor).await?;
     let lanes = sign_all(lanes, batches_per_lane).await?;
 
     let deadline = Instant::now() + duration;
@@ -118,7 +113,7 @@ struct SignedBatch {
     payment_ids: Vec<String>,
 }
 
-async fn lanes(admin: &VouchClient, calls: &AdminCalls, count: usize, limit_minor: u64) -> anyhow::Result<Vec<Setup>> {
+async fn lanes(admin: &VouchClient, count: usize, limit_minor: u64) -> anyhow::Result<Vec<Setup>> {
     let (_, mut phones) = bound_devices(admin, count * PHONES_PER_LANE, DeviceKind::Consumer).await?;
     let jwks = admin.jwks().await?;
     let rng = SystemRandom::new();
@@ -128,42 +123,30 @@ async fn lanes(admin: &VouchClient, calls: &AdminCalls, count: usize, limit_mino
         let terminal = DeviceIdentity::generate(&rng)?;
         let profile = sim::DeviceProfile::simulated(DeviceKind::Terminal, &merchant.merchant_id);
         let enrolled = sim::enrol(admin, &terminal, &profile, &SystemClock, &rng).await?;
-        let path = format!("/v1/devices/{}/terminal-certificate", enrolled.device_id);
-        let issued: IssuedTerminalCertificate = calls.post(&path, &json!({})).await?;
-        let certificate = b64::decode("certificate", &issued.certificate)?;
-        let server_key = |kid: Option<&[u8]>| {
-            let kid = kid.and_then(|k| std::str::from_utf8(k).ok()).unwrap_or_default();
-            let jwk = jwks.find(kid).ok_or_else(|| ProtoError::UnknownSigningKey { kid: kid.to_owned() })?;
-            jwk.verifying_key()
-        };
-        let certified = verify_terminal_certificate(&certificate, server_key, SystemClock.now_unix())
+        let certificate = admin.terminal_certificate(&enrolled.device_id).await?.bytes()?;
+        let certified = verify_terminal_certificate(&certificate, |kid| jwks.cose_key(kid), SystemClock.now_unix())
             .context("setup: the terminal certificate does not verify")?
             .into_parts()
             .1;
         let api_key = admin.create_api_key(&["terminal"], &format!("bench terminal {i}")).await?.api_key;
 
         let consumer = admin.create_consumer(&format!("Bench consumer {i}")).await?;
-        let accounts = format!("/v1/consumers/{}/accounts", consumer.consumer_id);
-        let funding: serde_json::Value =
-            calls.post(&accounts, &json!({"kind": "consumer_funding", "currency": CURRENCY})).await?;
-        let funding_id = funding["account_id"].as_str().context("setup: the account has no id")?;
-        let total = limit_minor * u64::try_from(PHONES_PER_LANE)?;
-        let fund = json!({"transfer_id": format!("bench-fund-{}", consumer.consumer_id), "account_id": funding_id,
-            "amount_minor": total, "currency": CURRENCY});
-        calls.post::<serde_json::Value>(&format!("/v1/consumers/{}/funding", consumer.consumer_id), &fund).await?;
+        let funding = admin.create_consumer_account(&consumer.consumer_id, "consumer_funding", CURRENCY).await?;
+        let total = i64::try_from(limit_minor * u64::try_from(PHONES_PER_LANE)?)?;
+        let transfer_id = format!("bench-fund-{}", consumer.consumer_id);
+        admin.fund_consumer(&consumer.consumer_id, &transfer_id, &funding.account_id, total, CURRENCY).await?;
         let mut lane_phones = Vec::with_capacity(PHONES_PER_LANE);
         for phone in phones.drain(..PHONES_PER_LANE) {
             admin.add_consumer_device(&consumer.consumer_id, &phone.device_id).await?;
-            let body = json!({"currency": CURRENCY, "limit_minor": limit_minor});
-            let issued: IssuedCredential = phone
-                .session
-                .request(Method::POST, CREDENTIALS_PATH, Some(&body))
+            let mut wallet = OfflineWallet::new(phone.session, jwks.clone());
+            let credential = wallet
+                .obtain_credential(CURRENCY, i64::try_from(limit_minor)?)
                 .await
                 .context("setup: issuing an offline credential")?;
             lane_phones.push(Phone {
                 identity: phone.identity,
-                credential_id: id_bytes(&issued.credential_id).map_err(|e| anyhow::anyhow!("setup: {e}"))?,
-                counter_start: u64::try_from(issued.counter_start)?,
+                credential_id: credential.credential_id,
+                counter_start: credential.counter_start,
             });
         }
         lanes.push(Setup {
