@@ -15,6 +15,8 @@ pub enum ProtoError {
     WrongType { found: Option<String>, expected: &'static str },
     #[error("signature does not verify")]
     BadSignature,
+    #[error("HPKE: {0}")]
+    Hpke(String),
     #[error("invalid key: {0}")]
     InvalidKey(String),
     #[error("expired at {exp}, now {now}")]
