@@ -39,6 +39,8 @@ pub enum ProtoError {
     CoseRefused { why: crate::cose::CoseRefusal, detail: String },
     #[error("offline payment refused ({}): {detail}", check.as_str())]
     OfflineRefused { check: crate::offline::OfflineCheck, detail: String },
+    #[error("TSM refused ({}): {detail}", why.as_str())]
+    TsmRefused { why: crate::tsm::TsmRefusal, detail: String },
     #[error("random number generator failed")]
     Rng,
     #[error("ISO 8583 {0}")]

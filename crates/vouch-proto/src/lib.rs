@@ -21,6 +21,7 @@ pub mod pem;
 pub mod session;
 pub mod tlv;
 pub mod token;
+pub mod tsm;
 
 pub use clock::{Clock, FixedClock, SystemClock};
 pub use crypto::{SigningKey, VerifyingKey};
