@@ -294,6 +294,11 @@ pub struct ManifestClaims {
     pub manifest: AppManifest,
 }
 
+/// The lowercase hex SHA-256 a manifest names its code by.
+pub fn code_sha256(code: &[u8]) -> String {
+    sha256(code).iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
 /// The app SE's install rule, once the manifest's signature has verified: the manifest's
 /// fields valid, made for this SE profile, a version above any installed one, and the code of
 /// the manifest's size and SHA-256.
@@ -324,7 +329,7 @@ pub fn check_install(
             format!("code is {} bytes, the manifest says {}", code.len(), manifest.code_size),
         ));
     }
-    let digest: String = sha256(code).iter().map(|byte| format!("{byte:02x}")).collect();
+    let digest = code_sha256(code);
     if digest != manifest.code_sha256 {
         return Err(refused(
             TsmRefusal::CodeHashMismatch,
@@ -607,6 +612,20 @@ mod tests {
         }
     }
 
+    /// Applies each change to a fresh copy of `base`; `run` must refuse every result for `why`.
+    fn check_each_refused<T: Clone, R: std::fmt::Debug>(
+        base: &T,
+        changes: &[fn(&mut T)],
+        why: TsmRefusal,
+        run: impl Fn(&T) -> Result<R, ProtoError>,
+    ) {
+        for change in changes {
+            let mut changed = base.clone();
+            change(&mut changed);
+            check_refused(run(&changed), why);
+        }
+    }
+
     fn secrets(rng: &SystemRandom) -> ProvisionedSecrets {
         ProvisionedSecrets { device_key: DeviceKey::generate(rng).unwrap(), payment_certificate: CERTIFICATE.into() }
     }
@@ -631,7 +650,7 @@ mod tests {
         AppManifest {
             app_id: "com.example.pay".into(),
             version: 3,
-            code_sha256: sha256(code).iter().map(|b| format!("{b:02x}")).collect(),
+            code_sha256: code_sha256(code),
             code_size: code.len() as u64,
             se_profile: "vouch-app-se-1".into(),
         }
@@ -686,11 +705,9 @@ mod tests {
             |c| c.se_serial = "0a1b2d".into(),
             |c| c.enc = b64::encode([4u8; 64]),
         ];
-        for change in rebound {
-            let mut changed = claims(&sealed);
-            change(&mut changed);
-            check_refused(open_provisioning(&se, &changed), TsmRefusal::ProvisioningNotAuthentic);
-        }
+        check_each_refused(&claims(&sealed), &rebound, TsmRefusal::ProvisioningNotAuthentic, |changed| {
+            open_provisioning(&se, changed)
+        });
         let mut garbled = claims(&sealed);
         garbled.ciphertext.push('!');
         assert!(matches!(open_provisioning(&se, &garbled), Err(ProtoError::Malformed { .. })));
@@ -760,11 +777,7 @@ mod tests {
             |m| m.se_profile = String::new(),
             |m| m.se_profile = "profile\n".into(),
         ];
-        for change in broken {
-            let mut changed = manifest(b"code");
-            change(&mut changed);
-            check_refused(changed.check(), TsmRefusal::InvalidManifest);
-        }
+        check_each_refused(&manifest(b"code"), &broken, TsmRefusal::InvalidManifest, AppManifest::check);
         let mut longest = manifest(b"code");
         longest.app_id = "a".repeat(APP_ID_BYTES_MAX);
         longest.se_profile = "Acme SE 2".into();
@@ -956,11 +969,9 @@ mod tests {
             |r| r.device_id = "dev_2".into(),
             |r| r.counter = 8,
         ];
-        for change in rebound {
-            let mut changed = relay(&sealed);
-            change(&mut changed);
-            check_refused(open_relay(&provider, &changed), TsmRefusal::MessageNotAuthentic);
-        }
+        check_each_refused(&relay(&sealed), &rebound, TsmRefusal::MessageNotAuthentic, |changed| {
+            open_relay(&provider, changed)
+        });
 
         let misaddressed = seal_relay(
             &provider.public_key(),
