@@ -37,6 +37,9 @@ pub const DEVICE_KEY_BYTES: usize = 32;
 pub const MESSAGE_BYTES_MAX: usize = 8192;
 /// Largest payload a [`MessageBody`] may carry.
 pub const PAYLOAD_BYTES_MAX: usize = 4096;
+/// Longest payment certificate (a JWS) Vouch provisions and a message may carry: with it, a
+/// payload of [`PAYLOAD_BYTES_MAX`] still fits a message.
+pub const PAYMENT_CERTIFICATE_BYTES_MAX: usize = 2048;
 /// Longest app id and SE profile name.
 pub const APP_ID_BYTES_MAX: usize = 64;
 pub const SE_PROFILE_BYTES_MAX: usize = 64;
@@ -48,8 +51,7 @@ const MESSAGE_VERSION: u8 = 0x01;
 /// Version byte and big-endian counter.
 const MESSAGE_HEADER_BYTES: usize = 1 + 8;
 const MESSAGE_TAG_BYTES: usize = 16;
-/// The device key and a payment certificate no longer than any JWS Vouch parses.
-const PROVISIONED_SECRETS_BYTES_MAX: usize = DEVICE_KEY_BYTES + jws::COMPACT_BYTES_MAX;
+const PROVISIONED_SECRETS_BYTES_MAX: usize = DEVICE_KEY_BYTES + PAYMENT_CERTIFICATE_BYTES_MAX;
 
 const PROVISION_LABEL: &str = "vouch tsm provision v1";
 const APP_LABEL: &str = "vouch tsm app v1";
@@ -170,11 +172,15 @@ pub struct ProvisionedSecrets {
 
 impl ProvisionedSecrets {
     fn encode(&self) -> Result<Zeroizing<Vec<u8>>, ProtoError> {
-        let len = DEVICE_KEY_BYTES + self.payment_certificate.len();
-        if len > PROVISIONED_SECRETS_BYTES_MAX {
-            return Err(ProtoError::TooLarge { what: "provisioned secrets", len, max: PROVISIONED_SECRETS_BYTES_MAX });
+        let certificate_len = self.payment_certificate.len();
+        if certificate_len > PAYMENT_CERTIFICATE_BYTES_MAX {
+            return Err(ProtoError::TooLarge {
+                what: "payment certificate",
+                len: certificate_len,
+                max: PAYMENT_CERTIFICATE_BYTES_MAX,
+            });
         }
-        let mut bytes = Zeroizing::new(Vec::with_capacity(len));
+        let mut bytes = Zeroizing::new(Vec::with_capacity(DEVICE_KEY_BYTES + certificate_len));
         bytes.extend_from_slice(self.device_key.as_bytes());
         bytes.extend_from_slice(self.payment_certificate.as_bytes());
         Ok(bytes)
@@ -401,9 +407,19 @@ mod base64url {
     }
 }
 
+/// The first field of `body` over its limit, as (what, length, limit).
+fn oversized_field(body: &MessageBody) -> Option<(&'static str, usize, usize)> {
+    [
+        ("message payload", body.payload.len(), PAYLOAD_BYTES_MAX),
+        ("payment certificate", body.payment_certificate.len(), PAYMENT_CERTIFICATE_BYTES_MAX),
+    ]
+    .into_iter()
+    .find(|(_, len, max)| len > max)
+}
+
 fn body_json(body: &MessageBody) -> Result<Zeroizing<Vec<u8>>, ProtoError> {
-    if body.payload.len() > PAYLOAD_BYTES_MAX {
-        return Err(ProtoError::TooLarge { what: "message payload", len: body.payload.len(), max: PAYLOAD_BYTES_MAX });
+    if let Some((what, len, max)) = oversized_field(body) {
+        return Err(ProtoError::TooLarge { what, len, max });
     }
     serde_json::to_vec(body).map(Zeroizing::new).map_err(|e| ProtoError::malformed("message body", e))
 }
@@ -411,11 +427,8 @@ fn body_json(body: &MessageBody) -> Result<Zeroizing<Vec<u8>>, ProtoError> {
 fn parse_body(json: &[u8]) -> Result<MessageBody, ProtoError> {
     let body: MessageBody =
         serde_json::from_slice(json).map_err(|e| refused(TsmRefusal::MalformedMessage, format!("body: {e}")))?;
-    if body.payload.len() > PAYLOAD_BYTES_MAX {
-        return Err(refused(
-            TsmRefusal::MalformedMessage,
-            format!("payload is {} bytes, over the limit of {PAYLOAD_BYTES_MAX}", body.payload.len()),
-        ));
+    if let Some((what, len, max)) = oversized_field(&body) {
+        return Err(refused(TsmRefusal::MalformedMessage, format!("{what} is {len} bytes, over the limit of {max}")));
     }
     Ok(body)
 }
@@ -719,12 +732,19 @@ mod tests {
         let se = HpkePrivateKey::generate(&rng).unwrap();
         let oversized = ProvisionedSecrets {
             device_key: DeviceKey::generate(&rng).unwrap(),
-            payment_certificate: "a".repeat(jws::COMPACT_BYTES_MAX + 1),
+            payment_certificate: "a".repeat(PAYMENT_CERTIFICATE_BYTES_MAX + 1),
         };
         assert!(matches!(
             seal_provisioning(&se.public_key(), DEVICE, REGISTRATION, SE_SERIAL, &oversized, &rng),
-            Err(ProtoError::TooLarge { what: "provisioned secrets", .. })
+            Err(ProtoError::TooLarge { what: "payment certificate", .. })
         ));
+        let longest =
+            ProvisionedSecrets { payment_certificate: "a".repeat(PAYMENT_CERTIFICATE_BYTES_MAX), ..oversized };
+        let sealed = seal_provisioning(&se.public_key(), DEVICE, REGISTRATION, SE_SERIAL, &longest, &rng).unwrap();
+        assert_eq!(open_provisioning(&se, &claims(&sealed)).unwrap().payment_certificate, longest.payment_certificate);
+        let mut padded = claims(&sealed);
+        padded.ciphertext = b64::encode([0u8; PROVISIONED_SECRETS_BYTES_MAX + hpke::TAG_BYTES + 1]);
+        assert!(matches!(open_provisioning(&se, &padded), Err(ProtoError::TooLarge { .. })));
         let info = joined(&[PROVISION_LABEL, DEVICE, REGISTRATION]).unwrap();
         for plaintext in [&[7u8; 31][..], &[7u8; 32][..], &[[7u8; 32].as_slice(), &[0xff]].concat()[..]] {
             let sealed = hpke::seal(&se.public_key(), &info, SE_SERIAL.as_bytes(), plaintext, &rng).unwrap();
@@ -885,7 +905,11 @@ mod tests {
     fn message_size_limits() {
         let rng = SystemRandom::new();
         let key = DeviceKey::generate(&rng).unwrap();
-        let largest = body(&[0xab; PAYLOAD_BYTES_MAX]);
+        let largest = MessageBody {
+            payment_certificate: "a".repeat(PAYMENT_CERTIFICATE_BYTES_MAX),
+            provider_id: "p".repeat(64),
+            payload: vec![0xab; PAYLOAD_BYTES_MAX],
+        };
         let envelope = seal_message(&key, DEVICE, 1, &largest).unwrap();
         assert!(envelope.len() <= MESSAGE_BYTES_MAX);
         assert_eq!(open_message(&key, DEVICE, &envelope).unwrap().1, largest);
@@ -894,10 +918,15 @@ mod tests {
             seal_message(&key, DEVICE, 1, &body(&[0; PAYLOAD_BYTES_MAX + 1])),
             Err(ProtoError::TooLarge { what: "message payload", .. })
         ));
-        let mut long_certificate = body(b"x");
-        long_certificate.payment_certificate = "a".repeat(MESSAGE_BYTES_MAX);
+        let long_certificate =
+            MessageBody { payment_certificate: "a".repeat(PAYMENT_CERTIFICATE_BYTES_MAX + 1), ..body(b"x") };
         assert!(matches!(
             seal_message(&key, DEVICE, 1, &long_certificate),
+            Err(ProtoError::TooLarge { what: "payment certificate", .. })
+        ));
+        let long_provider = MessageBody { provider_id: "p".repeat(MESSAGE_BYTES_MAX), ..body(b"x") };
+        assert!(matches!(
+            seal_message(&key, DEVICE, 1, &long_provider),
             Err(ProtoError::TooLarge { what: "message envelope", .. })
         ));
     }
@@ -923,12 +952,14 @@ mod tests {
         let rng = SystemRandom::new();
         let key = DeviceKey::generate(&rng).unwrap();
         let too_long = b64::encode([0u8; PAYLOAD_BYTES_MAX + 1]);
+        let long_certificate = "a".repeat(PAYMENT_CERTIFICATE_BYTES_MAX + 1);
         let bodies = [
             "not json".to_string(),
             r#"{"payment_certificate":"c","provider_id":"p"}"#.to_string(),
             r#"{"payment_certificate":"c","provider_id":"p","payload":"+/+/"}"#.to_string(),
             r#"{"payment_certificate":"c","provider_id":"p","payload":"","extra":1}"#.to_string(),
             format!(r#"{{"payment_certificate":"c","provider_id":"p","payload":"{too_long}"}}"#),
+            format!(r#"{{"payment_certificate":"{long_certificate}","provider_id":"p","payload":""}}"#),
         ];
         for json in bodies {
             check_refused(
