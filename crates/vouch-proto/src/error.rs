@@ -15,6 +15,8 @@ pub enum ProtoError {
     WrongType { found: Option<String>, expected: &'static str },
     #[error("signature does not verify")]
     BadSignature,
+    #[error("HPKE: {0}")]
+    Hpke(String),
     #[error("invalid key: {0}")]
     InvalidKey(String),
     #[error("expired at {exp}, now {now}")]
@@ -37,6 +39,8 @@ pub enum ProtoError {
     CoseRefused { why: crate::cose::CoseRefusal, detail: String },
     #[error("offline payment refused ({}): {detail}", check.as_str())]
     OfflineRefused { check: crate::offline::OfflineCheck, detail: String },
+    #[error("TSM refused ({}): {detail}", why.as_str())]
+    TsmRefused { why: crate::tsm::TsmRefusal, detail: String },
     #[error("random number generator failed")]
     Rng,
     #[error("ISO 8583 {0}")]

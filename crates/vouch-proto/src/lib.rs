@@ -11,6 +11,7 @@ pub mod dpop;
 pub mod dvv;
 pub mod enrol;
 mod error;
+pub mod hpke;
 pub mod iso8583;
 pub mod jwk;
 pub mod jws;
@@ -20,6 +21,7 @@ pub mod pem;
 pub mod session;
 pub mod tlv;
 pub mod token;
+pub mod tsm;
 
 pub use clock::{Clock, FixedClock, SystemClock};
 pub use crypto::{SigningKey, VerifyingKey};
