@@ -24,9 +24,9 @@ use zeroize::Zeroizing;
 
 use crate::{
     ProtoError, b64,
-    crypto::{SecureRandom, sha256},
+    crypto::{SecureRandom, VerifyingKey, sha256},
     hpke::{self, HpkePrivateKey, HpkePublicKey, Sealed},
-    jws,
+    jws, jwt,
 };
 
 pub const PROVISION_TYP: &str = "vouch-tsm-provision+jwt";
@@ -244,6 +244,25 @@ pub struct PaymentCertificateClaims {
     pub instrument: String,
     pub iat: i64,
     pub exp: i64,
+}
+
+/// A payment certificate's signature (by the key `key_for_kid` names), type and expiry
+/// checked; whose device and registration it names is the caller's to compare.
+pub fn verify_payment_certificate(
+    certificate: &str,
+    key_for_kid: impl Fn(&str) -> Option<VerifyingKey>,
+    now: i64,
+) -> Result<PaymentCertificateClaims, ProtoError> {
+    if certificate.len() > PAYMENT_CERTIFICATE_BYTES_MAX {
+        return Err(ProtoError::TooLarge {
+            what: "payment certificate",
+            len: certificate.len(),
+            max: PAYMENT_CERTIFICATE_BYTES_MAX,
+        });
+    }
+    let claims: PaymentCertificateClaims = jwt::verify_by_kid(certificate, PAYMENT_CERTIFICATE_TYP, key_for_kid)?;
+    jwt::check_expiry(claims.exp, now, 0)?;
+    Ok(claims)
 }
 
 /// A payment application release, as an administrator uploads it. `code_sha256` is lowercase hex.
@@ -623,6 +642,43 @@ mod tests {
             Err(ProtoError::TsmRefused { why, .. }) => assert_eq!(why, expected),
             other => panic!("expected {}, got {other:?}", expected.as_str()),
         }
+    }
+
+    #[test]
+    fn a_payment_certificate_verifies_only_signed_typed_and_unexpired() {
+        let rng = SystemRandom::new();
+        let server = crate::crypto::SigningKey::generate(&rng).unwrap();
+        let claims = PaymentCertificateClaims {
+            iss: "https://vouch.test".into(),
+            sub: DEVICE.into(),
+            registration_id: REGISTRATION.into(),
+            instrument: "tok_1".into(),
+            iat: 1_000,
+            exp: 2_000,
+        };
+        let sign = |typ: &str| {
+            let header = jws::Header::es256(typ).with_kid("k1");
+            jws::sign(&header, &serde_json::to_vec(&claims).unwrap(), &server, &rng).unwrap()
+        };
+        let key = |kid: &str| (kid == "k1").then(|| server.verifying_key());
+        let certificate = sign(PAYMENT_CERTIFICATE_TYP);
+        assert_eq!(verify_payment_certificate(&certificate, key, 2_000).unwrap(), claims);
+        assert!(matches!(verify_payment_certificate(&certificate, key, 2_001), Err(ProtoError::Expired { .. })));
+        assert!(matches!(
+            verify_payment_certificate(&certificate, |_| None, 1_500),
+            Err(ProtoError::UnknownSigningKey { .. })
+        ));
+        let other = crate::crypto::SigningKey::generate(&rng).unwrap().verifying_key();
+        assert!(matches!(
+            verify_payment_certificate(&certificate, |_| Some(other.clone()), 1_500),
+            Err(ProtoError::BadSignature)
+        ));
+        assert!(matches!(
+            verify_payment_certificate(&sign(MANIFEST_TYP), key, 1_500),
+            Err(ProtoError::WrongType { .. })
+        ));
+        let oversize = "a".repeat(PAYMENT_CERTIFICATE_BYTES_MAX + 1);
+        assert!(matches!(verify_payment_certificate(&oversize, key, 1_500), Err(ProtoError::TooLarge { .. })));
     }
 
     /// Applies each change to a fresh copy of `base`; `run` must refuse every result for `why`.
