@@ -20,6 +20,7 @@ pub mod pem;
 pub mod session;
 pub mod tlv;
 pub mod token;
+pub mod x509;
 
 pub use clock::{Clock, FixedClock, SystemClock};
 pub use crypto::{SigningKey, VerifyingKey};
