@@ -45,7 +45,7 @@ pub use offline::{
 pub use registry::{Device, DeviceFilter, DeviceStatus, Merchant, ServiceProvider};
 pub use secrets::{ApiKeyRecord, NonceRejection, SigningKeyRecord};
 pub use token::{ReaderSession, TokenSession, TokenSessionState};
-pub use tsm::{TsmIssuer, TsmRegistration};
+pub use tsm::{TsmIssuer, TsmManifest, TsmRegistration};
 
 /// Limits of the connection pool.
 pub const SQLITE_CONNECTIONS_MAX: u32 = 8;

@@ -1,6 +1,7 @@
 //! The trusted service manager: device makers' CAs registered as issuers and the
 //! certificates they revoked, and each device's registration under its crypto secure
-//! element with the last message counter accepted under it.
+//! element with the last message counter accepted under it, and the payment
+//! application releases.
 
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -200,5 +201,77 @@ impl Store {
             sqlx::AssertSqlSafe(format!("SELECT {REGISTRATION_COLUMNS} FROM tsm_registrations WHERE device_id = $1"));
         let row = sqlx::query(sql).bind(device_id).fetch_optional(self.pool()).await?;
         row.as_ref().map(registration_from_row).transpose()
+    }
+}
+
+/// A payment application release, as uploaded and signed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TsmManifest {
+    pub id: String,
+    pub app_id: String,
+    /// Released once per application.
+    pub version: i64,
+    /// SHA-256 of the code, lowercase hex.
+    pub code_sha256: String,
+    pub code_size: i64,
+    pub se_profile: String,
+    /// The manifest JWS the server signed.
+    pub signed: String,
+    pub created_at: i64,
+}
+
+const MANIFEST_COLUMNS: &str = "id, app_id, version, code_sha256, code_size, se_profile, signed, created_at";
+
+fn manifest_from_row(row: &AnyRow) -> Result<TsmManifest, StoreError> {
+    Ok(TsmManifest {
+        id: row.try_get("id")?,
+        app_id: row.try_get("app_id")?,
+        version: row.try_get("version")?,
+        code_sha256: row.try_get("code_sha256")?,
+        code_size: row.try_get("code_size")?,
+        se_profile: row.try_get("se_profile")?,
+        signed: row.try_get("signed")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+impl Tx {
+    /// Records a release; false when the application has this version already.
+    pub async fn insert_tsm_manifest(&mut self, manifest: &TsmManifest) -> Result<bool, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "INSERT INTO tsm_manifests ({MANIFEST_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (app_id, version) DO NOTHING"
+        ));
+        let inserted = sqlx::query(sql)
+            .bind(&manifest.id)
+            .bind(&manifest.app_id)
+            .bind(manifest.version)
+            .bind(&manifest.code_sha256)
+            .bind(manifest.code_size)
+            .bind(&manifest.se_profile)
+            .bind(&manifest.signed)
+            .bind(manifest.created_at)
+            .execute(self.conn())
+            .await
+            .map_err(StoreError::on_insert("TSM manifest", "TSM manifest"))?;
+        Ok(inserted.rows_affected() == 1)
+    }
+}
+
+impl Store {
+    /// Every release, by application, then version.
+    pub async fn tsm_manifests(&self) -> Result<Vec<TsmManifest>, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!("SELECT {MANIFEST_COLUMNS} FROM tsm_manifests ORDER BY app_id, version"));
+        let rows = sqlx::query(sql).fetch_all(self.pool()).await?;
+        rows.iter().map(manifest_from_row).collect()
+    }
+
+    /// The release of `app_id` with the highest version, if any.
+    pub async fn latest_tsm_manifest(&self, app_id: &str) -> Result<Option<TsmManifest>, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {MANIFEST_COLUMNS} FROM tsm_manifests WHERE app_id = $1 ORDER BY version DESC LIMIT 1"
+        ));
+        let row = sqlx::query(sql).bind(app_id).fetch_optional(self.pool()).await?;
+        row.as_ref().map(manifest_from_row).transpose()
     }
 }

@@ -40,3 +40,19 @@ CREATE TABLE tsm_registrations (
     last_counter       BIGINT NOT NULL CHECK (last_counter >= 0),
     registered_at      BIGINT NOT NULL
 );
+
+-- Payment application releases, each with the manifest the server signed when it was
+-- uploaded. A version of an application is released once.
+CREATE TABLE tsm_manifests (
+    id           TEXT PRIMARY KEY,
+    app_id       TEXT NOT NULL,
+    version      BIGINT NOT NULL CHECK (version >= 1),
+    -- SHA-256 of the code, lowercase hex.
+    code_sha256  TEXT NOT NULL CHECK (length(code_sha256) = 64),
+    code_size    BIGINT NOT NULL CHECK (code_size > 0),
+    se_profile   TEXT NOT NULL,
+    -- The manifest JWS.
+    signed       TEXT NOT NULL,
+    created_at   BIGINT NOT NULL,
+    UNIQUE (app_id, version)
+);

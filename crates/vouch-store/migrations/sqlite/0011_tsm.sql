@@ -40,3 +40,19 @@ CREATE TABLE tsm_registrations (
     last_counter       INTEGER NOT NULL CHECK (last_counter >= 0),
     registered_at      INTEGER NOT NULL
 );
+
+-- Payment application releases, each with the manifest the server signed when it was
+-- uploaded. A version of an application is released once.
+CREATE TABLE tsm_manifests (
+    id           TEXT PRIMARY KEY,
+    app_id       TEXT NOT NULL,
+    version      INTEGER NOT NULL CHECK (version >= 1),
+    -- SHA-256 of the code, lowercase hex.
+    code_sha256  TEXT NOT NULL CHECK (length(code_sha256) = 64),
+    code_size    INTEGER NOT NULL CHECK (code_size > 0),
+    se_profile   TEXT NOT NULL,
+    -- The manifest JWS.
+    signed       TEXT NOT NULL,
+    created_at   INTEGER NOT NULL,
+    UNIQUE (app_id, version)
+);

@@ -1,4 +1,4 @@
-use vouch_store::{StoreError, TsmIssuer, TsmRegistration};
+use vouch_store::{StoreError, TsmIssuer, TsmManifest, TsmRegistration};
 
 use crate::conformance;
 use crate::harness::TestStore;
@@ -153,5 +153,48 @@ conformance! {
             accepted += usize::from(advance.await.unwrap());
         }
         assert_eq!(accepted, 1);
+    }
+}
+
+fn manifest(id: &str, app_id: &str, version: i64, created_at: i64) -> TsmManifest {
+    TsmManifest {
+        id: id.into(),
+        app_id: app_id.into(),
+        version,
+        code_sha256: format!("{version:064x}"),
+        code_size: 1_024 * version,
+        se_profile: "app-se-1".into(),
+        signed: format!("eyJ.{id}.sig"),
+        created_at,
+    }
+}
+
+conformance! {
+    async fn an_application_version_is_released_once_and_the_highest_is_the_latest(t: TestStore) {
+        let mut tx = t.store.begin().await.unwrap();
+        assert!(tx.insert_tsm_manifest(&manifest("man1", "wallet", 1, 100)).await.unwrap());
+        assert!(tx.insert_tsm_manifest(&manifest("man3", "wallet", 3, 110)).await.unwrap());
+        assert!(tx.insert_tsm_manifest(&manifest("man2", "wallet", 2, 120)).await.unwrap());
+        assert!(!tx.insert_tsm_manifest(&manifest("man4", "wallet", 2, 130)).await.unwrap(), "version 2 again");
+        assert!(tx.insert_tsm_manifest(&manifest("man5", "loyalty", 1, 140)).await.unwrap());
+        tx.commit().await.unwrap();
+
+        assert_eq!(t.store.latest_tsm_manifest("wallet").await.unwrap(), Some(manifest("man3", "wallet", 3, 110)));
+        assert_eq!(t.store.latest_tsm_manifest("loyalty").await.unwrap().unwrap().id, "man5");
+        assert_eq!(t.store.latest_tsm_manifest("transit").await.unwrap(), None);
+        let all = t.store.tsm_manifests().await.unwrap();
+        let listed: Vec<(&str, i64)> = all.iter().map(|m| (m.app_id.as_str(), m.version)).collect();
+        assert_eq!(listed, [("loyalty", 1), ("wallet", 1), ("wallet", 2), ("wallet", 3)]);
+        assert_eq!(all[2], manifest("man2", "wallet", 2, 120));
+
+        for refused in [
+            TsmManifest { version: 0, ..manifest("man6", "transit", 0, 1) },
+            TsmManifest { code_sha256: "ab".into(), ..manifest("man7", "transit", 1, 1) },
+            TsmManifest { code_size: 0, ..manifest("man8", "transit", 1, 1) },
+        ] {
+            let mut tx = t.store.begin().await.unwrap();
+            assert!(tx.insert_tsm_manifest(&refused).await.is_err(), "{refused:?}");
+        }
+        assert!(t.store.tsm_manifests().await.unwrap().iter().all(|m| m.app_id != "transit"));
     }
 }
