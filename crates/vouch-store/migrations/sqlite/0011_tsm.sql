@@ -56,3 +56,43 @@ CREATE TABLE tsm_manifests (
     created_at   INTEGER NOT NULL,
     UNIQUE (app_id, version)
 );
+
+-- Messages from devices on their way to service providers, sealed to the provider's
+-- key: what the device sent is kept only as its SHA-256, and no plaintext at all. A
+-- message is stored once per registration and counter; the registration is the
+-- device's current one when the message is accepted, so a device provisioned again
+-- counts from the start without colliding with its earlier messages.
+--
+-- A delivery worker leases the pending messages that are due (`lease_id`, until
+-- `lease_until`), one lease per message at a time whichever instance claims it, and
+-- records each outcome only while its lease holds. A lease left by a worker that
+-- stopped ends at `lease_until`, and the message is claimed again.
+CREATE TABLE tsm_outbox (
+    id               TEXT PRIMARY KEY,
+    provider_id      TEXT NOT NULL REFERENCES service_providers(id),
+    device_id        TEXT NOT NULL REFERENCES devices(id),
+    registration_id  TEXT NOT NULL,
+    counter          INTEGER NOT NULL CHECK (counter >= 1),
+    envelope_hash    BLOB NOT NULL CHECK (length(envelope_hash) = 32),
+    enc              BLOB NOT NULL,
+    ciphertext       BLOB NOT NULL,
+    status           TEXT NOT NULL CHECK (status IN ('pending', 'delivered', 'dead')),
+    attempts         INTEGER NOT NULL CHECK (attempts >= 0),
+    next_attempt_at  INTEGER NOT NULL,
+    last_error       TEXT,
+    created_at       INTEGER NOT NULL,
+    delivered_at     INTEGER,
+    lease_id         TEXT,
+    lease_until      INTEGER,
+    UNIQUE (registration_id, counter),
+    CHECK ((status = 'delivered') = (delivered_at IS NOT NULL)),
+    CHECK ((lease_id IS NULL) = (lease_until IS NULL)),
+    CHECK (status = 'pending' OR lease_id IS NULL)
+);
+-- The worker's query: only pending messages, so the index stays the size of the
+-- backlog however many have been delivered.
+CREATE INDEX tsm_outbox_due ON tsm_outbox (next_attempt_at, id) WHERE status = 'pending';
+-- The admin listing, newest first, whole or by status or by provider.
+CREATE INDEX tsm_outbox_by_created ON tsm_outbox (created_at, id);
+CREATE INDEX tsm_outbox_by_status ON tsm_outbox (status, created_at, id);
+CREATE INDEX tsm_outbox_by_provider ON tsm_outbox (provider_id, created_at, id);

@@ -1,4 +1,10 @@
-use vouch_store::{StoreError, TsmIssuer, TsmManifest, TsmRegistration};
+use std::collections::HashSet;
+use std::time::Duration;
+
+use vouch_store::{
+    DeliveryOutcome, OUTBOX_BATCH_MAX, OutboxCounts, OutboxFilter, OutboxMessage, OutboxStatus, ServiceProvider,
+    StoreError, TsmIssuer, TsmManifest, TsmRegistration,
+};
 
 use crate::conformance;
 use crate::harness::TestStore;
@@ -197,4 +203,275 @@ conformance! {
         }
         assert!(t.store.tsm_manifests().await.unwrap().iter().all(|m| m.app_id != "transit"));
     }
+}
+
+fn message(id: &str, device_id: &str, counter: i64, created_at: i64) -> OutboxMessage {
+    OutboxMessage {
+        id: id.into(),
+        provider_id: "sp1".into(),
+        device_id: device_id.into(),
+        counter,
+        envelope_hash: vec![counter as u8; 32],
+        enc: vec![4; 65],
+        ciphertext: format!("sealed {id}").into_bytes(),
+        status: OutboxStatus::Pending,
+        attempts: 0,
+        next_attempt_at: created_at,
+        last_error: None,
+        created_at,
+        delivered_at: None,
+    }
+}
+
+/// [`with_devices`], providers `sp1` and `sp2`, and `d1` and `d2` registered as
+/// `reg1` and `reg2`.
+async fn with_registrations(t: &TestStore) {
+    with_devices(t).await;
+    let mut tx = t.store.begin().await.unwrap();
+    for id in ["sp1", "sp2"] {
+        let provider = ServiceProvider {
+            id: id.into(),
+            name: format!("Provider {id}"),
+            endpoint: format!("https://{id}.example/relay"),
+            public_jwk: "{}".into(),
+            created_at: 1,
+        };
+        tx.insert_service_provider(&provider).await.unwrap();
+    }
+    tx.upsert_tsm_registration(&registration("d1", "reg1", 10)).await.unwrap();
+    tx.upsert_tsm_registration(&registration("d2", "reg2", 10)).await.unwrap();
+    tx.commit().await.unwrap();
+}
+
+/// Queues `message` as the request path does, in a write of its own.
+async fn queue(t: &TestStore, message: OutboxMessage) -> Result<bool, StoreError> {
+    t.store.write(move |tx| Box::pin(async move { tx.insert_outbox_message(&message).await })).await
+}
+
+async fn queue_all(t: &TestStore, messages: Vec<OutboxMessage>) {
+    let mut tx = t.store.begin().await.unwrap();
+    for message in &messages {
+        assert!(tx.insert_outbox_message(message).await.unwrap(), "{}", message.id);
+    }
+    tx.commit().await.unwrap();
+}
+
+fn ids(messages: &[OutboxMessage]) -> Vec<&str> {
+    messages.iter().map(|m| m.id.as_str()).collect()
+}
+
+fn delivered(id: &str, at: i64) -> (String, DeliveryOutcome) {
+    (id.into(), DeliveryOutcome::Delivered { at })
+}
+
+conformance! {
+    async fn a_message_is_queued_once_per_registration_and_counter(t: TestStore) {
+        with_registrations(&t).await;
+        assert!(queue(&t, message("m1", "d1", 1, 100)).await.unwrap());
+        assert!(!queue(&t, message("m2", "d1", 1, 101)).await.unwrap(), "the same counter again");
+        assert!(queue(&t, message("m3", "d1", 2, 102)).await.unwrap());
+        assert!(queue(&t, message("m4", "d2", 1, 103)).await.unwrap(), "another device's counter");
+        assert_eq!(t.store.outbox_message("m1").await.unwrap(), Some(message("m1", "d1", 1, 100)));
+        assert_eq!(t.store.outbox_message("m2").await.unwrap(), None);
+        assert_eq!(t.store.outbox_message_at("d1", 1).await.unwrap(), Some(message("m1", "d1", 1, 100)));
+        assert_eq!(t.store.outbox_message_at("d2", 1).await.unwrap().unwrap().id, "m4");
+        assert_eq!(t.store.outbox_message_at("d1", 3).await.unwrap(), None);
+        let mut tx = t.store.begin().await.unwrap();
+        assert_eq!(tx.outbox_message_at("d1", 2).await.unwrap().unwrap().id, "m3");
+        drop(tx);
+
+        // Provisioned again, the device counts from the start.
+        register(&t, registration("d1", "reg1b", 200)).await;
+        assert_eq!(t.store.outbox_message_at("d1", 1).await.unwrap(), None);
+        assert!(queue(&t, message("m5", "d1", 1, 201)).await.unwrap());
+        assert_eq!(t.store.outbox_message_at("d1", 1).await.unwrap().unwrap().id, "m5");
+        assert_eq!(t.store.outbox_message("m1").await.unwrap().unwrap().counter, 1, "earlier messages stay");
+
+        let mut tx = t.store.begin().await.unwrap();
+        tx.insert_device(&device("d3", "m1", "t3")).await.unwrap();
+        tx.commit().await.unwrap();
+        let unregistered = queue(&t, message("m6", "d3", 1, 300)).await;
+        assert!(matches!(unregistered, Err(StoreError::MissingReference { missing: "TSM registration", .. })), "{unregistered:?}");
+        let unknown_provider = queue(&t, OutboxMessage { provider_id: "sp9".into(), ..message("m7", "d1", 2, 300) }).await;
+        assert!(matches!(unknown_provider, Err(StoreError::MissingReference { .. })), "{unknown_provider:?}");
+        assert!(queue(&t, message("m8", "d1", 0, 300)).await.is_err(), "counters start at 1");
+    }
+
+    async fn a_lease_holds_a_message_until_it_ends_and_only_its_outcome_applies(t: TestStore) {
+        with_registrations(&t).await;
+        let mut later = message("m3", "d1", 3, 100);
+        later.next_attempt_at = 200;
+        queue_all(&t, vec![message("m2", "d1", 2, 100), message("m1", "d1", 1, 100), later]).await;
+
+        let claimed = t.store.claim_outbox(150, 30, 10, "lease-a").await.unwrap();
+        assert_eq!(ids(&claimed), ["m1", "m2"], "the due ones, earliest first");
+        assert!(claimed.iter().all(|m| m.attempts == 1 && m.status == OutboxStatus::Pending));
+        assert!(t.store.claim_outbox(170, 30, 10, "lease-b").await.unwrap().is_empty());
+        assert!(t.store.claim_outbox(180, 30, 10, "lease-b").await.unwrap().is_empty(), "the lease lasts to its end");
+
+        // Lease a ended at 180; b takes one message over.
+        let taken = t.store.claim_outbox(181, 30, 1, "lease-b").await.unwrap();
+        assert_eq!((ids(&taken), taken[0].attempts), (vec!["m1"], 2));
+        let retry = DeliveryOutcome::Retry { next_attempt_at: 300, error: "503 Service Unavailable".into() };
+        let applied = t.store.record_deliveries("lease-a", &[delivered("m1", 185), ("m2".into(), retry)]).await.unwrap();
+        assert_eq!(applied, 1, "m1 is b's now");
+        let m1 = t.store.outbox_message("m1").await.unwrap().unwrap();
+        assert_eq!((m1.status, m1.delivered_at), (OutboxStatus::Pending, None));
+        let m2 = t.store.outbox_message("m2").await.unwrap().unwrap();
+        assert_eq!((m2.next_attempt_at, m2.last_error.as_deref()), (300, Some("503 Service Unavailable")));
+
+        // Of two outcomes for one message the first counts.
+        let outcomes = [delivered("m1", 190), ("m1".into(), DeliveryOutcome::Dead { error: "gone".into() })];
+        assert_eq!(t.store.record_deliveries("lease-b", &outcomes).await.unwrap(), 1);
+        let m1 = t.store.outbox_message("m1").await.unwrap().unwrap();
+        assert_eq!((m1.status, m1.delivered_at, m1.attempts), (OutboxStatus::Delivered, Some(190), 2));
+        assert_eq!(t.store.record_deliveries("lease-b", &[delivered("m1", 191)]).await.unwrap(), 0, "the lease ended");
+        assert_eq!(t.store.record_deliveries("lease-b", &[]).await.unwrap(), 0);
+
+        // m2 is due again at 300, m3 since 200.
+        assert_eq!(ids(&t.store.claim_outbox(299, 30, 10, "lease-c").await.unwrap()), ["m3"]);
+        let again = t.store.claim_outbox(300, 30, 10, "lease-c").await.unwrap();
+        assert_eq!((ids(&again), again[0].attempts), (vec!["m2"], 2));
+        assert!(t.store.claim_outbox(1_000, 30, 0, "lease-d").await.unwrap().is_empty());
+
+        let too_many: Vec<_> = (0..=OUTBOX_BATCH_MAX).map(|i| delivered(&format!("m{i}"), 1)).collect();
+        let refused = t.store.record_deliveries("lease-c", &too_many).await;
+        assert!(matches!(refused, Err(StoreError::TooMany { .. })), "{refused:?}");
+    }
+
+    async fn concurrent_claims_never_share_a_message(t: TestStore) {
+        with_registrations(&t).await;
+        queue_all(&t, (1..=300).map(|i| message(&format!("m{i:03}"), "d1", i, 100)).collect()).await;
+        let claims: Vec<_> = ["lease-x", "lease-y"]
+            .into_iter()
+            .map(|lease| {
+                let store = t.store.clone();
+                tokio::spawn(async move { (lease, store.claim_outbox(150, 30, 200, lease).await.unwrap()) })
+            })
+            .collect();
+        let mut seen = HashSet::new();
+        let mut leases = Vec::new();
+        for claim in claims {
+            let (lease, claimed) = claim.await.unwrap();
+            for m in &claimed {
+                assert!(seen.insert(m.id.clone()), "{} claimed twice", m.id);
+                assert_eq!(m.attempts, 1);
+            }
+            leases.push(lease);
+        }
+        assert_eq!(seen.len(), 300);
+
+        // Each lease records all 300 outcomes, over more than one statement; only its
+        // own apply.
+        let all: Vec<_> = (1..=300).map(|i| delivered(&format!("m{i:03}"), 160)).collect();
+        let mut applied = 0;
+        for lease in leases {
+            applied += t.store.record_deliveries(lease, &all).await.unwrap();
+        }
+        assert_eq!(applied, 300);
+        assert_eq!(t.store.outbox_counts().await.unwrap(), OutboxCounts { pending: 0, delivered: 300, dead: 0 });
+    }
+
+    async fn a_dead_message_is_retried_only_by_an_admin(t: TestStore) {
+        with_registrations(&t).await;
+        queue_all(&t, vec![message("m1", "d1", 1, 100), message("m2", "d1", 2, 100)]).await;
+        t.store.claim_outbox(100, 30, 10, "lease-a").await.unwrap();
+        let outcomes = [("m1".into(), DeliveryOutcome::Dead { error: "410 Gone".into() }), delivered("m2", 101)];
+        assert_eq!(t.store.record_deliveries("lease-a", &outcomes).await.unwrap(), 2);
+        let dead = t.store.outbox_message("m1").await.unwrap().unwrap();
+        assert_eq!((dead.status, dead.attempts, dead.last_error.as_deref()), (OutboxStatus::Dead, 1, Some("410 Gone")));
+        assert!(t.store.claim_outbox(10_000, 30, 10, "lease-b").await.unwrap().is_empty());
+        assert_eq!(t.store.outbox_counts().await.unwrap(), OutboxCounts { pending: 0, delivered: 1, dead: 1 });
+
+        assert!(!t.store.retry_outbox("m2", 500).await.unwrap(), "delivered");
+        assert!(!t.store.retry_outbox("m9", 500).await.unwrap(), "unknown");
+        assert!(t.store.retry_outbox("m1", 500).await.unwrap());
+        assert!(!t.store.retry_outbox("m1", 501).await.unwrap(), "pending already");
+        let retried = t.store.outbox_message("m1").await.unwrap().unwrap();
+        let expected = OutboxMessage { next_attempt_at: 500, last_error: Some("410 Gone".into()), ..message("m1", "d1", 1, 100) };
+        assert_eq!(retried, expected);
+        assert!(t.store.claim_outbox(499, 30, 10, "lease-c").await.unwrap().is_empty());
+        assert_eq!(ids(&t.store.claim_outbox(500, 30, 10, "lease-c").await.unwrap()), ["m1"]);
+    }
+
+    async fn the_earliest_due_counts_a_lease_until_it_ends(t: TestStore) {
+        with_registrations(&t).await;
+        assert_eq!(t.store.earliest_outbox_due().await.unwrap(), None);
+        assert_eq!(t.store.outbox_counts().await.unwrap(), OutboxCounts::default());
+        let mut later = message("m2", "d1", 2, 100);
+        later.next_attempt_at = 200;
+        queue_all(&t, vec![message("m1", "d1", 1, 100), later]).await;
+        assert_eq!(t.store.earliest_outbox_due().await.unwrap(), Some(100));
+        t.store.claim_outbox(120, 30, 1, "lease-a").await.unwrap();
+        assert_eq!(t.store.earliest_outbox_due().await.unwrap(), Some(151), "m1 once its lease has ended");
+        let retry = DeliveryOutcome::Retry { next_attempt_at: 400, error: "timeout".into() };
+        t.store.record_deliveries("lease-a", &[("m1".into(), retry)]).await.unwrap();
+        assert_eq!(t.store.earliest_outbox_due().await.unwrap(), Some(200));
+        t.store.claim_outbox(200, 30, 10, "lease-b").await.unwrap();
+        t.store.record_deliveries("lease-b", &[delivered("m2", 201)]).await.unwrap();
+        assert_eq!(t.store.earliest_outbox_due().await.unwrap(), Some(400), "delivered messages are not due");
+        assert_eq!(t.store.outbox_counts().await.unwrap(), OutboxCounts { pending: 1, delivered: 1, dead: 0 });
+    }
+
+    async fn the_outbox_pages_newest_first_by_status_and_provider(t: TestStore) {
+        with_registrations(&t).await;
+        let mut messages = Vec::new();
+        for (i, created_at) in [300, 100, 200, 300, 200].into_iter().enumerate() {
+            let mut m = message(&format!("m{i}"), "d1", i as i64 + 1, created_at);
+            if i % 2 == 1 {
+                m.provider_id = "sp2".into();
+            }
+            messages.push(m);
+        }
+        queue_all(&t, messages).await;
+        t.store.claim_outbox(200, 30, 10, "lease-a").await.unwrap();
+        t.store.record_deliveries("lease-a", &[delivered("m1", 250), delivered("m4", 250)]).await.unwrap();
+
+        let page = |status: Option<OutboxStatus>, provider: Option<&str>, before: Option<(i64, &str)>, limit: i64| {
+            let filter = OutboxFilter { status, provider_id: provider.map(str::to_owned) };
+            let before = before.map(|(at, id)| (at, id.to_owned()));
+            let store = t.store.clone();
+            async move { store.outbox_page(&filter, before, limit).await.unwrap() }
+        };
+        let all = page(None, None, None, 10).await;
+        assert_eq!(ids(&all), ["m3", "m0", "m4", "m2", "m1"]);
+        assert_eq!(ids(&page(None, None, None, 2).await), ["m3", "m0"]);
+        assert_eq!(ids(&page(None, None, Some((300, "m0")), 2).await), ["m4", "m2"]);
+        assert_eq!(ids(&page(None, None, Some((200, "m2")), 2).await), ["m1"]);
+        assert!(page(None, None, Some((100, "m1")), 2).await.is_empty());
+        assert_eq!(ids(&page(Some(OutboxStatus::Delivered), None, None, 10).await), ["m4", "m1"]);
+        assert_eq!(ids(&page(Some(OutboxStatus::Pending), None, Some((300, "m3")), 10).await), ["m0", "m2"]);
+        assert_eq!(ids(&page(None, Some("sp2"), None, 10).await), ["m3", "m1"]);
+        assert_eq!(ids(&page(Some(OutboxStatus::Pending), Some("sp1"), None, 10).await), ["m0", "m2"]);
+        assert!(page(Some(OutboxStatus::Dead), None, None, 10).await.is_empty());
+        assert!(page(None, None, None, 0).await.is_empty());
+        assert_eq!(all[0].status, OutboxStatus::Pending);
+    }
+}
+
+/// A claim of another instance in flight holds its rows until it commits; a claim
+/// meanwhile takes the others without waiting. (On SQLite claims take turns on the
+/// one writer.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_skips_what_another_claim_holds_on_postgres() {
+    let Some(t) = crate::harness::postgres().await else { return };
+    with_registrations(&t).await;
+    queue_all(&t, vec![message("m1", "d1", 1, 100), message("m2", "d1", 2, 100), message("m3", "d1", 3, 100)]).await;
+    let mut other = <sqlx::AnyConnection as sqlx::Connection>::connect(&t.url).await.unwrap();
+    let mut held = sqlx::Connection::begin(&mut other).await.unwrap();
+    sqlx::query("SELECT id FROM tsm_outbox WHERE id = 'm2' FOR UPDATE").execute(&mut *held).await.unwrap();
+    let claim = tokio::time::timeout(Duration::from_secs(5), t.store.claim_outbox(150, 30, 10, "lease-a"));
+    let claimed = claim.await.expect("the claim does not wait for the held row").unwrap();
+    assert_eq!(ids(&claimed), ["m1", "m3"]);
+    held.commit().await.unwrap();
+    assert_eq!(ids(&t.store.claim_outbox(150, 30, 10, "lease-b").await.unwrap()), ["m2"]);
+}
+
+#[test]
+fn an_outbox_status_reads_back_from_its_name() {
+    for status in OutboxStatus::ALL {
+        assert_eq!(OutboxStatus::parse(status.as_str()), Some(status));
+    }
+    assert_eq!(OutboxStatus::ALL.map(OutboxStatus::as_str), ["pending", "delivered", "dead"]);
+    assert_eq!(OutboxStatus::parse("Pending"), None);
 }
