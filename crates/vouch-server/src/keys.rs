@@ -131,6 +131,84 @@ fn seal_aad(kid: &str) -> Aad<Vec<u8>> {
     Aad::from([SEAL_AAD_PREFIX, kid.as_bytes()].concat())
 }
 
+/// What a cached signed object must say of itself: when it stops being good.
+pub trait Expiring {
+    fn exp(&self) -> i64;
+}
+
+/// Server-signed objects whose signature verified, remembered by the SHA-256 of their
+/// text, so one presented again costs a hash rather than a signature check. On every
+/// use the key that signed it must still be published and its expiry not passed, so a
+/// retired key or an expired object is refused as if it had been checked afresh.
+pub struct VerifiedCache<C> {
+    entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], Verified<C>>>,
+    entries_max: usize,
+}
+
+struct Verified<C> {
+    claims: Arc<C>,
+    kid: String,
+}
+
+impl<C> Clone for Verified<C> {
+    fn clone(&self) -> Self {
+        Verified { claims: Arc::clone(&self.claims), kid: self.kid.clone() }
+    }
+}
+
+impl<C> std::fmt::Debug for VerifiedCache<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifiedCache").field("entries_max", &self.entries_max).finish_non_exhaustive()
+    }
+}
+
+impl<C: Expiring> VerifiedCache<C> {
+    pub fn new(entries_max: usize) -> Self {
+        VerifiedCache { entries: std::sync::Mutex::new(std::collections::HashMap::new()), entries_max }
+    }
+
+    /// The claims of the object whose text hashes to `hash`: from the cache, or from
+    /// `verify`, which is given the lookup of the server's published keys by kid.
+    pub fn verified(
+        &self,
+        keys: &dyn KeyStore,
+        now: i64,
+        hash: [u8; 32],
+        verify: impl FnOnce(&dyn Fn(&str) -> Option<VerifyingKey>) -> Result<C, vouch_proto::ProtoError>,
+    ) -> Result<Arc<C>, vouch_proto::ProtoError> {
+        let cached = self.lock().get(&hash).cloned();
+        if let Some(verified) = cached {
+            if keys.verifying_key(&verified.kid).is_none() {
+                return Err(vouch_proto::ProtoError::UnknownSigningKey { kid: verified.kid });
+            }
+            vouch_proto::jwt::check_expiry(verified.claims.exp(), now, 0)?;
+            return Ok(verified.claims);
+        }
+        let kid = std::cell::OnceCell::new();
+        let claims = verify(&|k: &str| {
+            let _ = kid.set(k.to_owned());
+            keys.verifying_key(k)
+        })?;
+        let kid = kid
+            .into_inner()
+            .ok_or_else(|| vouch_proto::ProtoError::InvalidKey("the signed object names no signing key".into()))?;
+        let verified = Verified { claims: Arc::new(claims), kid };
+        let mut entries = self.lock();
+        if entries.len() >= self.entries_max {
+            entries.retain(|_, v| v.claims.exp() >= now);
+            if entries.len() >= self.entries_max {
+                entries.clear();
+            }
+        }
+        entries.insert(hash, verified.clone());
+        Ok(verified.claims)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<[u8; 32], Verified<C>>> {
+        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 pub type KeyFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, KeyError>> + Send + 'a>>;
 
 /// Where the server's signatures come from.

@@ -2,8 +2,7 @@
 //! use of each proof recorded in the database, server nonces, and [`DpopCaller`], the
 //! extractor every device-facing endpoint takes to know who is calling.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::header::{AUTHORIZATION, HOST, WWW_AUTHENTICATE};
@@ -20,6 +19,7 @@ use vouch_store::TokenSessionState;
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
+use crate::keys::{Expiring, VerifiedCache};
 
 pub const DPOP_HEADER: HeaderName = HeaderName::from_static("dpop");
 pub const DPOP_NONCE_HEADER: HeaderName = HeaderName::from_static("dpop-nonce");
@@ -42,14 +42,7 @@ pub enum Endpoint {
 /// access tokens, by SHA-256 of the token.
 pub struct DpopState {
     nonces: Option<NonceKey>,
-    verified_tokens: Mutex<HashMap<[u8; 32], VerifiedToken>>,
-}
-
-/// An access token whose signature verified, and the key that signed it.
-#[derive(Debug, Clone)]
-struct VerifiedToken {
-    claims: Arc<AccessTokenClaims>,
-    kid: String,
+    verified_tokens: VerifiedCache<AccessTokenClaims>,
 }
 
 impl std::fmt::Debug for DpopState {
@@ -64,7 +57,7 @@ impl DpopState {
     pub fn new(master: &crate::keys::MasterKey, nonce_required: bool, window_secs: i64) -> Result<Self, ProtoError> {
         let nonces =
             if nonce_required { Some(NonceKey::new(&*master.derive(NONCE_KEY_LABEL), window_secs)?) } else { None };
-        Ok(DpopState { nonces, verified_tokens: Mutex::new(HashMap::new()) })
+        Ok(DpopState { nonces, verified_tokens: VerifiedCache::new(TOKEN_CACHE_ENTRIES_MAX) })
     }
 
     /// The nonce proofs must carry now, when nonces are required.
@@ -84,36 +77,15 @@ impl DpopState {
         token: &str,
         hash: [u8; 32],
     ) -> Result<Arc<AccessTokenClaims>, ProtoError> {
-        let now = state.now();
-        let cached = self.verified_tokens.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&hash).cloned();
-        if let Some(verified) = cached {
-            if state.keys.verifying_key(&verified.kid).is_none() {
-                return Err(ProtoError::UnknownSigningKey { kid: verified.kid });
-            }
-            vouch_proto::jwt::check_expiry(verified.claims.exp, now, 0)?;
-            return Ok(verified.claims);
-        }
-        let kid = std::cell::OnceCell::new();
-        let claims = verify_access_token(
-            token,
-            |k| {
-                let _ = kid.set(k.to_owned());
-                state.keys.verifying_key(k)
-            },
-            &*state.clock,
-        )?;
-        let kid =
-            kid.into_inner().ok_or_else(|| ProtoError::InvalidKey("the access token names no signing key".into()))?;
-        let verified = VerifiedToken { claims: Arc::new(claims), kid };
-        let mut cache = self.verified_tokens.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if cache.len() >= TOKEN_CACHE_ENTRIES_MAX {
-            cache.retain(|_, c| c.claims.exp >= now);
-            if cache.len() >= TOKEN_CACHE_ENTRIES_MAX {
-                cache.clear();
-            }
-        }
-        cache.insert(hash, verified.clone());
-        Ok(verified.claims)
+        self.verified_tokens.verified(&*state.keys, state.now(), hash, |key_for_kid| {
+            verify_access_token(token, key_for_kid, &*state.clock)
+        })
+    }
+}
+
+impl Expiring for AccessTokenClaims {
+    fn exp(&self) -> i64 {
+        self.exp
     }
 }
 

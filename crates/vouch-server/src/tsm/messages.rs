@@ -182,9 +182,14 @@ async fn replayed(
 /// signed by the server, for this device and its current registration, unexpired.
 fn check_payment_certificate(state: &AppState, registration: &TsmRegistration, message: &MessageBody) -> ApiResult<()> {
     let invalid = |detail: String| ApiError::unprocessable("invalid-payment-certificate", detail);
-    let claims =
-        verify_payment_certificate(&message.payment_certificate, |kid| state.keys.verifying_key(kid), state.now())
-            .map_err(|e| invalid(e.to_string()))?;
+    let now = state.now();
+    let claims = state
+        .tsm
+        .payment_certificates
+        .verified(&*state.keys, now, sha256(message.payment_certificate.as_bytes()), |key_for_kid| {
+            verify_payment_certificate(&message.payment_certificate, key_for_kid, now)
+        })
+        .map_err(|e| invalid(e.to_string()))?;
     if claims.sub != registration.device_id || claims.registration_id != registration.registration_id {
         return Err(invalid("the payment certificate is not this device's current one".to_owned()));
     }

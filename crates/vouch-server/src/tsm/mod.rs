@@ -29,12 +29,12 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use vouch_proto::ProtoError;
 use vouch_proto::crypto::random_bytes;
-use vouch_proto::tsm::DeviceKey;
+use vouch_proto::tsm::{DeviceKey, PaymentCertificateClaims};
 use zeroize::Zeroizing;
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::keys::MasterKey;
+use crate::keys::{Expiring, MasterKey, VerifiedCache};
 
 pub use apps::{AppDelivery, AppDeliveryRequest, ManifestView, NewManifest};
 pub use issuers::{IssuerView, NewIssuer, NewRevocation, RevocationView};
@@ -46,6 +46,7 @@ pub use provision::{ProvisionRequest, Provisioned};
 const TSM_OPERATION: &str = "tsm";
 const DEVICE_KEY_SEAL_LABEL: &str = "vouch tsm device-key seal v1";
 const DEVICE_KEY_SEAL_AAD: &[u8] = b"vouch tsm device key v1\0";
+const PAYMENT_CERTIFICATE_CACHE_ENTRIES_MAX: usize = 100_000;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -61,10 +62,12 @@ pub fn routes() -> OpenApiRouter<AppState> {
 
 /// What the TSM keeps beside the store: the key that seals device keys at rest (derived
 /// from the master key, so every instance given the same master key opens them), the
-/// HTTP client that delivers to providers, and the signal that wakes the delivery
+/// payment certificates whose signature verified (a phone sends the same one with each
+/// message), the HTTP client that delivers to providers, and the signal that wakes the delivery
 /// worker when a message is queued.
 pub struct TsmState {
     device_key_seal: LessSafeKey,
+    payment_certificates: VerifiedCache<PaymentCertificateClaims>,
     http: reqwest::Client,
     wake: tokio::sync::Notify,
 }
@@ -85,7 +88,12 @@ impl TsmState {
             .connect_timeout(delivery_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
-        Ok(TsmState { device_key_seal, http, wake: tokio::sync::Notify::new() })
+        Ok(TsmState {
+            device_key_seal,
+            payment_certificates: VerifiedCache::new(PAYMENT_CERTIFICATE_CACHE_ENTRIES_MAX),
+            http,
+            wake: tokio::sync::Notify::new(),
+        })
     }
 
     /// `nonce || ciphertext || tag`, bound to the device and its registration, so a
@@ -121,6 +129,12 @@ impl TsmState {
             .open_in_place(nonce, device_key_aad(device_id, registration_id), &mut buffer)
             .map_err(|_| fail())?;
         DeviceKey::from_bytes(key).map_err(|_| fail())
+    }
+}
+
+impl Expiring for PaymentCertificateClaims {
+    fn exp(&self) -> i64 {
+        self.exp
     }
 }
 
