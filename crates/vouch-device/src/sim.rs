@@ -209,14 +209,9 @@ pub async fn offline_phone(
     clock: Arc<dyn Clock>,
     rng: &SystemRandom,
 ) -> Result<OfflinePhone, DeviceError> {
-    let state = SimulatedDeviceState::clean(DeviceKind::Consumer, merchant_id);
-    let identity = Arc::new(DeviceIdentity::generate(rng)?);
-    let phone = enrol(admin, &identity, &state.profile(), &*clock, rng).await?;
-    let mut monitor = TamperMonitor::new(state);
-    let attestation = attest(device_client, &identity, &phone.device_id, &mut monitor, &*clock, rng).await?;
-    let session = TokenSession::open(device_client, identity, &attestation.outcome.ticket, clock, rng).await?;
+    let (device_id, session) = attested_phone(admin, device_client, merchant_id, clock, rng).await?;
     let consumer = admin.create_consumer("Simulated consumer").await?;
-    admin.add_consumer_device(&consumer.consumer_id, &phone.device_id).await?;
+    admin.add_consumer_device(&consumer.consumer_id, &device_id).await?;
     let funding = admin.create_consumer_account(&consumer.consumer_id, "consumer_funding", &funds.currency).await?;
     let transfer_id = format!("funding-{}", funding.account_id);
     admin
@@ -224,12 +219,26 @@ pub async fn offline_phone(
         .await?;
     let mut wallet = OfflineWallet::new(session, admin.jwks().await?);
     wallet.obtain_credential(&funds.currency, funds.limit_minor).await?;
-    Ok(OfflinePhone {
-        wallet,
-        device_id: phone.device_id,
-        consumer_id: consumer.consumer_id,
-        funding_account_id: funding.account_id,
-    })
+    Ok(OfflinePhone { wallet, device_id, consumer_id: consumer.consumer_id, funding_account_id: funding.account_id })
+}
+
+/// A consumer's phone enrolled under `merchant_id` and attested clean, with a session
+/// open; the server needs the clean reference values of the consumer phone model. The
+/// phone attests through `device_client`, which holds no API key.
+async fn attested_phone(
+    admin: &VouchClient,
+    device_client: &VouchClient,
+    merchant_id: &str,
+    clock: Arc<dyn Clock>,
+    rng: &SystemRandom,
+) -> Result<(String, TokenSession), DeviceError> {
+    let state = SimulatedDeviceState::clean(DeviceKind::Consumer, merchant_id);
+    let identity = Arc::new(DeviceIdentity::generate(rng)?);
+    let phone = enrol(admin, &identity, &state.profile(), &*clock, rng).await?;
+    let mut monitor = TamperMonitor::new(state);
+    let attestation = attest(device_client, &identity, &phone.device_id, &mut monitor, &*clock, rng).await?;
+    let session = TokenSession::open(device_client, identity, &attestation.outcome.ticket, clock, rng).await?;
+    Ok((phone.device_id, session))
 }
 
 /// A purchase made offline, as both sides saw it.
@@ -271,3 +280,4 @@ pub fn offline_purchase(
     let payment = pos.accept(&sale, &leg_b.bytes)?;
     Ok(SoundPurchase { prompt, payment, leg_a, leg_b })
 }
+
