@@ -19,6 +19,7 @@ pub mod offline;
 pub mod session;
 pub mod sim;
 pub mod token;
+pub mod tsm;
 
 pub use client::{
     AccountRecord, ApiKeyCreated, AttestationOutcome, AttestationRecord, AuditVerification, ConsumerDevice,

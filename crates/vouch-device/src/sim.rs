@@ -10,9 +10,10 @@
 use std::sync::Arc;
 
 use vouch_proto::attest::{TicketClaims, verify_ticket};
-use vouch_proto::crypto::SystemRandom;
+use vouch_proto::crypto::{SystemRandom, sha256};
 use vouch_proto::enrol::{DEVICE_CREDENTIAL_TYP, DeviceCredentialClaims, DeviceKind, EnrolmentClaims};
 use vouch_proto::jws::UnverifiedJws;
+use vouch_proto::tsm::AppManifest;
 use vouch_proto::{Clock, JwkSet, jwt};
 
 use crate::attest::{Challenge, SignedEvidence, SimulatedDeviceState, TamperMonitor};
@@ -281,3 +282,14 @@ pub fn offline_purchase(
     Ok(SoundPurchase { prompt, payment, leg_a, leg_b })
 }
 
+/// The manifest of release `version` of `app_id`: `code`'s SHA-256 and size, for app SEs
+/// of `se_profile`. An admin publishes it with [`VouchClient::publish_tsm_app`].
+pub fn tsm_app_manifest(app_id: &str, version: u32, code: &[u8], se_profile: &str) -> AppManifest {
+    AppManifest {
+        app_id: app_id.to_owned(),
+        version,
+        code_sha256: crate::hex(&sha256(code)),
+        code_size: code.len() as u64,
+        se_profile: se_profile.to_owned(),
+    }
+}
