@@ -78,6 +78,9 @@ pub enum DeviceError {
     /// A device maker could not make a certificate.
     #[error("cannot make the certificate: {0}")]
     Certificate(String),
+    /// A receiver could not listen on its address.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
 }
 
 impl DeviceError {

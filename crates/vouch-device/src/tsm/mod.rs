@@ -26,6 +26,7 @@
 mod app;
 mod client;
 mod maker;
+mod provider;
 mod secure_element;
 #[cfg(test)]
 mod tests;
@@ -36,6 +37,7 @@ pub use client::{
     RelayAccepted, RevocationRecord, ServiceProviderRecord,
 };
 pub use maker::{DeviceMaker, SeCertificate, SeIssuance, SeKind};
+pub use provider::{ProviderReceiver, ReceivedMessage, ReceiverMode, ReceiverStats};
 pub use secure_element::{AppSe, CryptoSe, InstalledApp};
 
 pub const ISSUERS_PATH: &str = "/v1/tsm/issuers";
