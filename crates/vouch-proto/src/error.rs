@@ -37,6 +37,8 @@ pub enum ProtoError {
     ChannelClosed,
     #[error("COSE_Sign1 refused ({}): {detail}", why.as_str())]
     CoseRefused { why: crate::cose::CoseRefusal, detail: String },
+    #[error("certificate refused ({}): {detail}", why.as_str())]
+    CertificateRefused { why: crate::x509::CertificateRefusal, detail: String },
     #[error("offline payment refused ({}): {detail}", check.as_str())]
     OfflineRefused { check: crate::offline::OfflineCheck, detail: String },
     #[error("TSM refused ({}): {detail}", why.as_str())]

@@ -13,7 +13,7 @@
 use aws_lc_rs::{aead, agreement, hmac};
 use zeroize::Zeroizing;
 
-use crate::{ProtoError, crypto::SecureRandom};
+use crate::{ProtoError, VerifyingKey, crypto::SecureRandom};
 
 pub const KEM_ID: u16 = 0x0010;
 pub const KDF_ID: u16 = 0x0001;
@@ -172,19 +172,8 @@ pub struct HpkePublicKey([u8; ENC_BYTES]);
 
 impl HpkePublicKey {
     pub fn from_sec1(bytes: &[u8]) -> Result<Self, ProtoError> {
-        let point: [u8; ENC_BYTES] = bytes.try_into().map_err(|_| {
-            ProtoError::InvalidKey(format!(
-                "HPKE public key is {} bytes, expected {ENC_BYTES} (uncompressed P-256 point)",
-                bytes.len()
-            ))
-        })?;
-        if point[0] != 0x04 {
-            return Err(ProtoError::InvalidKey("HPKE public key is not an uncompressed P-256 point".into()));
-        }
-        // Parsing through aws-lc refuses points that are not on the curve.
-        agreement::ParsedPublicKey::try_from(&agreement::UnparsedPublicKey::new(&agreement::ECDH_P256, &point))
-            .map_err(|_| ProtoError::InvalidKey("HPKE public key is not a point on P-256".into()))?;
-        Ok(HpkePublicKey(point))
+        // The same uncompressed P-256 point an ES256 key is, under the same checks.
+        VerifyingKey::from_sec1(bytes).map(|key| HpkePublicKey(*key.sec1()))
     }
 
     pub fn sec1(&self) -> &[u8; ENC_BYTES] {

@@ -22,6 +22,7 @@ pub mod session;
 pub mod tlv;
 pub mod token;
 pub mod tsm;
+pub mod x509;
 
 pub use clock::{Clock, FixedClock, SystemClock};
 pub use crypto::{SigningKey, VerifyingKey};

@@ -1,5 +1,5 @@
-//! Minimal PEM (RFC 7468) framing for PKCS#8 private keys, so that device keys can be
-//! exchanged with OpenSSL and secure-element tooling.
+//! Minimal PEM (RFC 7468) framing for PKCS#8 private keys and X.509 certificates, so that
+//! device keys and certificate chains can be exchanged with OpenSSL and secure-element tooling.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -21,13 +21,39 @@ pub fn encode(label: &str, der: &[u8]) -> Zeroizing<String> {
 }
 
 pub fn decode(label: &str, text: &str) -> Result<Zeroizing<Vec<u8>>, ProtoError> {
+    match next_block(label, text)? {
+        Some((der, _)) => Ok(der),
+        None => Err(ProtoError::malformed("PEM", format!("no -----BEGIN {label}----- line"))),
+    }
+}
+
+/// Every block with this label, in order; text around and between them (explanatory
+/// text, RFC 7468 section 5.2, or blocks with other labels) is skipped.
+pub fn decode_all(label: &str, text: &str) -> Result<Vec<Zeroizing<Vec<u8>>>, ProtoError> {
+    let mut blocks = Vec::new();
+    let mut rest = text;
+    while let Some((der, after)) = next_block(label, rest)? {
+        blocks.push(der);
+        rest = after;
+    }
+    Ok(blocks)
+}
+
+/// A decoded block and the text after it.
+type Block<'t> = (Zeroizing<Vec<u8>>, &'t str);
+
+/// The first block with this label, or `None` when there is none.
+fn next_block<'t>(label: &str, text: &'t str) -> Result<Option<Block<'t>>, ProtoError> {
     let begin = format!("-----BEGIN {label}-----");
     let end = format!("-----END {label}-----");
-    let start =
-        text.find(&begin).ok_or_else(|| ProtoError::malformed("PEM", format!("no {begin} line")))? + begin.len();
+    let Some(found) = text.find(&begin) else {
+        return Ok(None);
+    };
+    let start = found + begin.len();
     let stop = text[start..].find(&end).ok_or_else(|| ProtoError::malformed("PEM", format!("no {end} line")))? + start;
     let body: Zeroizing<String> = Zeroizing::new(text[start..stop].chars().filter(|c| !c.is_whitespace()).collect());
-    STANDARD.decode(body.as_bytes()).map(Zeroizing::new).map_err(|e| ProtoError::malformed("PEM", e))
+    let der = STANDARD.decode(body.as_bytes()).map(Zeroizing::new).map_err(|e| ProtoError::malformed("PEM", e))?;
+    Ok(Some((der, &text[stop + end.len()..])))
 }
 
 #[cfg(test)]
@@ -46,5 +72,24 @@ mod tests {
     fn wrong_label_is_refused() {
         let pem = encode("CERTIFICATE", b"x");
         assert!(matches!(decode("PRIVATE KEY", &pem), Err(ProtoError::Malformed { .. })));
+    }
+
+    #[test]
+    fn every_block_in_order_and_other_labels_skipped() {
+        let text = format!(
+            "subject=first\n{}{}between\n{}",
+            *encode("CERTIFICATE", b"one"),
+            *encode("PRIVATE KEY", b"secret"),
+            *encode("CERTIFICATE", b"two")
+        );
+        let blocks = decode_all("CERTIFICATE", &text).unwrap();
+        assert_eq!(blocks.iter().map(|b| b.as_slice()).collect::<Vec<_>>(), [b"one".as_slice(), b"two"]);
+        assert!(decode_all("CERTIFICATE", "no blocks here").unwrap().is_empty());
+    }
+
+    #[test]
+    fn unterminated_block_is_refused() {
+        let text = format!("{}-----BEGIN CERTIFICATE-----\nAAAA\n", *encode("CERTIFICATE", b"one"));
+        assert!(matches!(decode_all("CERTIFICATE", &text), Err(ProtoError::Malformed { .. })));
     }
 }

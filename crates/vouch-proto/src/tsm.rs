@@ -24,9 +24,9 @@ use zeroize::Zeroizing;
 
 use crate::{
     ProtoError, b64,
-    crypto::{SecureRandom, sha256},
+    crypto::{SecureRandom, VerifyingKey, sha256},
     hpke::{self, HpkePrivateKey, HpkePublicKey, Sealed},
-    jws,
+    jws, jwt,
 };
 
 pub const PROVISION_TYP: &str = "vouch-tsm-provision+jwt";
@@ -37,6 +37,9 @@ pub const DEVICE_KEY_BYTES: usize = 32;
 pub const MESSAGE_BYTES_MAX: usize = 8192;
 /// Largest payload a [`MessageBody`] may carry.
 pub const PAYLOAD_BYTES_MAX: usize = 4096;
+/// Longest payment certificate (a JWS) Vouch provisions and a message may carry: with it, a
+/// payload of [`PAYLOAD_BYTES_MAX`] still fits a message.
+pub const PAYMENT_CERTIFICATE_BYTES_MAX: usize = 2048;
 /// Longest app id and SE profile name.
 pub const APP_ID_BYTES_MAX: usize = 64;
 pub const SE_PROFILE_BYTES_MAX: usize = 64;
@@ -48,8 +51,7 @@ const MESSAGE_VERSION: u8 = 0x01;
 /// Version byte and big-endian counter.
 const MESSAGE_HEADER_BYTES: usize = 1 + 8;
 const MESSAGE_TAG_BYTES: usize = 16;
-/// The device key and a payment certificate no longer than any JWS Vouch parses.
-const PROVISIONED_SECRETS_BYTES_MAX: usize = DEVICE_KEY_BYTES + jws::COMPACT_BYTES_MAX;
+const PROVISIONED_SECRETS_BYTES_MAX: usize = DEVICE_KEY_BYTES + PAYMENT_CERTIFICATE_BYTES_MAX;
 
 const PROVISION_LABEL: &str = "vouch tsm provision v1";
 const APP_LABEL: &str = "vouch tsm app v1";
@@ -170,11 +172,15 @@ pub struct ProvisionedSecrets {
 
 impl ProvisionedSecrets {
     fn encode(&self) -> Result<Zeroizing<Vec<u8>>, ProtoError> {
-        let len = DEVICE_KEY_BYTES + self.payment_certificate.len();
-        if len > PROVISIONED_SECRETS_BYTES_MAX {
-            return Err(ProtoError::TooLarge { what: "provisioned secrets", len, max: PROVISIONED_SECRETS_BYTES_MAX });
+        let certificate_len = self.payment_certificate.len();
+        if certificate_len > PAYMENT_CERTIFICATE_BYTES_MAX {
+            return Err(ProtoError::TooLarge {
+                what: "payment certificate",
+                len: certificate_len,
+                max: PAYMENT_CERTIFICATE_BYTES_MAX,
+            });
         }
-        let mut bytes = Zeroizing::new(Vec::with_capacity(len));
+        let mut bytes = Zeroizing::new(Vec::with_capacity(DEVICE_KEY_BYTES + certificate_len));
         bytes.extend_from_slice(self.device_key.as_bytes());
         bytes.extend_from_slice(self.payment_certificate.as_bytes());
         Ok(bytes)
@@ -240,6 +246,25 @@ pub struct PaymentCertificateClaims {
     pub exp: i64,
 }
 
+/// A payment certificate's signature (by the key `key_for_kid` names), type and expiry
+/// checked; whose device and registration it names is the caller's to compare.
+pub fn verify_payment_certificate(
+    certificate: &str,
+    key_for_kid: impl Fn(&str) -> Option<VerifyingKey>,
+    now: i64,
+) -> Result<PaymentCertificateClaims, ProtoError> {
+    if certificate.len() > PAYMENT_CERTIFICATE_BYTES_MAX {
+        return Err(ProtoError::TooLarge {
+            what: "payment certificate",
+            len: certificate.len(),
+            max: PAYMENT_CERTIFICATE_BYTES_MAX,
+        });
+    }
+    let claims: PaymentCertificateClaims = jwt::verify_by_kid(certificate, PAYMENT_CERTIFICATE_TYP, key_for_kid)?;
+    jwt::check_expiry(claims.exp, now, 0)?;
+    Ok(claims)
+}
+
 /// A payment application release, as an administrator uploads it. `code_sha256` is lowercase hex.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct AppManifest {
@@ -294,6 +319,11 @@ pub struct ManifestClaims {
     pub manifest: AppManifest,
 }
 
+/// The lowercase hex SHA-256 a manifest names its code by.
+pub fn code_sha256(code: &[u8]) -> String {
+    sha256(code).iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
 /// The app SE's install rule, once the manifest's signature has verified: the manifest's
 /// fields valid, made for this SE profile, a version above any installed one, and the code of
 /// the manifest's size and SHA-256.
@@ -324,7 +354,7 @@ pub fn check_install(
             format!("code is {} bytes, the manifest says {}", code.len(), manifest.code_size),
         ));
     }
-    let digest: String = sha256(code).iter().map(|byte| format!("{byte:02x}")).collect();
+    let digest = code_sha256(code);
     if digest != manifest.code_sha256 {
         return Err(refused(
             TsmRefusal::CodeHashMismatch,
@@ -396,9 +426,19 @@ mod base64url {
     }
 }
 
+/// The first field of `body` over its limit, as (what, length, limit).
+fn oversized_field(body: &MessageBody) -> Option<(&'static str, usize, usize)> {
+    [
+        ("message payload", body.payload.len(), PAYLOAD_BYTES_MAX),
+        ("payment certificate", body.payment_certificate.len(), PAYMENT_CERTIFICATE_BYTES_MAX),
+    ]
+    .into_iter()
+    .find(|(_, len, max)| len > max)
+}
+
 fn body_json(body: &MessageBody) -> Result<Zeroizing<Vec<u8>>, ProtoError> {
-    if body.payload.len() > PAYLOAD_BYTES_MAX {
-        return Err(ProtoError::TooLarge { what: "message payload", len: body.payload.len(), max: PAYLOAD_BYTES_MAX });
+    if let Some((what, len, max)) = oversized_field(body) {
+        return Err(ProtoError::TooLarge { what, len, max });
     }
     serde_json::to_vec(body).map(Zeroizing::new).map_err(|e| ProtoError::malformed("message body", e))
 }
@@ -406,11 +446,8 @@ fn body_json(body: &MessageBody) -> Result<Zeroizing<Vec<u8>>, ProtoError> {
 fn parse_body(json: &[u8]) -> Result<MessageBody, ProtoError> {
     let body: MessageBody =
         serde_json::from_slice(json).map_err(|e| refused(TsmRefusal::MalformedMessage, format!("body: {e}")))?;
-    if body.payload.len() > PAYLOAD_BYTES_MAX {
-        return Err(refused(
-            TsmRefusal::MalformedMessage,
-            format!("payload is {} bytes, over the limit of {PAYLOAD_BYTES_MAX}", body.payload.len()),
-        ));
+    if let Some((what, len, max)) = oversized_field(&body) {
+        return Err(refused(TsmRefusal::MalformedMessage, format!("{what} is {len} bytes, over the limit of {max}")));
     }
     Ok(body)
 }
@@ -607,6 +644,57 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_payment_certificate_verifies_only_signed_typed_and_unexpired() {
+        let rng = SystemRandom::new();
+        let server = crate::crypto::SigningKey::generate(&rng).unwrap();
+        let claims = PaymentCertificateClaims {
+            iss: "https://vouch.test".into(),
+            sub: DEVICE.into(),
+            registration_id: REGISTRATION.into(),
+            instrument: "tok_1".into(),
+            iat: 1_000,
+            exp: 2_000,
+        };
+        let sign = |typ: &str| {
+            let header = jws::Header::es256(typ).with_kid("k1");
+            jws::sign(&header, &serde_json::to_vec(&claims).unwrap(), &server, &rng).unwrap()
+        };
+        let key = |kid: &str| (kid == "k1").then(|| server.verifying_key());
+        let certificate = sign(PAYMENT_CERTIFICATE_TYP);
+        assert_eq!(verify_payment_certificate(&certificate, key, 2_000).unwrap(), claims);
+        assert!(matches!(verify_payment_certificate(&certificate, key, 2_001), Err(ProtoError::Expired { .. })));
+        assert!(matches!(
+            verify_payment_certificate(&certificate, |_| None, 1_500),
+            Err(ProtoError::UnknownSigningKey { .. })
+        ));
+        let other = crate::crypto::SigningKey::generate(&rng).unwrap().verifying_key();
+        assert!(matches!(
+            verify_payment_certificate(&certificate, |_| Some(other.clone()), 1_500),
+            Err(ProtoError::BadSignature)
+        ));
+        assert!(matches!(
+            verify_payment_certificate(&sign(MANIFEST_TYP), key, 1_500),
+            Err(ProtoError::WrongType { .. })
+        ));
+        let oversize = "a".repeat(PAYMENT_CERTIFICATE_BYTES_MAX + 1);
+        assert!(matches!(verify_payment_certificate(&oversize, key, 1_500), Err(ProtoError::TooLarge { .. })));
+    }
+
+    /// Applies each change to a fresh copy of `base`; `run` must refuse every result for `why`.
+    fn check_each_refused<T: Clone, R: std::fmt::Debug>(
+        base: &T,
+        changes: &[fn(&mut T)],
+        why: TsmRefusal,
+        run: impl Fn(&T) -> Result<R, ProtoError>,
+    ) {
+        for change in changes {
+            let mut changed = base.clone();
+            change(&mut changed);
+            check_refused(run(&changed), why);
+        }
+    }
+
     fn secrets(rng: &SystemRandom) -> ProvisionedSecrets {
         ProvisionedSecrets { device_key: DeviceKey::generate(rng).unwrap(), payment_certificate: CERTIFICATE.into() }
     }
@@ -631,7 +719,7 @@ mod tests {
         AppManifest {
             app_id: "com.example.pay".into(),
             version: 3,
-            code_sha256: sha256(code).iter().map(|b| format!("{b:02x}")).collect(),
+            code_sha256: code_sha256(code),
             code_size: code.len() as u64,
             se_profile: "vouch-app-se-1".into(),
         }
@@ -686,11 +774,9 @@ mod tests {
             |c| c.se_serial = "0a1b2d".into(),
             |c| c.enc = b64::encode([4u8; 64]),
         ];
-        for change in rebound {
-            let mut changed = claims(&sealed);
-            change(&mut changed);
-            check_refused(open_provisioning(&se, &changed), TsmRefusal::ProvisioningNotAuthentic);
-        }
+        check_each_refused(&claims(&sealed), &rebound, TsmRefusal::ProvisioningNotAuthentic, |changed| {
+            open_provisioning(&se, changed)
+        });
         let mut garbled = claims(&sealed);
         garbled.ciphertext.push('!');
         assert!(matches!(open_provisioning(&se, &garbled), Err(ProtoError::Malformed { .. })));
@@ -702,12 +788,19 @@ mod tests {
         let se = HpkePrivateKey::generate(&rng).unwrap();
         let oversized = ProvisionedSecrets {
             device_key: DeviceKey::generate(&rng).unwrap(),
-            payment_certificate: "a".repeat(jws::COMPACT_BYTES_MAX + 1),
+            payment_certificate: "a".repeat(PAYMENT_CERTIFICATE_BYTES_MAX + 1),
         };
         assert!(matches!(
             seal_provisioning(&se.public_key(), DEVICE, REGISTRATION, SE_SERIAL, &oversized, &rng),
-            Err(ProtoError::TooLarge { what: "provisioned secrets", .. })
+            Err(ProtoError::TooLarge { what: "payment certificate", .. })
         ));
+        let longest =
+            ProvisionedSecrets { payment_certificate: "a".repeat(PAYMENT_CERTIFICATE_BYTES_MAX), ..oversized };
+        let sealed = seal_provisioning(&se.public_key(), DEVICE, REGISTRATION, SE_SERIAL, &longest, &rng).unwrap();
+        assert_eq!(open_provisioning(&se, &claims(&sealed)).unwrap().payment_certificate, longest.payment_certificate);
+        let mut padded = claims(&sealed);
+        padded.ciphertext = b64::encode([0u8; PROVISIONED_SECRETS_BYTES_MAX + hpke::TAG_BYTES + 1]);
+        assert!(matches!(open_provisioning(&se, &padded), Err(ProtoError::TooLarge { .. })));
         let info = joined(&[PROVISION_LABEL, DEVICE, REGISTRATION]).unwrap();
         for plaintext in [&[7u8; 31][..], &[7u8; 32][..], &[[7u8; 32].as_slice(), &[0xff]].concat()[..]] {
             let sealed = hpke::seal(&se.public_key(), &info, SE_SERIAL.as_bytes(), plaintext, &rng).unwrap();
@@ -760,11 +853,7 @@ mod tests {
             |m| m.se_profile = String::new(),
             |m| m.se_profile = "profile\n".into(),
         ];
-        for change in broken {
-            let mut changed = manifest(b"code");
-            change(&mut changed);
-            check_refused(changed.check(), TsmRefusal::InvalidManifest);
-        }
+        check_each_refused(&manifest(b"code"), &broken, TsmRefusal::InvalidManifest, AppManifest::check);
         let mut longest = manifest(b"code");
         longest.app_id = "a".repeat(APP_ID_BYTES_MAX);
         longest.se_profile = "Acme SE 2".into();
@@ -872,7 +961,11 @@ mod tests {
     fn message_size_limits() {
         let rng = SystemRandom::new();
         let key = DeviceKey::generate(&rng).unwrap();
-        let largest = body(&[0xab; PAYLOAD_BYTES_MAX]);
+        let largest = MessageBody {
+            payment_certificate: "a".repeat(PAYMENT_CERTIFICATE_BYTES_MAX),
+            provider_id: "p".repeat(64),
+            payload: vec![0xab; PAYLOAD_BYTES_MAX],
+        };
         let envelope = seal_message(&key, DEVICE, 1, &largest).unwrap();
         assert!(envelope.len() <= MESSAGE_BYTES_MAX);
         assert_eq!(open_message(&key, DEVICE, &envelope).unwrap().1, largest);
@@ -881,10 +974,15 @@ mod tests {
             seal_message(&key, DEVICE, 1, &body(&[0; PAYLOAD_BYTES_MAX + 1])),
             Err(ProtoError::TooLarge { what: "message payload", .. })
         ));
-        let mut long_certificate = body(b"x");
-        long_certificate.payment_certificate = "a".repeat(MESSAGE_BYTES_MAX);
+        let long_certificate =
+            MessageBody { payment_certificate: "a".repeat(PAYMENT_CERTIFICATE_BYTES_MAX + 1), ..body(b"x") };
         assert!(matches!(
             seal_message(&key, DEVICE, 1, &long_certificate),
+            Err(ProtoError::TooLarge { what: "payment certificate", .. })
+        ));
+        let long_provider = MessageBody { provider_id: "p".repeat(MESSAGE_BYTES_MAX), ..body(b"x") };
+        assert!(matches!(
+            seal_message(&key, DEVICE, 1, &long_provider),
             Err(ProtoError::TooLarge { what: "message envelope", .. })
         ));
     }
@@ -910,12 +1008,14 @@ mod tests {
         let rng = SystemRandom::new();
         let key = DeviceKey::generate(&rng).unwrap();
         let too_long = b64::encode([0u8; PAYLOAD_BYTES_MAX + 1]);
+        let long_certificate = "a".repeat(PAYMENT_CERTIFICATE_BYTES_MAX + 1);
         let bodies = [
             "not json".to_string(),
             r#"{"payment_certificate":"c","provider_id":"p"}"#.to_string(),
             r#"{"payment_certificate":"c","provider_id":"p","payload":"+/+/"}"#.to_string(),
             r#"{"payment_certificate":"c","provider_id":"p","payload":"","extra":1}"#.to_string(),
             format!(r#"{{"payment_certificate":"c","provider_id":"p","payload":"{too_long}"}}"#),
+            format!(r#"{{"payment_certificate":"{long_certificate}","provider_id":"p","payload":""}}"#),
         ];
         for json in bodies {
             check_refused(
@@ -956,11 +1056,9 @@ mod tests {
             |r| r.device_id = "dev_2".into(),
             |r| r.counter = 8,
         ];
-        for change in rebound {
-            let mut changed = relay(&sealed);
-            change(&mut changed);
-            check_refused(open_relay(&provider, &changed), TsmRefusal::MessageNotAuthentic);
-        }
+        check_each_refused(&relay(&sealed), &rebound, TsmRefusal::MessageNotAuthentic, |changed| {
+            open_relay(&provider, changed)
+        });
 
         let misaddressed = seal_relay(
             &provider.public_key(),

@@ -38,7 +38,7 @@ status := "contraindicated" if {
 	input.risk >= 25
 } else := "affirming"
 
-operations := ["payment", "session", "token", "dvv", "offline"] if status == "affirming"
+operations := ["payment", "session", "token", "dvv", "offline", "tsm"] if status == "affirming"
 
 operations := ["payment"] if status == "warning"
 

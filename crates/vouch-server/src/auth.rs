@@ -38,6 +38,8 @@ pub enum Scope {
     Provision,
     /// Terminal and acquirer integrations.
     Terminal,
+    /// SMS gateways forwarding phones' messages to the trusted service manager.
+    Gateway,
 }
 
 impl Scope {
@@ -46,11 +48,12 @@ impl Scope {
             Scope::Admin => "admin",
             Scope::Provision => "provision",
             Scope::Terminal => "terminal",
+            Scope::Gateway => "gateway",
         }
     }
 
     pub fn parse(text: &str) -> Option<Scope> {
-        [Scope::Admin, Scope::Provision, Scope::Terminal].into_iter().find(|s| s.as_str() == text)
+        [Scope::Admin, Scope::Provision, Scope::Terminal, Scope::Gateway].into_iter().find(|s| s.as_str() == text)
     }
 }
 

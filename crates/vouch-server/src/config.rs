@@ -74,6 +74,12 @@ pub struct ConfigLayer {
     pub offline_limit_max_minor: Option<i64>,
     pub offline_risk_threshold: Option<u8>,
     pub terminal_certificate_ttl_secs: Option<i64>,
+    pub tsm_risk_threshold: Option<u8>,
+    pub tsm_payment_certificate_ttl_secs: Option<i64>,
+    pub tsm_delivery_attempts_max: Option<i64>,
+    pub tsm_retry_base_secs: Option<i64>,
+    pub tsm_retry_max_secs: Option<i64>,
+    pub tsm_delivery_timeout_secs: Option<i64>,
     pub iso8583_listen: Option<SocketAddr>,
     pub iso8583_allow_remote: Option<bool>,
     pub iso8583_tls_cert: Option<PathBuf>,
@@ -166,6 +172,12 @@ impl ConfigLayer {
             offline_limit_max_minor: get(&lookup, "offline_limit_max_minor", "a positive integer")?,
             offline_risk_threshold: get(&lookup, "offline_risk_threshold", "1 to 101")?,
             terminal_certificate_ttl_secs: get(&lookup, "terminal_certificate_ttl_secs", "seconds")?,
+            tsm_risk_threshold: get(&lookup, "tsm_risk_threshold", "1 to 101")?,
+            tsm_payment_certificate_ttl_secs: get(&lookup, "tsm_payment_certificate_ttl_secs", "seconds")?,
+            tsm_delivery_attempts_max: get(&lookup, "tsm_delivery_attempts_max", "1 to 100")?,
+            tsm_retry_base_secs: get(&lookup, "tsm_retry_base_secs", "seconds")?,
+            tsm_retry_max_secs: get(&lookup, "tsm_retry_max_secs", "seconds")?,
+            tsm_delivery_timeout_secs: get(&lookup, "tsm_delivery_timeout_secs", "seconds")?,
             iso8583_listen: get(&lookup, "iso8583_listen", "a socket address such as 127.0.0.1:8583")?,
             iso8583_allow_remote: get(&lookup, "iso8583_allow_remote", "true or false")?,
             iso8583_tls_cert: get(&lookup, "iso8583_tls_cert", "a PEM certificate chain file")?,
@@ -216,6 +228,12 @@ impl ConfigLayer {
             offline_limit_max_minor,
             offline_risk_threshold,
             terminal_certificate_ttl_secs,
+            tsm_risk_threshold,
+            tsm_payment_certificate_ttl_secs,
+            tsm_delivery_attempts_max,
+            tsm_retry_base_secs,
+            tsm_retry_max_secs,
+            tsm_delivery_timeout_secs,
             iso8583_listen,
             iso8583_allow_remote,
             iso8583_tls_cert,
@@ -293,6 +311,17 @@ pub struct Config {
     pub offline_risk_threshold: u8,
     /// How long a terminal certificate lasts.
     pub terminal_certificate_ttl_secs: i64,
+    /// A phone whose ticket's risk is at or above this is not provisioned and gets no apps.
+    pub tsm_risk_threshold: u8,
+    /// How long the payment certificate given to a crypto secure element lasts.
+    pub tsm_payment_certificate_ttl_secs: i64,
+    /// Deliveries of a relayed message tried before it is dead-lettered.
+    pub tsm_delivery_attempts_max: i64,
+    /// The wait after a failed delivery, doubled after each further one up to the maximum.
+    pub tsm_retry_base_secs: i64,
+    pub tsm_retry_max_secs: i64,
+    /// How long a provider's endpoint has to answer a delivery.
+    pub tsm_delivery_timeout_secs: i64,
     /// Where the ISO 8583 listener binds; none without it.
     pub iso8583_listen: Option<SocketAddr>,
     /// Allow the listener on a non-loopback address (put it behind mutual TLS).
@@ -356,6 +385,12 @@ impl Config {
             offline_limit_max_minor: layer.offline_limit_max_minor.unwrap_or(100_000),
             offline_risk_threshold: layer.offline_risk_threshold.unwrap_or(50),
             terminal_certificate_ttl_secs: layer.terminal_certificate_ttl_secs.unwrap_or(30 * 24 * 3600),
+            tsm_risk_threshold: layer.tsm_risk_threshold.unwrap_or(50),
+            tsm_payment_certificate_ttl_secs: layer.tsm_payment_certificate_ttl_secs.unwrap_or(365 * 24 * 3600),
+            tsm_delivery_attempts_max: layer.tsm_delivery_attempts_max.unwrap_or(10),
+            tsm_retry_base_secs: layer.tsm_retry_base_secs.unwrap_or(2),
+            tsm_retry_max_secs: layer.tsm_retry_max_secs.unwrap_or(600),
+            tsm_delivery_timeout_secs: layer.tsm_delivery_timeout_secs.unwrap_or(10),
             iso8583_listen: layer.iso8583_listen,
             iso8583_allow_remote: layer.iso8583_allow_remote.unwrap_or(false),
             iso8583_tls_cert: layer.iso8583_tls_cert,
@@ -395,6 +430,10 @@ impl Config {
             ("dvv_velocity_window_secs", self.dvv_velocity_window_secs),
             ("offline_credential_ttl_secs", self.offline_credential_ttl_secs),
             ("terminal_certificate_ttl_secs", self.terminal_certificate_ttl_secs),
+            ("tsm_payment_certificate_ttl_secs", self.tsm_payment_certificate_ttl_secs),
+            ("tsm_retry_base_secs", self.tsm_retry_base_secs),
+            ("tsm_retry_max_secs", self.tsm_retry_max_secs),
+            ("tsm_delivery_timeout_secs", self.tsm_delivery_timeout_secs),
         ] {
             if !(1..=10 * 365 * 24 * 3600).contains(&secs) {
                 return Err(invalid(name, secs, "1 second to 10 years"));
@@ -425,6 +464,15 @@ impl Config {
         }
         if !(1..=vouch_store::TRANSFER_AMOUNT_MAX_MINOR).contains(&self.offline_limit_max_minor) {
             return Err(invalid("offline_limit_max_minor", self.offline_limit_max_minor, "1 to 10^12"));
+        }
+        if !(1..=101).contains(&self.tsm_risk_threshold) {
+            return Err(invalid("tsm_risk_threshold", self.tsm_risk_threshold, "1 to 101"));
+        }
+        if !(1..=100).contains(&self.tsm_delivery_attempts_max) {
+            return Err(invalid("tsm_delivery_attempts_max", self.tsm_delivery_attempts_max, "1 to 100"));
+        }
+        if self.tsm_retry_max_secs < self.tsm_retry_base_secs {
+            return Err(invalid("tsm_retry_max_secs", self.tsm_retry_max_secs, "at least tsm_retry_base_secs"));
         }
         if !(1..=101).contains(&self.offline_risk_threshold) {
             return Err(invalid("offline_risk_threshold", self.offline_risk_threshold, "1 to 101"));

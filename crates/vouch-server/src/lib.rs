@@ -23,6 +23,7 @@ mod ops;
 pub mod registry;
 pub mod session;
 pub mod token;
+pub mod tsm;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -59,6 +60,7 @@ pub struct AppState {
     pub attest_policy: Arc<attest::Policy>,
     pub dpop: Arc<token::DpopState>,
     pub dvv: Arc<dvv::DvvState>,
+    pub tsm: Arc<tsm::TsmState>,
     metrics: Arc<metrics::Metrics>,
 }
 
@@ -87,6 +89,9 @@ pub enum StartError {
     Listen { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("server failed: {0}")]
     Serve(std::io::Error),
+    /// The HTTP client that delivers relayed messages cannot be built.
+    #[error("HTTP client: {0}")]
+    Http(String),
     /// A certificate, key or CA file for the ISO 8583 listener that cannot be used.
     #[error("ISO 8583 TLS: {0}")]
     Iso8583Tls(String),
@@ -113,6 +118,8 @@ pub async fn build_state_with_clock(
     let dpop = token::DpopState::new(&master, config.dpop_nonce_required, config.dpop_nonce_window_secs)
         .map_err(keys::KeyError::from)?;
     let dvv = dvv::DvvState::new(&master, config.dvv_digits).map_err(keys::KeyError::from)?;
+    let delivery_timeout = Duration::from_secs(config.tsm_delivery_timeout_secs.unsigned_abs());
+    let tsm = tsm::TsmState::new(&master, delivery_timeout).map_err(|e| StartError::Http(e.to_string()))?;
     let keys = DatabaseKeyStore::open(store.clone(), master, rng.clone(), clock.now_unix()).await?;
     bootstrap_admin_key(&store, &config, &rng, clock.now_unix()).await?;
     Ok(AppState {
@@ -121,6 +128,7 @@ pub async fn build_state_with_clock(
         attest_policy,
         dpop: Arc::new(dpop),
         dvv: Arc::new(dvv),
+        tsm: Arc::new(tsm),
         store,
         keys: Arc::new(keys),
         config: Arc::new(config),
@@ -184,6 +192,7 @@ pub fn api() -> (Router<AppState>, OpenApi) {
         .merge(dvv::routes())
         .merge(ledger::routes())
         .merge(offline::routes())
+        .merge(tsm::routes())
         .split_for_parts();
     describe_responses(&mut openapi);
     merge_flattened_objects(&mut openapi);
@@ -355,6 +364,7 @@ pub async fn serve_with_iso8583(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let upkeep = spawn_upkeep(state.clone());
+    let delivery = tsm::spawn_delivery(state.clone());
     let store = state.store.clone();
     // One signal, two listeners: the shutdown future completes once, into a channel
     // both wait on.
@@ -387,6 +397,7 @@ pub async fn serve_with_iso8583(
     let (result, ()) = tokio::join!(http, iso8583);
     signal.abort();
     upkeep.abort();
+    delivery.abort();
     // What the last requests recorded joins the chain before the database closes.
     if let Err(e) = store.chain_audit().await {
         tracing::error!(error = %e, "linking the last audit entries into the chain failed");

@@ -34,6 +34,12 @@ struct Iso8583Labels {
     response_code: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeliveryLabels {
+    /// `delivered`, `retry` or `dead`.
+    outcome: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -41,6 +47,7 @@ pub struct Metrics {
     latency: Family<RequestLabels, Histogram>,
     iso8583_messages: Family<Iso8583Labels, Counter>,
     iso8583_latency: Family<Iso8583Labels, Histogram>,
+    tsm_deliveries: Family<DeliveryLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -66,7 +73,13 @@ impl Default for Metrics {
             "ISO 8583 time from whole request to answer, by answer MTI and response code",
             iso8583_latency.clone(),
         );
-        Metrics { registry, requests, latency, iso8583_messages, iso8583_latency }
+        let tsm_deliveries = Family::<DeliveryLabels, Counter>::default();
+        registry.register(
+            "tsm_deliveries",
+            "Deliveries of relayed messages to service providers, by outcome",
+            tsm_deliveries.clone(),
+        );
+        Metrics { registry, requests, latency, iso8583_messages, iso8583_latency, tsm_deliveries }
     }
 }
 
@@ -84,6 +97,17 @@ impl Metrics {
             Iso8583Labels { mti: answer.mti().to_string(), response_code: answer.get(39).unwrap_or("none").to_owned() };
         self.iso8583_messages.get_or_create(&labels).inc();
         self.iso8583_latency.get_or_create(&labels).observe(elapsed.as_secs_f64());
+    }
+}
+
+impl Metrics {
+    /// Counts one delivery round's outcomes.
+    pub fn observe_deliveries(&self, round: &crate::tsm::DeliveryRound) {
+        for (outcome, count) in [("delivered", round.delivered), ("retry", round.retried), ("dead", round.dead)] {
+            if count > 0 {
+                self.tsm_deliveries.get_or_create(&DeliveryLabels { outcome }).inc_by(count as u64);
+            }
+        }
     }
 }
 

@@ -23,7 +23,7 @@ use crate::auth::{ApiCaller, Scope};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
 
-const NAME_CHARS_MAX: usize = 128;
+pub(crate) const NAME_CHARS_MAX: usize = 128;
 const REASON_CHARS_MAX: usize = 512;
 const ENDPOINT_CHARS_MAX: usize = 2048;
 const PAGE_LIMIT_MAX: u32 = 500;

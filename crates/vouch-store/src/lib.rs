@@ -22,6 +22,7 @@ mod registry;
 mod secrets;
 mod sql;
 mod token;
+mod tsm;
 
 use std::time::Duration;
 
@@ -44,6 +45,10 @@ pub use offline::{
 pub use registry::{Device, DeviceFilter, DeviceStatus, Merchant, ServiceProvider};
 pub use secrets::{ApiKeyRecord, NonceRejection, SigningKeyRecord};
 pub use token::{ReaderSession, TokenSession, TokenSessionState};
+pub use tsm::{
+    DeliveryOutcome, OUTBOX_BATCH_MAX, OutboxCounts, OutboxFilter, OutboxMessage, OutboxStatus, TsmIssuer, TsmManifest,
+    TsmRegistration,
+};
 
 /// Limits of the connection pool.
 pub const SQLITE_CONNECTIONS_MAX: u32 = 8;

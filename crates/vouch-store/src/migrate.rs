@@ -62,6 +62,11 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/sqlite/0010_offline_sync.sql"),
         postgres: include_str!("../migrations/postgres/0010_offline_sync.sql"),
     },
+    Migration {
+        version: 11,
+        sqlite: include_str!("../migrations/sqlite/0011_tsm.sql"),
+        postgres: include_str!("../migrations/postgres/0011_tsm.sql"),
+    },
 ];
 
 /// Serialises concurrent starts of several instances on one PostgreSQL.

@@ -90,6 +90,6 @@ pub(super) fn credential_of(record: &OfflineCredentialRecord) -> ApiResult<Offli
     })
 }
 
-pub(super) fn to_hex(bytes: impl AsRef<[u8]>) -> String {
+pub(crate) fn to_hex(bytes: impl AsRef<[u8]>) -> String {
     bytes.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -58,6 +58,16 @@ const OPERATIONS: &[(&str, &str)] = &[
     ("post", "/v1/offline/credentials"),
     ("post", "/v1/offline/sync"),
     ("post", "/v1/offline-payments"),
+    ("post", "/v1/tsm/issuers"),
+    ("get", "/v1/tsm/issuers"),
+    ("post", "/v1/tsm/issuers/{}/revocations"),
+    ("post", "/v1/tsm/devices/{}/provision"),
+    ("post", "/v1/tsm/apps"),
+    ("get", "/v1/tsm/apps"),
+    ("post", "/v1/tsm/devices/{}/app"),
+    ("post", "/v1/tsm/messages"),
+    ("get", "/v1/tsm/outbox"),
+    ("post", "/v1/tsm/outbox/{}/retry"),
 ];
 
 /// Authenticated by the device's signature inside the body or its DPoP proof alone,

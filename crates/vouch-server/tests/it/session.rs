@@ -194,7 +194,7 @@ async fn each_way_a_pos_ticket_can_be_wrong_has_its_own_reason() {
 #[tokio::test]
 async fn a_pos_ticket_must_allow_sessions() {
     let policy = vouch_server::attest::DEFAULT_POLICY.replace(
-        r#"operations := ["payment", "session", "token", "dvv", "offline"] if status == "affirming""#,
+        r#"operations := ["payment", "session", "token", "dvv", "offline", "tsm"] if status == "affirming""#,
         r#"operations := ["payment", "token"] if status == "affirming""#,
     );
     assert_ne!(policy, vouch_server::attest::DEFAULT_POLICY, "the default policy still lists the operations");

@@ -9,3 +9,4 @@ mod offline;
 mod registry;
 mod secrets;
 mod token;
+mod tsm;
