@@ -327,12 +327,7 @@ fn region_image(model: &str, firmware_version: &str, region: &str) -> Vec<u8> {
 }
 
 fn hex_sha256(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    sha256(bytes).iter().fold(String::with_capacity(64), |mut hex, byte| {
-        // Invariant: writing to a String cannot fail.
-        let _ = write!(hex, "{byte:02x}");
-        hex
-    })
+    crate::hex(&sha256(bytes))
 }
 
 /// A challenge the server issued (`POST /v1/attestations`).

@@ -329,7 +329,7 @@ impl VouchClient {
         format!("{}{path}", self.base_url)
     }
 
-    async fn send<T: DeserializeOwned>(
+    pub(crate) async fn send<T: DeserializeOwned>(
         &self,
         method: reqwest::Method,
         path: &str,

@@ -70,6 +70,17 @@ pub enum DeviceError {
     /// Nothing could be heard in a recording, and why.
     #[error("sound: {0}")]
     Sound(#[from] vouch_sonic::Error),
+    /// A secure element cannot take the step with what it holds or was given. What it
+    /// was shown and found not authentic or not installable is [`DeviceError::Proto`]
+    /// instead, a [`vouch_proto::tsm::TsmRefusal`] where the TSM rules say why.
+    #[error("secure element refused ({refusal}): {detail}")]
+    Se { refusal: crate::tsm::SeRefusal, detail: String },
+    /// A device maker could not make a certificate.
+    #[error("cannot make the certificate: {0}")]
+    Certificate(String),
+    /// A receiver could not listen on its address.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
 }
 
 impl DeviceError {
@@ -102,6 +113,22 @@ impl DeviceError {
     pub fn offline_refusal(&self) -> Option<crate::offline::OfflineRefusal> {
         match self {
             DeviceError::Offline { refusal, .. } => Some(*refusal),
+            _ => None,
+        }
+    }
+
+    /// Why a secure element refused, for [`DeviceError::Se`].
+    pub fn se_refusal(&self) -> Option<crate::tsm::SeRefusal> {
+        match self {
+            DeviceError::Se { refusal, .. } => Some(*refusal),
+            _ => None,
+        }
+    }
+
+    /// Which TSM rule what a secure element was shown broke.
+    pub fn tsm_refusal(&self) -> Option<vouch_proto::tsm::TsmRefusal> {
+        match self {
+            DeviceError::Proto(vouch_proto::ProtoError::TsmRefused { why, .. }) => Some(*why),
             _ => None,
         }
     }

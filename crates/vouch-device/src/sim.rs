@@ -5,19 +5,30 @@
 //! gets back before trusting it. The parties of an offline payment are set up the
 //! same way: a certified terminal ([`offline_terminal`]) and a funded consumer phone
 //! holding a credential ([`offline_phone`]), and run a purchase with both legs
-//! carried by sound ([`offline_purchase`]).
+//! carried by sound ([`offline_purchase`]). The TSM's parties likewise: a device
+//! maker whose CA Vouch trusts ([`tsm_maker`]), a phone whose crypto SE is provisioned
+//! and whose app SE runs the payment app ([`tsm_phone`]), a service provider receiving
+//! relayed messages ([`tsm_provider`]) and the SMS gateway that passes messages on
+//! ([`tsm_gateway`]).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use vouch_proto::attest::{TicketClaims, verify_ticket};
-use vouch_proto::crypto::SystemRandom;
+use vouch_proto::crypto::{SystemRandom, random_bytes, sha256};
 use vouch_proto::enrol::{DEVICE_CREDENTIAL_TYP, DeviceCredentialClaims, DeviceKind, EnrolmentClaims};
+use vouch_proto::hpke::HpkePrivateKey;
 use vouch_proto::jws::UnverifiedJws;
+use vouch_proto::tsm::AppManifest;
 use vouch_proto::{Clock, JwkSet, jwt};
+use zeroize::Zeroizing;
 
 use crate::attest::{Challenge, SignedEvidence, SimulatedDeviceState, TamperMonitor};
 use crate::offline::sound::{Heard, SoundChannel};
 use crate::offline::{PaymentPrompt, QueuedPayment};
+use crate::tsm::{
+    AppSe, CryptoSe, DeviceMaker, IssuerRecord, PaymentApp, ProviderReceiver, SeKind, ServiceProviderRecord,
+};
 use crate::{
     AttestationOutcome, DeviceError, DeviceIdentity, EnrolledDevice, OfflinePos, OfflineWallet, TokenSession,
     VouchClient,
@@ -209,14 +220,9 @@ pub async fn offline_phone(
     clock: Arc<dyn Clock>,
     rng: &SystemRandom,
 ) -> Result<OfflinePhone, DeviceError> {
-    let state = SimulatedDeviceState::clean(DeviceKind::Consumer, merchant_id);
-    let identity = Arc::new(DeviceIdentity::generate(rng)?);
-    let phone = enrol(admin, &identity, &state.profile(), &*clock, rng).await?;
-    let mut monitor = TamperMonitor::new(state);
-    let attestation = attest(device_client, &identity, &phone.device_id, &mut monitor, &*clock, rng).await?;
-    let session = TokenSession::open(device_client, identity, &attestation.outcome.ticket, clock, rng).await?;
+    let (device_id, session) = attested_phone(admin, device_client, merchant_id, clock, rng).await?;
     let consumer = admin.create_consumer("Simulated consumer").await?;
-    admin.add_consumer_device(&consumer.consumer_id, &phone.device_id).await?;
+    admin.add_consumer_device(&consumer.consumer_id, &device_id).await?;
     let funding = admin.create_consumer_account(&consumer.consumer_id, "consumer_funding", &funds.currency).await?;
     let transfer_id = format!("funding-{}", funding.account_id);
     admin
@@ -224,12 +230,26 @@ pub async fn offline_phone(
         .await?;
     let mut wallet = OfflineWallet::new(session, admin.jwks().await?);
     wallet.obtain_credential(&funds.currency, funds.limit_minor).await?;
-    Ok(OfflinePhone {
-        wallet,
-        device_id: phone.device_id,
-        consumer_id: consumer.consumer_id,
-        funding_account_id: funding.account_id,
-    })
+    Ok(OfflinePhone { wallet, device_id, consumer_id: consumer.consumer_id, funding_account_id: funding.account_id })
+}
+
+/// A consumer's phone enrolled under `merchant_id` and attested clean, with a session
+/// open; the server needs the clean reference values of the consumer phone model. The
+/// phone attests through `device_client`, which holds no API key.
+async fn attested_phone(
+    admin: &VouchClient,
+    device_client: &VouchClient,
+    merchant_id: &str,
+    clock: Arc<dyn Clock>,
+    rng: &SystemRandom,
+) -> Result<(String, TokenSession), DeviceError> {
+    let state = SimulatedDeviceState::clean(DeviceKind::Consumer, merchant_id);
+    let identity = Arc::new(DeviceIdentity::generate(rng)?);
+    let phone = enrol(admin, &identity, &state.profile(), &*clock, rng).await?;
+    let mut monitor = TamperMonitor::new(state);
+    let attestation = attest(device_client, &identity, &phone.device_id, &mut monitor, &*clock, rng).await?;
+    let session = TokenSession::open(device_client, identity, &attestation.outcome.ticket, clock, rng).await?;
+    Ok((phone.device_id, session))
 }
 
 /// A purchase made offline, as both sides saw it.
@@ -270,4 +290,143 @@ pub fn offline_purchase(
     let leg_b = to_pos.carry(&wallet.approve(&prompt)?)?;
     let payment = pos.accept(&sale, &leg_b.bytes)?;
     Ok(SoundPurchase { prompt, payment, leg_a, leg_b })
+}
+
+/// A device maker whose CA Vouch trusts: made with a new CA key and registered as a
+/// TSM issuer. `admin` needs the admin scope.
+pub async fn tsm_maker(
+    admin: &VouchClient,
+    name: &str,
+    clock: Arc<dyn Clock>,
+    rng: &SystemRandom,
+) -> Result<(DeviceMaker, IssuerRecord), DeviceError> {
+    let maker = DeviceMaker::new(name, clock, rng)?;
+    let issuer = admin.register_tsm_issuer(name, &maker.ca_pem()).await?;
+    Ok((maker, issuer))
+}
+
+/// The manifest of release `version` of `app_id`: `code`'s SHA-256 and size, for app SEs
+/// of `se_profile`. An admin publishes it with [`VouchClient::publish_tsm_app`].
+pub fn tsm_app_manifest(app_id: &str, version: u32, code: &[u8], se_profile: &str) -> AppManifest {
+    AppManifest {
+        app_id: app_id.to_owned(),
+        version,
+        code_sha256: crate::hex(&sha256(code)),
+        code_size: code.len() as u64,
+        se_profile: se_profile.to_owned(),
+    }
+}
+
+/// What a simulated phone is provisioned with and installs.
+#[derive(Clone)]
+pub struct TsmPhoneSetup {
+    /// The payment instrument its payment certificate is for, by reference.
+    pub instrument: String,
+    /// The payment app to install: published already, with this code.
+    pub app_id: String,
+    pub code: Vec<u8>,
+    /// Its app SE's profile.
+    pub se_profile: String,
+}
+
+impl std::fmt::Debug for TsmPhoneSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TsmPhoneSetup")
+            .field("app_id", &self.app_id)
+            .field("code_bytes", &self.code.len())
+            .field("se_profile", &self.se_profile)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A phone with both secure elements set up by Vouch: its crypto SE provisioned, its
+/// payment app installed in its app SE, and its user, whose finger matches the crypto
+/// SE's template.
+pub struct TsmPhone {
+    pub device_id: String,
+    pub session: TokenSession,
+    pub crypto_se: CryptoSe,
+    pub app_se: AppSe,
+    pub app: PaymentApp,
+    /// The server keys the phone pinned when it was set up.
+    pub pinned_keys: JwkSet,
+    finger: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TsmPhone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TsmPhone")
+            .field("device_id", &self.device_id)
+            .field("crypto_se", &self.crypto_se)
+            .field("app_se", &self.app_se)
+            .field("app", &self.app)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TsmPhone {
+    /// The user touches the sensor and the payment app sends `payload` to the service
+    /// provider `provider_id`: the envelope for the SMS gateway.
+    pub fn message(&mut self, provider_id: &str, payload: &[u8]) -> Result<Vec<u8>, DeviceError> {
+        self.app.message(&mut self.crypto_se, &self.finger, provider_id, payload)
+    }
+}
+
+/// A consumer's phone enrolled under `merchant_id` and attested clean, whose two SEs
+/// `maker` certified: the crypto SE provisioned for `setup.instrument` and the answer
+/// checked by the SE against the server keys the phone pinned; then the latest release
+/// of `setup.app_id` fetched over the second channel and installed in the app SE, which
+/// checks it against `setup.code`. `admin` needs the admin scope, and the server the
+/// clean reference values of the consumer phone model and `maker`'s CA as an issuer;
+/// the phone talks to it through `device_client`, which holds no API key.
+pub async fn tsm_phone(
+    admin: &VouchClient,
+    device_client: &VouchClient,
+    merchant_id: &str,
+    maker: &DeviceMaker,
+    setup: &TsmPhoneSetup,
+    clock: Arc<dyn Clock>,
+    rng: &SystemRandom,
+) -> Result<TsmPhone, DeviceError> {
+    let (device_id, session) = attested_phone(admin, device_client, merchant_id, clock, rng).await?;
+    let pinned_keys = device_client.jwks().await?;
+    let finger = Zeroizing::new(random_bytes::<32>(rng)?.to_vec());
+    let mut crypto_se = CryptoSe::new(&device_id, maker.issue_se(&device_id, SeKind::Crypto)?, &finger);
+    let answer = session.provision_crypto_se(&crypto_se.certificate().chain_pem, &setup.instrument).await?;
+    crypto_se.accept_provisioning(&answer, &pinned_keys)?;
+    let mut app_se = AppSe::new(&device_id, maker.issue_se(&device_id, SeKind::App)?, &setup.se_profile);
+    let delivery = session.fetch_tsm_app(&setup.app_id, &app_se.certificate().chain_pem).await?;
+    app_se.install(&delivery, &setup.code, &pinned_keys)?;
+    let app = app_se.payment_app(&setup.app_id)?;
+    Ok(TsmPhone { device_id, session, crypto_se, app_se, app, pinned_keys, finger })
+}
+
+/// A service provider that receives relayed messages: a [`ProviderReceiver`] with a new
+/// HPKE key on a free local port, registered with Vouch at that endpoint and key.
+#[derive(Debug)]
+pub struct TsmProvider {
+    pub receiver: ProviderReceiver,
+    pub record: ServiceProviderRecord,
+}
+
+impl TsmProvider {
+    pub fn provider_id(&self) -> &str {
+        &self.record.service_provider_id
+    }
+}
+
+/// Starts a provider's receiver on `127.0.0.1` and registers it as `name`; `admin`
+/// needs the admin scope.
+pub async fn tsm_provider(admin: &VouchClient, name: &str, rng: &SystemRandom) -> Result<TsmProvider, DeviceError> {
+    let key = HpkePrivateKey::generate(rng)?;
+    let receiver = ProviderReceiver::bind(SocketAddr::from(([127, 0, 0, 1], 0)), key).await?;
+    let record = admin.create_service_provider(name, &receiver.endpoint(), receiver.public_jwk()).await?;
+    Ok(TsmProvider { receiver, record })
+}
+
+/// A client for an SMS gateway: a new API key of scope `gateway`, which passes devices'
+/// messages to Vouch ([`VouchClient::relay_tsm_message`]). `admin` needs the admin scope.
+pub async fn tsm_gateway(admin: &VouchClient, label: &str) -> Result<VouchClient, DeviceError> {
+    let api_key = admin.create_api_key(&["gateway"], label).await?;
+    Ok(VouchClient::new(admin.base_url())?.with_api_key(&api_key.api_key))
 }

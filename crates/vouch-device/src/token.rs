@@ -484,13 +484,14 @@ impl Shared {
     }
 }
 
-fn key_lookup(jwks: &JwkSet) -> impl Fn(&str) -> Option<VerifyingKey> + '_ {
+/// The key a server-signed object's `kid` names among `jwks`.
+pub(crate) fn key_lookup(jwks: &JwkSet) -> impl Fn(&str) -> Option<VerifyingKey> + '_ {
     |kid| jwks.find(kid).and_then(|jwk| jwk.verifying_key().ok())
 }
 
 /// The guarded values are replaced whole, so a panic elsewhere cannot leave one half
 /// written: a poisoned lock is still good to read.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 

@@ -25,6 +25,8 @@ mod wallet;
 
 use vouch_proto::offline::Digest;
 
+use crate::hex;
+
 pub use pos::{OfflinePos, PendingSale, QueuedPayment, SettledPayment, Settlement, SettlementOutcome};
 pub use wallet::{ApprovedPayment, ClosedCredential, OfflineWallet, PaymentPrompt, PhoneReceipt, SyncReport};
 
@@ -71,11 +73,6 @@ impl std::fmt::Display for OfflineRefusal {
 
 fn refused(refusal: OfflineRefusal, detail: impl ToString) -> crate::DeviceError {
     crate::DeviceError::Offline { refusal, detail: detail.to_string() }
-}
-
-/// Lower-case hex, as the server writes payment and transfer ids.
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A server id from the UUID bytes a wire type carries: `prefix_<32 hex digits>`.
