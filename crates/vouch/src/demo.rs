@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use vouch_device::attest::{ReferenceValues, SimulatedDeviceState, Tamper, TamperMonitor};
@@ -13,8 +14,9 @@ use vouch_device::iso8583::{self, APPROVED, AuthorizationMessage, Iso8583Client}
 use vouch_device::offline::sound::SoundChannel;
 use vouch_device::offline::{OfflinePos, SettlementOutcome};
 use vouch_device::session::{CardReader, FramedPipe, PosApp, PosSession, ReaderSession, SimulatedCard};
-use vouch_device::sim::{self, DeviceProfile, OfflineFunds};
+use vouch_device::sim::{self, DeviceProfile, OfflineFunds, TsmPhoneSetup};
 use vouch_device::token::{Method, SIGN_PATH};
+use vouch_device::tsm::{OutboxEntry, OutboxQuery, OutboxStatus, ReceiverMode};
 use vouch_device::{
     DeviceError, DeviceIdentity, MerchantRecord, NewMerchant, PaymentTerminal, TerminalCreated, TokenSession,
     VouchClient, Wallet,
@@ -182,6 +184,7 @@ pub async fn run() -> anyhow::Result<ExitCode> {
     session_steps(&server, &admin, &factory, &merchant.merchant_id, &mut steps, &rng).await?;
     dvv_steps(&server, &admin, &factory, &merchant.merchant_id, &mut steps, &rng).await?;
     offline_steps(&server, &admin, &merchant, &mut steps, &rng).await?;
+    tsm_steps(&server, &admin, &merchant.merchant_id, &mut steps, &rng).await?;
 
     let audit = admin.verify_audit().await?;
     if !audit.intact {
@@ -705,6 +708,134 @@ async fn double_spend_steps(
 }
 
 /// `amount_minor` of `currency`, e.g. `12.50 EUR`.
+/// Seed 003: a device maker's CA registered, a payment app signed, a phone's crypto SE
+/// provisioned and its app SE given the app over a second channel, a message relayed to
+/// a provider that opens it, a replay and a forgery answered, and a provider that was
+/// down receiving its message once it is back.
+async fn tsm_steps(
+    server: &LocalServer,
+    admin: &VouchClient,
+    merchant_id: &str,
+    steps: &mut Steps,
+    rng: &SystemRandom,
+) -> anyhow::Result<()> {
+    const APP_ID: &str = "pay.wallet";
+    const SE_PROFILE: &str = "javacard-3.1";
+    const INSTRUMENT: &str = "tok_4111_demo";
+    let device_client = VouchClient::new(&server.url)?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let (maker, issuer) = sim::tsm_maker(admin, "Acme Secure Elements", clock.clone(), rng).await?;
+    steps.pass(&format!(
+        "device maker's CA registered as secure element issuer {} ({})",
+        issuer.issuer_id, issuer.subject
+    ));
+
+    let code = b"payment application code, release 1".to_vec();
+    let release = admin.publish_tsm_app(&sim::tsm_app_manifest(APP_ID, 1, &code, SE_PROFILE)).await?;
+    steps.pass(&format!(
+        "payment app {APP_ID} v{} signed with the server's key (manifest {}, code SHA-256 {}...)",
+        release.version,
+        release.manifest_id,
+        &release.code_sha256[..16]
+    ));
+
+    let setup =
+        TsmPhoneSetup { instrument: INSTRUMENT.into(), app_id: APP_ID.into(), code, se_profile: SE_PROFILE.into() };
+    let mut phone = sim::tsm_phone(admin, &device_client, merchant_id, &maker, &setup, clock, rng).await?;
+    steps.pass(&format!(
+        "phone {} provisioned: its crypto SE (certificate {}) checked the server's signature and opened its \
+         256-bit device key and payment certificate, sealed to it with HPKE; registration {}",
+        phone.device_id,
+        phone.crypto_se.certificate().serial,
+        phone.crypto_se.registration_id().unwrap_or_default()
+    ));
+    let held = phone.app_se.state_bytes();
+    let registration = phone.crypto_se.registration_id().unwrap_or_default().as_bytes().to_vec();
+    if [registration.as_slice(), INSTRUMENT.as_bytes()].iter().any(|secret| contains(&held, secret)) {
+        bail!("the app SE holds the crypto SE's registration or instrument");
+    }
+    steps.pass(&format!(
+        "app SE (certificate {}) installed {APP_ID} v{} from a second channel sealed to its own key, after checking \
+         the manifest's signature and the code's hash; it holds no device key, registration or instrument",
+        phone.app_se.certificate().serial,
+        phone.app.version()
+    ));
+
+    let provider = sim::tsm_provider(admin, "First Bank", rng).await?;
+    let gateway = sim::tsm_gateway(admin, "SMS gateway").await?;
+    let envelope = phone.message(provider.provider_id(), b"pay 12.50 EUR to Corner Coffee")?;
+    let accepted = gateway.relay_tsm_message(&phone.device_id, &envelope).await?;
+    let received = provider.receiver.wait_for(1, Duration::from_secs(30)).await?;
+    let opened = received.last().context("the provider received nothing")?;
+    steps.pass(&format!(
+        "fingerprint matched; the crypto SE sealed a message (counter {}) that the SMS gateway passed in; Vouch \
+         opened it, re-encrypted it for {} and delivered it (Idempotency-Key {}); the provider opened {:?}",
+        accepted.counter,
+        provider.record.name,
+        accepted.message_id,
+        String::from_utf8_lossy(&opened.body.payload)
+    ));
+
+    let again = gateway.relay_tsm_message(&phone.device_id, &envelope).await?;
+    let mut forged = envelope.clone();
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    match gateway.relay_tsm_message(&phone.device_id, &forged).await {
+        Err(e) if e.problem_reason() == Some("message-not-authentic") && again.duplicate => steps.pass(&format!(
+            "the same SMS replayed: answered as before ({}), not delivered again; a forged one refused: \
+             message-not-authentic",
+            again.message_id
+        )),
+        other => bail!("a replay or a forgery was not answered as such: {:?} / {other:?}", again.duplicate),
+    }
+
+    provider.receiver.set_mode(ReceiverMode::Down);
+    let envelope = phone.message(provider.provider_id(), b"pay 3.20 EUR to Corner Coffee")?;
+    let queued = gateway.relay_tsm_message(&phone.device_id, &envelope).await?;
+    let waiting = outbox_entry_when(admin, &queued.message_id, |entry| entry.attempts >= 1).await?;
+    steps.pass(&format!(
+        "provider down: message {} kept in the outbox ({} attempt failed: {}; retried with backoff)",
+        waiting.message_id,
+        waiting.attempts,
+        waiting.last_error.as_deref().unwrap_or("no answer")
+    ));
+    provider.receiver.set_mode(ReceiverMode::Up);
+    provider.receiver.wait_for(2, Duration::from_secs(60)).await?;
+    let delivered =
+        outbox_entry_when(admin, &queued.message_id, |entry| entry.status == OutboxStatus::Delivered).await?;
+    let stats = provider.receiver.stats();
+    steps.pass(&format!(
+        "provider back: the message delivered after {} attempts, received once ({} messages in all)",
+        delivered.attempts, stats.received
+    ));
+    Ok(())
+}
+
+/// The outbox entry of `message_id` once `ready` holds of it, polling for up to a minute.
+async fn outbox_entry_when(
+    admin: &VouchClient,
+    message_id: &str,
+    ready: impl Fn(&OutboxEntry) -> bool,
+) -> anyhow::Result<OutboxEntry> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let page = admin.tsm_outbox(&OutboxQuery::default()).await?;
+        if let Some(entry) = page.messages.into_iter().find(|m| m.message_id == message_id)
+            && ready(&entry)
+        {
+            return Ok(entry);
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("outbox entry {message_id} did not reach the expected state in time");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|window| window == needle)
+}
+
 fn money(amount_minor: u64, currency: &str) -> String {
     format!("{}.{:02} {currency}", amount_minor / 100, amount_minor % 100)
 }

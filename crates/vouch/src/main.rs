@@ -7,6 +7,7 @@ mod iso8583_cmd;
 mod operator;
 mod remote;
 mod sonic_cmd;
+mod tsm_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -67,6 +68,11 @@ enum Command {
     Iso8583 {
         #[command(subcommand)]
         command: iso8583_cmd::Iso8583Command,
+    },
+    /// The trusted service manager's service-provider side.
+    Tsm {
+        #[command(subcommand)]
+        command: tsm_cmd::TsmCommand,
     },
 }
 
@@ -192,6 +198,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Bench(args) => bench::run(args).await,
         Command::Sonic { command } => sonic_cmd::run(command),
         Command::Iso8583 { command } => iso8583_cmd::run(command).await,
+        Command::Tsm { command } => tsm_cmd::run(command).await,
     }
 }
 

@@ -1035,7 +1035,7 @@ fn write_state_file(path: &std::path::Path, file: &SimDeviceFile) -> anyhow::Res
 }
 
 /// Written 0600 by rename, for files that hold secrets.
-fn write_private_file(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_private_file(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     let mut temporary = path.as_os_str().to_owned();
     temporary.push(".tmp");

@@ -5,6 +5,7 @@
 
 mod authorize;
 mod ledger;
+mod relay;
 mod settle;
 
 use std::process::ExitCode;
@@ -86,6 +87,14 @@ pub enum Scenario {
     /// certificate, request, approval, countersignature — + 1 sign for the receipt; the
     /// crypto bound counts all five). `ops` are payments, latencies are per batch.
     Settle,
+    /// Phones' messages relayed by the trusted service manager: `POST /v1/tsm/messages`
+    /// from SMS gateway lanes, one provisioned phone each, every message sealed under its
+    /// device key before the clock starts; the server opens it and delivers it sealed
+    /// (HPKE) to a provider on a local port (server per message: one AES-256-GCM open +
+    /// one HPKE seal, which the crypto bound counts). `ops` are messages accepted; the
+    /// ratio is of `delivered_ops_per_sec`, accepted messages over the time until the
+    /// provider held them all.
+    Relay,
     /// Ledger transfers alone, posted in-process through the store's batch posting, for
     /// batch sizes 1, 10, 100 and 1,000, each for `--seconds`. Prints a line per batch
     /// size (JSON: one object, `runs` holding a row per batch size).
@@ -131,6 +140,10 @@ struct BenchReport {
     crypto_bound_ops_per_sec: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ratio: Option<f64>,
+    /// For flows that deliver what they accept later (`relay`): accepted operations over
+    /// the time from the start until the last was delivered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delivered_ops_per_sec: Option<f64>,
     /// Payments per request, for flows that send them in batches; latencies are per batch.
     #[serde(skip_serializing_if = "Option::is_none")]
     batch_payments: Option<usize>,
@@ -221,6 +234,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         Scenario::Authorize => authorize::authorize(&args).await?,
         Scenario::AuthorizeIso8583 => authorize::authorize_iso8583(&args).await?,
         Scenario::Settle => settle::settle(&args).await?,
+        Scenario::Relay => relay::relay(&args).await?,
         Scenario::Ledger => {
             ledger::ledger(&args).await?.print(args.json)?;
             return Ok(ExitCode::SUCCESS);
@@ -242,8 +256,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             _ => String::new(),
         };
         let batch = report.batch_payments.map(|n| format!(" batch={n}")).unwrap_or_default();
+        let delivered = report.delivered_ops_per_sec.map(|r| format!(" delivered/s={r:.0}")).unwrap_or_default();
         println!(
-            "{} clients={}{batch} seconds={:.1} ops={} ops/s={:.0} p50={:.2}ms p99={:.2}ms p999={:.2}ms {bounds}",
+            "{} clients={}{batch} seconds={:.1} ops={} ops/s={:.0}{delivered} p50={:.2}ms p99={:.2}ms p999={:.2}ms {bounds}",
             report.scenario,
             report.clients,
             report.seconds,
@@ -891,6 +906,7 @@ fn measured(
         p999_ms: quantile_ms(0.999),
         crypto_bound_ops_per_sec: None,
         ratio: None,
+        delivered_ops_per_sec: None,
         batch_payments: None,
         parts: None,
     }
