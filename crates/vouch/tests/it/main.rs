@@ -3,5 +3,6 @@
 mod cli;
 mod instances;
 mod iso8583;
+mod relay;
 mod serve;
 mod settlement;
