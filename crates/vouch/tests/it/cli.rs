@@ -377,3 +377,99 @@ fn sonic_round_trips_a_wav_file() {
     let nothing = vouch(&["sonic", "decode", "--in", silence.to_str().unwrap()], dir.path());
     assert_eq!(nothing.status.code(), Some(1), "{nothing:?}");
 }
+
+/// `vouch tsm provider-listen` registers the provider, then opens, acknowledges and
+/// prints each relayed message once, however often it is delivered; its key persists.
+#[test]
+fn tsm_provider_listen_registers_and_prints_each_message_once() {
+    use std::io::{BufRead, BufReader};
+    use vouch_proto::jwk::Jwk;
+    use vouch_proto::tsm::{MessageBody, RelayEnvelope, seal_relay};
+
+    let server = ServeProcess::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("provider.key");
+    let listen = crate::serve::free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vouch"))
+        .args(["tsm", "provider-listen", "--listen", &listen, "--name", "First Bank", "--json"])
+        .args(["--key", key_file.to_str().unwrap(), "--server", &server.url, "--api-key", &server.admin_key])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let started: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(started["event"], "listening", "{started}");
+    assert_eq!(started["endpoint"], format!("http://{listen}/"));
+    let provider_id = started["service_provider_id"].as_str().unwrap().to_owned();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let admin = vouch_device::VouchClient::new(&server.url).unwrap().with_api_key(&server.admin_key);
+        let registered = admin.service_providers().await.unwrap();
+        let record = registered.iter().find(|p| p.service_provider_id == provider_id).unwrap();
+        assert_eq!(serde_json::to_value(&record.public_jwk).unwrap(), started["public_jwk"]);
+
+        let jwk: Jwk = serde_json::from_value(started["public_jwk"].clone()).unwrap();
+        let key = vouch_proto::hpke::HpkePublicKey::from_sec1(jwk.verifying_key().unwrap().sec1()).unwrap();
+        let body = MessageBody {
+            payment_certificate: "cert".into(),
+            provider_id: provider_id.clone(),
+            payload: b"pay 5".to_vec(),
+        };
+        let rng = vouch_proto::crypto::SystemRandom::new();
+        let sealed = seal_relay(&key, "msg_1", &provider_id, "dev_1", 7, &body, &rng).unwrap();
+        let envelope = RelayEnvelope {
+            message_id: "msg_1".into(),
+            provider_id: provider_id.clone(),
+            device_id: "dev_1".into(),
+            counter: 7,
+            enc: vouch_proto::b64::encode(sealed.enc),
+            ciphertext: vouch_proto::b64::encode(&sealed.ciphertext),
+            created_at: 1,
+        };
+        let http = reqwest::Client::new();
+        for _ in 0..2 {
+            let answer = http
+                .post(format!("http://{listen}/"))
+                .header("Idempotency-Key", "msg_1")
+                .json(&envelope)
+                .send()
+                .await
+                .unwrap();
+            assert!(answer.status().is_success(), "{answer:?}");
+        }
+    });
+    let message: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(
+        (
+            &message["event"],
+            &message["message_id"],
+            &message["device_id"],
+            &message["counter"],
+            &message["payload_text"]
+        ),
+        (&"message".into(), &"msg_1".into(), &"dev_1".into(), &7.into(), &"pay 5".into()),
+        "{message}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(lines.next().is_none_or(|line| line.is_err()), "a second delivery of msg_1 was printed again");
+
+    // The same key file gives the same provider key.
+    let mut again = Command::new(env!("CARGO_BIN_EXE_vouch"))
+        .args(["tsm", "provider-listen", "--listen", &crate::serve::free_port(), "--json"])
+        .args(["--key", key_file.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(again.stdout.take().unwrap()).lines();
+    let restarted: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(restarted["public_jwk"], started["public_jwk"]);
+    again.kill().unwrap();
+    again.wait().unwrap();
+}
