@@ -212,22 +212,23 @@ fn certificate_error(e: rcgen::Error) -> DeviceError {
 
 #[cfg(test)]
 mod tests {
-    use vouch_proto::FixedClock;
+    use vouch_proto::x509::{CertificateRefusal, VerifiedChain, check_issuer, pem_certificates, verify_chain};
+    use vouch_proto::{FixedClock, ProtoError};
 
     use super::*;
 
     const NOW: i64 = 1_760_000_000;
 
     fn maker() -> DeviceMaker {
-        DeviceMaker::new("Acme Phones", Arc::new(FixedClock(NOW)), &SystemRandom::new()).unwrap()
+        maker_named("Acme Phones")
     }
 
-    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-        haystack.windows(needle.len()).any(|w| w == needle)
+    fn maker_named(name: &str) -> DeviceMaker {
+        DeviceMaker::new(name, Arc::new(FixedClock(NOW)), &SystemRandom::new()).unwrap()
     }
 
     #[test]
-    fn an_se_certificate_certifies_the_key_the_se_holds_under_a_fresh_serial() {
+    fn every_se_gets_a_fresh_positive_serial_and_its_chain_in_pem() {
         let maker = maker();
         let crypto = maker.issue_se("phone-1", SeKind::Crypto).unwrap();
         let app = maker.issue_se("phone-1", SeKind::App).unwrap();
@@ -238,15 +239,53 @@ mod tests {
             assert!(matches!(se.serial.as_bytes()[0], b'4'..=b'7'), "{}: positive, no leading zero", se.serial);
             let pem_der = vouch_proto::pem::decode("CERTIFICATE", &se.chain_pem).unwrap();
             assert_eq!(&pem_der[..], &se.leaf_der[..]);
-            assert!(contains(&se.leaf_der, se.public_key().sec1()), "the subject key is the SE's");
-            let serial_bytes: Vec<u8> =
-                (0..SERIAL_BYTES).map(|i| u8::from_str_radix(&se.serial[2 * i..2 * i + 2], 16).unwrap()).collect();
-            assert!(contains(&se.leaf_der, &serial_bytes));
-            assert!(contains(&se.leaf_der, format!("{} SE phone-1", se.kind).as_bytes()));
         }
         let ca_der = vouch_proto::pem::decode("CERTIFICATE", &maker.ca_pem()).unwrap();
         assert_eq!(&ca_der[..], maker.ca_der());
         assert_eq!(maker.name(), "Acme Phones");
+    }
+
+    /// What Vouch makes of a chain the maker issued, checked against the maker's CA.
+    fn verified(maker: &DeviceMaker, se: &SeCertificate, now: i64) -> Result<VerifiedChain, ProtoError> {
+        let chain = pem_certificates(&se.chain_pem).unwrap();
+        verify_chain(&chain, &[maker.ca_der()], now)
+    }
+
+    #[test]
+    fn vouch_accepts_the_makers_chains_and_its_ca_and_reads_the_ses_key_and_serial() {
+        let maker = maker();
+        let issuer = check_issuer(&pem_certificates(&maker.ca_pem()).unwrap()[0], NOW).unwrap();
+        assert!(issuer.subject.contains("Acme Phones SE CA"), "{}", issuer.subject);
+        for kind in [SeKind::Crypto, SeKind::App] {
+            let se = maker.issue_se("phone-1", kind).unwrap();
+            let chain = verified(&maker, &se, NOW).unwrap();
+            assert_eq!(&chain.leaf_key, se.public_key().sec1());
+            assert_eq!(chain.serials, std::slice::from_ref(&se.serial));
+            assert_eq!(chain.not_after, NOW + SE_VALIDITY_SECS);
+            assert!(chain.leaf_subject.contains(&format!("{kind} SE phone-1")), "{}", chain.leaf_subject);
+        }
+    }
+
+    #[test]
+    fn vouch_refuses_what_the_maker_issues_outside_the_rules() {
+        let maker = maker();
+        let other_maker = maker_named("Other Phones");
+        let namesake = self::maker();
+        let factory = SeIssuance::at(NOW);
+        let cases = [
+            (SeIssuance { not_after: NOW - 1, ..factory }, &maker, CertificateRefusal::Expired),
+            (SeIssuance { not_before: NOW + 1, ..factory }, &maker, CertificateRefusal::NotYetValid),
+            (SeIssuance { key_agreement: false, ..factory }, &maker, CertificateRefusal::WrongKeyUsage),
+            (factory, &other_maker, CertificateRefusal::UnknownIssuer),
+            (factory, &namesake, CertificateRefusal::BadSignature),
+        ];
+        for (issuance, issued_by, expected) in cases {
+            let se = issued_by.issue_se_with("phone-1", SeKind::Crypto, &issuance).unwrap();
+            match verified(&maker, &se, NOW) {
+                Err(ProtoError::CertificateRefused { why, .. }) => assert_eq!(why, expected, "{issuance:?}"),
+                other => panic!("{issuance:?}: expected {expected:?}, got {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -6,9 +6,8 @@
 use serde::de::DeserializeOwned;
 use vouch_proto::crypto::{constant_time_eq, sha256};
 use vouch_proto::tsm::{
-    AppManifest, DeviceKey, MANIFEST_TYP, ManifestClaims, MessageBody, PAYMENT_CERTIFICATE_TYP, PROVISION_TYP,
-    PaymentCertificateClaims, ProvisionClaims, TsmRefusal, check_install, open_app_delivery, open_provisioning,
-    seal_message,
+    AppManifest, DeviceKey, MANIFEST_TYP, ManifestClaims, MessageBody, PROVISION_TYP, ProvisionClaims, TsmRefusal,
+    check_install, open_app_delivery, open_provisioning, seal_message, verify_payment_certificate,
 };
 use vouch_proto::{JwkSet, ProtoError, b64, jwt};
 use zeroize::Zeroizing;
@@ -95,11 +94,13 @@ impl CryptoSe {
     /// Takes a provisioning answer: the JWS signed by a key of `pinned`, for this
     /// device and this SE's certificate, newer than any taken before, agreeing with the
     /// answer; the bundle in it opens under this SE's key; the payment certificate in
-    /// the bundle signed by a key of `pinned`, for this device and registration. Then
-    /// the SE holds the device key and the registration, and counts messages from 1.
+    /// the bundle signed by a key of `pinned`, unexpired when the bundle was signed, for
+    /// this device and registration. Then the SE holds the device key and the
+    /// registration, and counts messages from 1.
     ///
     /// An SE has no clock it can trust, so it orders bundles by their `iat` and leaves
-    /// the payment certificate's expiry to the server, which checks it on every message.
+    /// the payment certificate's expiry after that to the server, which checks it on
+    /// every message.
     pub fn accept_provisioning(&mut self, answer: &ProvisionAnswer, pinned: &JwkSet) -> Result<(), DeviceError> {
         let claims: ProvisionClaims = verify_pinned(&answer.provisioning, PROVISION_TYP, pinned)?;
         if claims.device_id != self.device_id {
@@ -135,8 +136,7 @@ impl CryptoSe {
             ));
         }
         let secrets = open_provisioning(self.certificate.key(), &claims)?;
-        let certificate: PaymentCertificateClaims =
-            verify_pinned(&secrets.payment_certificate, PAYMENT_CERTIFICATE_TYP, pinned)?;
+        let certificate = verify_payment_certificate(&secrets.payment_certificate, key_lookup(pinned), claims.iat)?;
         if certificate.sub != self.device_id || certificate.registration_id != claims.registration_id {
             return Err(refused(
                 SeRefusal::CertificateMismatch,

@@ -339,7 +339,7 @@ fn a_bundle_taken_before_or_older_than_the_one_held_is_refused_and_a_newer_one_r
 }
 
 #[test]
-fn a_payment_certificate_for_another_device_or_registration_is_refused() {
+fn a_payment_certificate_for_another_device_or_registration_or_expired_when_sealed_is_refused() {
     let tsm = TestTsm::new();
     let mut se = tsm.crypto_se();
     for (device_id, registration_id) in [("dev_other", "reg_1"), (DEVICE, "reg_other")] {
@@ -361,6 +361,10 @@ fn a_payment_certificate_for_another_device_or_registration_is_refused() {
         });
         assert_se_refusal(se.accept_provisioning(&provisioning.answer, &tsm.pinned), SeRefusal::CertificateMismatch);
     }
+    let after_expiry = tsm.provision(&se, "reg_1", NOW + 2 * 86_400, |_| {});
+    assert_proto(se.accept_provisioning(&after_expiry.answer, &tsm.pinned), |e| {
+        matches!(e, ProtoError::Expired { .. })
+    });
     assert!(!se.is_provisioned());
 }
 
