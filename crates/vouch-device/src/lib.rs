@@ -5,7 +5,9 @@
 //! ISO 8583 client a payment switch uses towards Vouch's listener (`iso8583`), the
 //! consumer's wallet and the payment terminal of temporary verification values (`dvv`),
 //! the consumer's phone and the merchant's terminal that pay and are paid offline, with
-//! the legs carried by sound (`offline`), and simulators that behave like real devices so integrators can try every flow.
+//! the legs carried by sound (`offline`), a phone's crypto and app secure elements with
+//! its payment app, and the service provider's receiver of relayed messages (`tsm`), and
+//! simulators that behave like real devices so integrators can try every flow.
 //!
 //! It depends on the protocol core (`vouch-proto`) and never on the server crate.
 

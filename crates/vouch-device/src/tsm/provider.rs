@@ -184,7 +184,8 @@ impl ProviderReceiver {
         self.addr
     }
 
-    /// The URL to register as the provider's endpoint.
+    /// The URL of the address it listens on, to register as the provider's endpoint
+    /// where Vouch reaches it there (behind a proxy, register the proxy's URL).
     pub fn endpoint(&self) -> String {
         format!("http://{}/", self.addr)
     }

@@ -10,3 +10,4 @@ mod offline;
 mod session;
 mod support;
 mod token;
+mod tsm;
