@@ -566,12 +566,6 @@ impl Store {
         .await
     }
 
-    /// Gives a dead message another round of deliveries: see [`Tx::retry_outbox`].
-    pub async fn retry_outbox(&self, id: &str, now: i64) -> Result<bool, StoreError> {
-        let id = id.to_owned();
-        self.write_statement(move |tx| Box::pin(async move { tx.retry_outbox(&id, now).await })).await
-    }
-
     /// One page of messages matching `filter`, newest first by (`created_at`, id),
     /// after the message at `before` (its `created_at` and id) when given.
     pub async fn outbox_page(

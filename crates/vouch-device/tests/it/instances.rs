@@ -8,9 +8,8 @@ use vouch_proto::crypto::SystemRandom;
 use vouch_proto::enrol::DeviceKind;
 use vouch_server::Config;
 
-use crate::support::{RunningServer, start_with};
+use crate::support::{RunningServer, postgres_database, start_with};
 
-const POSTGRES_URL_VAR: &str = "VOUCH_TEST_DATABASE_URL";
 const MASTER_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 
 /// Two server instances on one PostgreSQL schema, and an admin client for each. A
@@ -27,11 +26,7 @@ async fn two_instances_on_postgres() -> Option<Instances> {
 
 /// As [`two_instances_on_postgres`], with `configure` applied to both instances.
 async fn two_instances_configured(configure: impl Fn(&mut Config)) -> Option<Instances> {
-    let Ok(base) = std::env::var(POSTGRES_URL_VAR) else {
-        eprintln!("skipping PostgreSQL case: {POSTGRES_URL_VAR} is not set");
-        return None;
-    };
-    let url = vouch_store_schema(&base).await;
+    let url = postgres_database().await?;
     let mut instances = Vec::new();
     for _ in 0..2 {
         let dir = tempfile::tempdir().unwrap();
@@ -46,17 +41,6 @@ async fn two_instances_configured(configure: impl Fn(&mut Config)) -> Option<Ins
     let admin_key = if first.admin_key.is_empty() { second.admin_key.clone() } else { first.admin_key.clone() };
     let clients = [&first, &second].map(|s| VouchClient::new(&s.url).unwrap().with_api_key(&admin_key));
     Some(Instances { first, second, clients })
-}
-
-/// A private schema per test, so runs never see each other's rows.
-async fn vouch_store_schema(base: &str) -> String {
-    use sqlx::Executor;
-    sqlx::any::install_default_drivers();
-    let schema = format!("e2e_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = <sqlx::AnyConnection as sqlx::Connection>::connect(base).await.unwrap();
-    admin.execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).await.unwrap();
-    let separator = if base.contains('?') { '&' } else { '?' };
-    format!("{base}{separator}options=-c%20search_path%3D{schema}")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -66,6 +66,22 @@ pub async fn start_with(mut config: Config, master_key: Option<&str>, dir: Optio
     RunningServer { url: format!("http://{addr}"), state, admin_key, stop: Some(stop), _dir: dir }
 }
 
+/// A database URL for a private schema of its own on `VOUCH_TEST_DATABASE_URL`, so runs
+/// never see each other's rows; `None`, with a notice, without it.
+pub async fn postgres_database() -> Option<String> {
+    use sqlx::Executor;
+    let Ok(base) = std::env::var("VOUCH_TEST_DATABASE_URL") else {
+        eprintln!("skipping PostgreSQL case: VOUCH_TEST_DATABASE_URL is not set");
+        return None;
+    };
+    sqlx::any::install_default_drivers();
+    let schema = format!("e2e_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = <sqlx::AnyConnection as sqlx::Connection>::connect(&base).await.unwrap();
+    admin.execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).await.unwrap();
+    let separator = if base.contains('?') { '&' } else { '?' };
+    Some(format!("{base}{separator}options=-c%20search_path%3D{schema}"))
+}
+
 /// A server with one merchant and the clean reference values of one device kind.
 pub struct Fixture {
     pub server: RunningServer,

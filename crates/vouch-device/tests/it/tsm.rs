@@ -13,7 +13,7 @@ use vouch_proto::enrol::DeviceKind;
 use vouch_proto::tsm::{TsmRefusal, verify_payment_certificate};
 use vouch_proto::{Clock, SystemClock};
 
-use crate::support::{Fixture, fixture_on, start_configured};
+use crate::support::{Fixture, fixture_on, postgres_database, start_configured};
 
 const APP: &str = "com.bank.pay";
 const PROFILE: &str = "javacard-3.1";
@@ -36,8 +36,12 @@ struct Tsm {
 }
 
 impl Tsm {
-    async fn start() -> Tsm {
+    /// On PostgreSQL when `database` names one, else on SQLite.
+    async fn start(database: Option<String>) -> Tsm {
         let server = start_configured(|config| {
+            if let Some(url) = database {
+                config.database_url = url;
+            }
             config.tsm_retry_base_secs = 1;
             config.tsm_retry_max_secs = 1;
             config.tsm_delivery_attempts_max = 2;
@@ -105,9 +109,8 @@ fn assert_problem<T: std::fmt::Debug>(result: Result<T, DeviceError>, status: u1
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_reaches_its_provider_once_and_an_older_counter_is_refused() {
-    let tsm = Tsm::start().await;
+async fn a_message_reaches_its_provider_once_and_an_older_counter_is_refused(database: Option<String>) {
+    let tsm = Tsm::start(database).await;
     let mut phone = tsm.phone().await;
     assert_eq!(phone.crypto_se.instrument(), Some(INSTRUMENT));
     assert_eq!((phone.app.app_id(), phone.app.version()), (APP, 1));
@@ -145,9 +148,8 @@ async fn a_message_reaches_its_provider_once_and_an_older_counter_is_refused() {
     assert_eq!(tsm.provider.receiver.stats().duplicates, 0, "an acknowledged message is not delivered again");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_provider_that_is_down_gets_the_message_once_it_is_back() {
-    let tsm = Tsm::start().await;
+async fn a_provider_that_is_down_gets_the_message_once_it_is_back(database: Option<String>) {
+    let tsm = Tsm::start(database).await;
     let mut phone = tsm.phone().await;
     let receiver = &tsm.provider.receiver;
     receiver.set_mode(ReceiverMode::Down);
@@ -165,9 +167,8 @@ async fn a_provider_that_is_down_gets_the_message_once_it_is_back() {
     assert_eq!((stats.received, stats.duplicates), (1, 0));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_dead_after_its_last_attempt_is_delivered_when_an_operator_retries_it() {
-    let tsm = Tsm::start().await;
+async fn a_message_dead_after_its_last_attempt_is_delivered_when_an_operator_retries_it(database: Option<String>) {
+    let tsm = Tsm::start(database).await;
     let mut phone = tsm.phone().await;
     let receiver = &tsm.provider.receiver;
     receiver.set_mode(ReceiverMode::Failing);
@@ -190,9 +191,8 @@ async fn a_message_dead_after_its_last_attempt_is_delivered_when_an_operator_ret
     assert_problem(tsm.fx.admin.retry_tsm_message(&accepted.message_id).await, 409, "not-dead");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_se_of_an_unregistered_maker_or_with_a_revoked_certificate_is_not_provisioned() {
-    let tsm = Tsm::start().await;
+async fn an_se_of_an_unregistered_maker_or_with_a_revoked_certificate_is_not_provisioned(database: Option<String>) {
+    let tsm = Tsm::start(database).await;
     let stranger = DeviceMaker::new("Unknown Phones", Arc::new(SystemClock), &tsm.fx.rng).unwrap();
     assert_problem(tsm.phone_of(&stranger).await, 422, "unknown-issuer");
     assert_eq!(tsm.fx.admin.tsm_issuers().await.unwrap(), std::slice::from_ref(&tsm.issuer));
@@ -209,9 +209,8 @@ async fn an_se_of_an_unregistered_maker_or_with_a_revoked_certificate_is_not_pro
     assert_eq!(answer.se_serial, fresh.serial, "another certificate of the maker is still good");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_app_se_installs_a_newer_release_over_the_second_channel() {
-    let tsm = Tsm::start().await;
+async fn the_app_se_installs_a_newer_release_over_the_second_channel(database: Option<String>) {
+    let tsm = Tsm::start(database).await;
     let mut phone = tsm.phone().await;
     let admin = &tsm.fx.admin;
     let release_1 = sim::tsm_app_manifest(APP, 1, &code(1), PROFILE);
@@ -231,3 +230,30 @@ async fn the_app_se_installs_a_newer_release_over_the_second_channel() {
         "unknown-app",
     );
 }
+
+/// A test of each behaviour above on SQLite and, when `VOUCH_TEST_DATABASE_URL` is set,
+/// on PostgreSQL.
+macro_rules! on_sqlite_and_postgres {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(None).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let Some(url) = super::postgres_database().await else { return };
+                super::$name(Some(url)).await;
+            }
+        }
+    )*};
+}
+
+on_sqlite_and_postgres!(
+    a_message_reaches_its_provider_once_and_an_older_counter_is_refused,
+    a_provider_that_is_down_gets_the_message_once_it_is_back,
+    a_message_dead_after_its_last_attempt_is_delivered_when_an_operator_retries_it,
+    an_se_of_an_unregistered_maker_or_with_a_revoked_certificate_is_not_provisioned,
+    the_app_se_installs_a_newer_release_over_the_second_channel,
+);

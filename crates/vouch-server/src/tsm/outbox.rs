@@ -271,19 +271,30 @@ pub(super) async fn retry_message(
 ) -> ApiResult<Json<OutboxView>> {
     caller.require(Scope::Admin)?;
     let now = state.now();
-    if !state.store.retry_outbox(&message_id, now).await? {
-        return match state.store.outbox_message(&message_id).await? {
-            Some(message) => Err(ApiError::conflict(
-                "not-dead",
-                format!("the message is {}; only a dead message is retried", message.status.as_str()),
-            )),
-            None => Err(ApiError::not_found("message")),
-        };
-    }
     let entry = audit::entry(now, &caller.actor(), "tsm.message_requeued", &message_id, json!({}));
-    state.store.write(move |tx| Box::pin(async move { tx.append_audit(&entry).await })).await?;
-    state.tsm.wake.notify_one();
+    let id = message_id.clone();
+    let requeued = state
+        .store
+        .write(move |tx| {
+            Box::pin(async move {
+                if !tx.retry_outbox(&id, now).await? {
+                    return Ok(false);
+                }
+                tx.append_audit(&entry).await?;
+                Ok(true)
+            })
+        })
+        .await?;
     let message = state.store.outbox_message(&message_id).await?.ok_or_else(|| ApiError::not_found("message"))?;
+    if !requeued {
+        return Err(ApiError::conflict(
+            "not-dead",
+            format!("the message is {}; only a dead message is retried", message.status.as_str()),
+        ));
+    }
+    // Woken after the read, so the answer shows the message requeued rather than
+    // already claimed again.
+    state.tsm.wake.notify_one();
     Ok(Json(message.into()))
 }
 
