@@ -186,9 +186,14 @@ pub(super) async fn verified_secure_element(
     chain_pem: &str,
 ) -> ApiResult<(VerifiedChain, TsmIssuer)> {
     let chain = pem_chain(field, chain_pem)?;
-    let issuers = state.store.tsm_issuers().await?;
+    let now = state.now();
+    let mut issuers = state.store.tsm_issuers().await?;
+    // A maker renews its CA certificate under the same name and key, and the chain check
+    // takes the first registered CA that signed the chain: those valid now go first, so
+    // one that ran out is what a refusal names only when no other signed the chain.
+    issuers.sort_by_key(|issuer| !(issuer.not_before..=issuer.not_after).contains(&now));
     let anchors: Vec<&[u8]> = issuers.iter().map(|issuer| issuer.certificate_der.as_slice()).collect();
-    let verified = x509::verify_chain(&chain, &anchors, state.now()).map_err(refused)?;
+    let verified = x509::verify_chain(&chain, &anchors, now).map_err(refused)?;
     let issuer = issuers
         .get(verified.issuer)
         .cloned()

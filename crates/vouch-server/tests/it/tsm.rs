@@ -59,15 +59,19 @@ fn validity(now: i64) -> (i64, i64) {
     (now - DAY, now + 365 * DAY)
 }
 
-fn certificate_params(common_name: &str, (not_before, not_after): (i64, i64)) -> CertificateParams {
-    let unix = |secs: i64| date_time_ymd(1970, 1, 1) + Duration::from_secs(secs.unsigned_abs());
+fn certificate_params(common_name: &str, window: (i64, i64)) -> CertificateParams {
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.distinguished_name.push(DnType::OrganizationName, "Maker");
     params.distinguished_name.push(DnType::CommonName, common_name);
+    set_validity(&mut params, window);
+    params
+}
+
+fn set_validity(params: &mut CertificateParams, (not_before, not_after): (i64, i64)) {
+    let unix = |secs: i64| date_time_ymd(1970, 1, 1) + Duration::from_secs(secs.unsigned_abs());
     params.not_before = unix(not_before);
     params.not_after = unix(not_after);
-    params
 }
 
 /// A secure element's leaf, for key agreement, valid over `window`.
@@ -103,7 +107,18 @@ impl Maker {
         let mut params = certificate_params(common_name, window);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        Self::self_signed(params, KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap())
+    }
+
+    /// The CA's certificate made again for `window`, with its name and key: what a maker
+    /// registers before the certificate it has runs out.
+    fn renewed(&self, window: (i64, i64)) -> Maker {
+        let mut params = self.params.clone();
+        set_validity(&mut params, window);
+        Self::self_signed(params, KeyPair::from_pem(&self.key.serialize_pem()).unwrap())
+    }
+
+    fn self_signed(params: CertificateParams, key: KeyPair) -> Maker {
         let certificate = params.self_signed(&key).unwrap();
         Maker { der: certificate.der().to_vec(), pem: certificate.pem(), params, key }
     }
@@ -730,6 +745,27 @@ async fn an_se_certificate_is_refused_until_its_validity_starts() {
     phone.assert_not_provisioned("not yet valid", mark).await;
     phone.holder.advance(60);
     phone.provisioned(&se).await;
+}
+
+#[tokio::test]
+async fn a_renewed_ca_certifies_its_secure_elements_once_its_old_certificate_runs_out() {
+    let mut phone = Phone::new().await;
+    let now = phone.now();
+    let maker = Maker::new("Renewing Root", (now - DAY, now + 60));
+    assert_eq!(register_issuer(phone.server(), "Renewing", &maker.pem).await.status.as_u16(), 201);
+    let se = maker.secure_element(now);
+    phone.holder.advance(61);
+    let mark = phone.server().audit_mark().await;
+    assert_problem("the CA ran out", &phone.provision(&se).await, 422, "certificate-expired");
+    phone.assert_not_provisioned("the CA ran out", mark).await;
+
+    let renewed = maker.renewed(validity(now));
+    assert_eq!(register_issuer(phone.server(), "Renewing", &renewed.pem).await.status.as_u16(), 201);
+    let provisioned = phone.provisioned(&se).await;
+    let stored = phone.server().state.store.tsm_registration(&phone.device_id()).await.unwrap().unwrap();
+    let issuers = phone.server().state.store.tsm_issuers().await.unwrap();
+    let renewed_id = issuers.iter().find(|issuer| issuer.certificate_der == renewed.der).map(|issuer| &issuer.id);
+    assert_eq!(Some(&stored.issuer_id), renewed_id, "{}", provisioned.answer);
 }
 
 #[tokio::test]
