@@ -198,9 +198,16 @@ pub(super) async fn verified_secure_element(
         .get(verified.issuer)
         .cloned()
         .ok_or_else(|| ApiError::internal("the verified chain names an issuer outside the list"))?;
-    let revoked = state.store.tsm_revoked(&issuer.id, &verified.serials).await?;
-    if let Some(serial) = revoked.first() {
-        return Err(ApiError::forbidden("certificate-revoked", format!("certificate {serial} of {field} is revoked")));
+    // A serial names one certificate per issuer name (RFC 5280 4.1.2.2), so what was
+    // revoked under one registration of a CA stays revoked under its renewals.
+    for same_ca in issuers.iter().filter(|other| other.subject == issuer.subject) {
+        let revoked = state.store.tsm_revoked(&same_ca.id, &verified.serials).await?;
+        if let Some(serial) = revoked.first() {
+            return Err(ApiError::forbidden(
+                "certificate-revoked",
+                format!("certificate {serial} of {field} is revoked"),
+            ));
+        }
     }
     Ok((verified, issuer))
 }

@@ -769,6 +769,26 @@ async fn a_renewed_ca_certifies_its_secure_elements_once_its_old_certificate_run
 }
 
 #[tokio::test]
+async fn a_serial_revoked_under_a_ca_stays_revoked_under_its_renewal() {
+    let mut phone = Phone::new().await;
+    let now = phone.now();
+    let maker = Maker::new("Renewing Root", (now - DAY, now + 60));
+    let registered = register_issuer(phone.server(), "Renewing", &maker.pem).await;
+    let issuer_id = registered.json["issuer_id"].as_str().unwrap();
+    let mut leaf = leaf_params(validity(now));
+    leaf.serial_number = Some(SerialNumber::from_slice(&[0x0c, 0x0d]));
+    let se = maker.certify(leaf);
+    let path = format!("{ISSUERS}/{issuer_id}/revocations");
+    phone.server().expect(201, "POST", &path, phone.admin(), Some(json!({ "serial": "0c0d" }))).await;
+    let renewed = maker.renewed(validity(now));
+    assert_eq!(register_issuer(phone.server(), "Renewing", &renewed.pem).await.status.as_u16(), 201);
+    phone.holder.advance(61);
+    let mark = phone.server().audit_mark().await;
+    assert_problem("revoked before the renewal", &phone.provision(&se).await, 403, "certificate-revoked");
+    phone.assert_not_provisioned("revoked", mark).await;
+}
+
+#[tokio::test]
 async fn a_ticket_must_allow_tsm() {
     let policy = DEFAULT_POLICY.replace(r#""offline", "tsm""#, r#""offline""#);
     assert_ne!(policy, DEFAULT_POLICY, "the default policy no longer lists tsm last");
