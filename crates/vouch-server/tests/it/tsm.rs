@@ -5,7 +5,7 @@
 //! provider; and the outbox delivering them to a provider the test runs on 127.0.0.1.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -283,20 +283,26 @@ fn assert_not_stored(server: &TestServer, witness: &str, what: &str, secret: &[u
 
 // ---- A service provider's endpoint ----
 
-/// A request the provider's endpoint received, and what it answered.
+/// A request the provider's endpoint received, and what it answered: `None` when it
+/// stalled instead.
 #[derive(Debug, Clone)]
 struct Received {
     idempotency_key: Option<String>,
     content_type: Option<String>,
     envelope: RelayEnvelope,
-    answered: u16,
+    answered: Option<u16>,
 }
 
-/// What the endpoint shares with its handler: the status to answer, and every request.
+/// What the endpoint shares with its handler: the status to answer (or to stall,
+/// answering long after any delivery timeout), and every request.
 struct Inbox {
     answer: AtomicU16,
+    stalled: AtomicBool,
     received: Mutex<Vec<Received>>,
 }
+
+/// Longer than any delivery timeout a test sets.
+const STALL: Duration = Duration::from_secs(30);
 
 /// A service provider registered on the server, whose endpoint runs on 127.0.0.1 and
 /// can be stopped (its port then refuses connections) and started again on that port.
@@ -314,17 +320,21 @@ async fn receive(
     Json(envelope): Json<RelayEnvelope>,
 ) -> impl axum::response::IntoResponse {
     let header = |name: &str| headers.get(name).map(|v| v.to_str().unwrap().to_owned());
-    let answered = inbox.answer.load(Ordering::SeqCst);
+    let status = inbox.answer.load(Ordering::SeqCst);
+    let stalled = inbox.stalled.load(Ordering::SeqCst);
     let received = Received {
         idempotency_key: header(IDEMPOTENCY_KEY),
         content_type: header(CONTENT_TYPE.as_str()),
         envelope,
-        answered,
+        answered: (!stalled).then_some(status),
     };
     inbox.received.lock().unwrap().push(received);
+    if stalled {
+        tokio::time::sleep(STALL).await;
+    }
     // One request per connection: a stopped endpoint leaves no kept-alive connection
     // behind for the next delivery to reuse.
-    (StatusCode::from_u16(answered).unwrap(), [(CONNECTION, HeaderValue::from_static("close"))])
+    (StatusCode::from_u16(status).unwrap(), [(CONNECTION, HeaderValue::from_static("close"))])
 }
 
 impl Provider {
@@ -332,7 +342,11 @@ impl Provider {
     async fn start(server: &TestServer, name: &str) -> Provider {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let key = HpkePrivateKey::generate(&SystemRandom::new()).unwrap();
-        let inbox = Arc::new(Inbox { answer: AtomicU16::new(200), received: Mutex::new(Vec::new()) });
+        let inbox = Arc::new(Inbox {
+            answer: AtomicU16::new(200),
+            stalled: AtomicBool::new(false),
+            received: Mutex::new(Vec::new()),
+        });
         let mut provider =
             Provider { id: String::new(), key, addr: listener.local_addr().unwrap(), inbox, running: None };
         provider.serve(listener);
@@ -359,7 +373,12 @@ impl Provider {
     }
 
     fn answer(&self, status: u16) {
+        self.inbox.stalled.store(false, Ordering::SeqCst);
         self.inbox.answer.store(status, Ordering::SeqCst);
+    }
+
+    fn stall(&self) {
+        self.inbox.stalled.store(true, Ordering::SeqCst);
     }
 
     /// Closes the endpoint: its port refuses connections until [`Provider::restart`].
@@ -380,8 +399,12 @@ impl Provider {
         self.inbox.received.lock().unwrap().clone()
     }
 
+    fn answers(&self) -> Vec<Option<u16>> {
+        self.received().iter().map(|r| r.answered).collect()
+    }
+
     fn acknowledged(&self) -> Vec<Received> {
-        self.received().into_iter().filter(|r| (200..300).contains(&r.answered)).collect()
+        self.received().into_iter().filter(|r| r.answered.is_some_and(|status| (200..300).contains(&status))).collect()
     }
 }
 
@@ -1049,6 +1072,7 @@ async fn each_message_refusal_names_its_reason_and_writes_nothing() {
     other_header[8] = 2;
     let nobody = MessageBody { provider_id: "sp_00000000000000000000000000000000".into(), ..body.clone() };
     let to_nobody = seal_message(&relay.provisioned.device_key, &device_id, 1, &nobody).unwrap();
+    let beyond = seal_message(&relay.provisioned.device_key, &device_id, u64::MAX, &body).unwrap();
     let counter_zero = [&[1_u8][..], &[0; 8], &[0; 32]].concat();
     let version_two = [&[2_u8][..], &1_u64.to_be_bytes(), &[0; 32]].concat();
     let message = |envelope: &[u8]| gateway_message(&device_id, envelope);
@@ -1059,6 +1083,7 @@ async fn each_message_refusal_names_its_reason_and_writes_nothing() {
         ("a counter changed in the header", message(&other_header), 422, "message-not-authentic"),
         ("an unknown provider", message(&to_nobody), 422, "unknown-provider"),
         ("counter 0", message(&counter_zero), 422, "invalid-counter"),
+        ("a counter over 2^63 - 1", message(&beyond), 422, "invalid-counter"),
         ("version 2", message(&version_two), 422, "malformed-message"),
         ("shorter than a header and tag", message(&[1, 0, 0]), 422, "malformed-message"),
         ("over the size limit", message(&vec![1; MESSAGE_BYTES_MAX + 1]), 422, "malformed-message"),
@@ -1246,8 +1271,7 @@ async fn a_provider_that_is_down_gets_the_message_once_after_it_comes_back() {
     assert_eq!(relay.stored(&message_id).await.status, OutboxStatus::Delivered);
     relay.advance(DAY);
     assert_eq!(relay.deliver().await.claimed, 0);
-    let answered: Vec<u16> = relay.provider.received().iter().map(|r| r.answered).collect();
-    assert_eq!(answered, [503, 200], "the closed port saw nothing");
+    assert_eq!(relay.provider.answers(), [Some(503), Some(200)], "the closed port saw nothing");
     let acknowledged = relay.provider.acknowledged();
     assert_eq!(acknowledged[0].idempotency_key.as_deref(), Some(message_id.as_str()));
 }
@@ -1286,8 +1310,7 @@ async fn a_provider_refusing_a_message_makes_it_dead_at_once_until_an_admin_requ
     let reply = server.call("POST", &retry_path(&message_id), Some(&relay.gateway_key), None).await;
     assert_problem("a gateway key", &reply, 403, "insufficient-scope");
     server.assert_audited("nothing refused is audited", mark, &[]).await;
-    let answered: Vec<u16> = relay.provider.received().iter().map(|r| r.answered).collect();
-    assert_eq!(answered, [400, 200]);
+    assert_eq!(relay.provider.answers(), [Some(400), Some(200)]);
 }
 
 #[tokio::test]
@@ -1308,6 +1331,42 @@ async fn a_provider_failing_every_attempt_makes_the_message_dead_after_the_last(
     let keys: Vec<Option<String>> = relay.provider.received().into_iter().map(|r| r.idempotency_key).collect();
     assert_eq!(keys, vec![Some(message_id); 3], "every attempt carries the same idempotency key");
     assert!(relay.provider.acknowledged().is_empty());
+}
+
+#[tokio::test]
+async fn a_provider_too_slow_to_answer_gets_the_message_again_under_the_same_idempotency_key() {
+    let mut relay = Relay::on(|config| config.tsm_delivery_timeout_secs = 1).await;
+    let message_id = relay.queue(b"pay 12.50 EUR").await;
+    relay.provider.stall();
+    assert_eq!(relay.deliver().await, DeliveryRound { claimed: 1, retried: 1, ..DeliveryRound::default() });
+    let stored = relay.stored(&message_id).await;
+    assert_eq!(
+        (stored.status, stored.attempts, stored.last_error.as_deref()),
+        (OutboxStatus::Pending, 1, Some("the provider did not answer in time"))
+    );
+    relay.provider.answer(200);
+    relay.advance(stored.next_attempt_at - relay.now());
+    assert_eq!(relay.deliver().await.delivered, 1);
+    assert_eq!(relay.provider.answers(), [None, Some(200)]);
+    let keys: Vec<Option<String>> = relay.provider.received().into_iter().map(|r| r.idempotency_key).collect();
+    assert_eq!(keys, vec![Some(message_id); 2], "the provider can tell the second for the first");
+}
+
+#[tokio::test]
+async fn another_server_on_the_same_data_delivers_what_was_queued_and_opens_the_device_keys() {
+    let mut relay = Relay::new().await;
+    relay.provider.answer(503);
+    let message_id = relay.queue(b"before").await;
+    assert_eq!(relay.deliver().await.retried, 1);
+    let restarted = relay.server().another_instance().await;
+    relay.provider.answer(200);
+    relay.advance(DAY);
+    let round = deliver_due(&restarted.state).await.unwrap();
+    assert_eq!(round, DeliveryRound { claimed: 1, delivered: 1, ..DeliveryRound::default() });
+    assert_eq!(relay.stored(&message_id).await.status, OutboxStatus::Delivered);
+    let next = relay.message(b"after");
+    let reply = relay.send_to(&restarted, &next).await;
+    assert_eq!(reply.status.as_u16(), 202, "the device key sealed by the first opens: {}", reply.json);
 }
 
 /// `GET /v1/tsm/outbox?query`: the message ids and the next cursor.
@@ -1371,6 +1430,8 @@ async fn the_outbox_lists_newest_first_by_status_and_provider_in_pages() {
         ("cursor=yesterday", 400, "invalid-cursor"),
         ("cursor=soon.msg_1", 400, "invalid-cursor"),
         ("cursor=1700000000.", 400, "invalid-cursor"),
+        ("limit=many", 400, "invalid-query"),
+        ("colour=red", 400, "invalid-query"),
     ];
     for (query, status, problem) in cases {
         let reply = server.call("GET", &format!("{OUTBOX}?{query}"), Some(&server.admin_key), None).await;
