@@ -271,7 +271,21 @@ pub(super) async fn retry_message(
 ) -> ApiResult<Json<OutboxView>> {
     caller.require(Scope::Admin)?;
     let now = state.now();
-    if !state.store.retry_outbox(&message_id, now).await? {
+    let entry = audit::entry(now, &caller.actor(), "tsm.message_requeued", &message_id, json!({}));
+    let id = message_id.clone();
+    let requeued = state
+        .store
+        .write(move |tx| {
+            Box::pin(async move {
+                if !tx.retry_outbox(&id, now).await? {
+                    return Ok(false);
+                }
+                tx.append_audit(&entry).await?;
+                Ok(true)
+            })
+        })
+        .await?;
+    if !requeued {
         return match state.store.outbox_message(&message_id).await? {
             Some(message) => Err(ApiError::conflict(
                 "not-dead",
@@ -280,8 +294,6 @@ pub(super) async fn retry_message(
             None => Err(ApiError::not_found("message")),
         };
     }
-    let entry = audit::entry(now, &caller.actor(), "tsm.message_requeued", &message_id, json!({}));
-    state.store.write(move |tx| Box::pin(async move { tx.append_audit(&entry).await })).await?;
     state.tsm.wake.notify_one();
     let message = state.store.outbox_message(&message_id).await?.ok_or_else(|| ApiError::not_found("message"))?;
     Ok(Json(message.into()))
