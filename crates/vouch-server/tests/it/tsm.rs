@@ -281,6 +281,22 @@ fn assert_not_stored(server: &TestServer, witness: &str, what: &str, secret: &[u
     assert!(witnessed, "{witness} is in no file of the data directory: the scan missed the database");
 }
 
+/// Asserts the outbox row of `message_id` and every audit entry are free of `payload`,
+/// raw or in base64url: what a database other than SQLite's files can be checked for.
+async fn assert_payload_not_in_rows(server: &TestServer, message_id: &str, payload: &[u8]) {
+    let encoded = b64::encode(payload);
+    let holds = |bytes: &[u8]| contains(bytes, payload) || contains(bytes, encoded.as_bytes());
+    let stored = server.state.store.outbox_message(message_id).await.unwrap().unwrap();
+    let last_error = stored.last_error.unwrap_or_default();
+    let columns = [("enc", &stored.enc[..]), ("ciphertext", &stored.ciphertext), ("last_error", last_error.as_bytes())];
+    for (column, bytes) in columns {
+        assert!(!holds(bytes), "the payload is in the outbox's {column}");
+    }
+    for record in server.audit().await {
+        assert!(!holds(record.entry.detail.as_bytes()), "the payload is in audit entry {}", record.entry.action);
+    }
+}
+
 // ---- A service provider's endpoint ----
 
 /// A request the provider's endpoint received, and what it answered: `None` when it
@@ -1027,6 +1043,7 @@ async fn a_message_is_queued_sealed_for_its_provider_and_its_payload_is_stored_n
     let registration = relay.server().state.store.tsm_registration(&device_id).await.unwrap().unwrap();
     assert_eq!(registration.last_counter, 1);
     relay.server().assert_audited("accepted", mark, &[("tsm.message_accepted", &device_id)]).await;
+    assert_payload_not_in_rows(relay.server(), &message_id, &payload).await;
     assert_not_stored(relay.server(), &message_id, "the payload", &payload);
 }
 
@@ -1447,7 +1464,8 @@ async fn the_outbox_lists_newest_first_by_status_and_provider_in_pages() {
 async fn messages_are_queued_deduplicated_and_delivered_once_on_postgres() {
     let Some(url) = postgres_url().await else { return };
     let mut relay = Relay::on(|config| config.database_url = url).await;
-    let body = relay.body(b"pay 12.50 EUR");
+    let payload: [u8; 48] = random_bytes(&SystemRandom::new()).unwrap();
+    let body = relay.body(&payload);
     let envelope = relay.seal(&body);
     let first = relay.send(&envelope).await;
     assert_eq!(first.status.as_u16(), 202, "{}", first.json);
@@ -1472,6 +1490,7 @@ async fn messages_are_queued_deduplicated_and_delivered_once_on_postgres() {
     let acknowledged = relay.provider.acknowledged();
     assert_eq!(acknowledged.len(), 1);
     assert_eq!(open_relay(&relay.provider.key, &acknowledged[0].envelope).unwrap(), body);
+    assert_payload_not_in_rows(relay.server(), &message_id, &payload).await;
     relay.server().assert_audit_intact("on postgres").await;
 }
 
