@@ -186,16 +186,28 @@ pub(super) async fn verified_secure_element(
     chain_pem: &str,
 ) -> ApiResult<(VerifiedChain, TsmIssuer)> {
     let chain = pem_chain(field, chain_pem)?;
-    let issuers = state.store.tsm_issuers().await?;
+    let now = state.now();
+    let mut issuers = state.store.tsm_issuers().await?;
+    // A maker renews its CA certificate under the same name and key, and the chain check
+    // takes the first registered CA that signed the chain: those valid now go first, so
+    // one that ran out is what a refusal names only when no other signed the chain.
+    issuers.sort_by_key(|issuer| !(issuer.not_before..=issuer.not_after).contains(&now));
     let anchors: Vec<&[u8]> = issuers.iter().map(|issuer| issuer.certificate_der.as_slice()).collect();
-    let verified = x509::verify_chain(&chain, &anchors, state.now()).map_err(refused)?;
+    let verified = x509::verify_chain(&chain, &anchors, now).map_err(refused)?;
     let issuer = issuers
         .get(verified.issuer)
         .cloned()
         .ok_or_else(|| ApiError::internal("the verified chain names an issuer outside the list"))?;
-    let revoked = state.store.tsm_revoked(&issuer.id, &verified.serials).await?;
-    if let Some(serial) = revoked.first() {
-        return Err(ApiError::forbidden("certificate-revoked", format!("certificate {serial} of {field} is revoked")));
+    // A serial names one certificate per issuer name (RFC 5280 4.1.2.2), so what was
+    // revoked under one registration of a CA stays revoked under its renewals.
+    for same_ca in issuers.iter().filter(|other| other.subject == issuer.subject) {
+        let revoked = state.store.tsm_revoked(&same_ca.id, &verified.serials).await?;
+        if let Some(serial) = revoked.first() {
+            return Err(ApiError::forbidden(
+                "certificate-revoked",
+                format!("certificate {serial} of {field} is revoked"),
+            ));
+        }
     }
     Ok((verified, issuer))
 }

@@ -19,3 +19,4 @@ mod registry;
 mod session;
 mod support;
 mod token;
+mod tsm;
