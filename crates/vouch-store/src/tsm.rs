@@ -19,7 +19,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use crate::sql::{Placeholders, ROWS_PER_STATEMENT};
-use crate::{Backend, Store, StoreError, Tx};
+use crate::{Backend, DeviceStatus, Store, StoreError, Tx};
 
 /// A device maker's CA, as registered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -213,6 +213,24 @@ impl Store {
             sqlx::AssertSqlSafe(format!("SELECT {REGISTRATION_COLUMNS} FROM tsm_registrations WHERE device_id = $1"));
         let row = sqlx::query(sql).bind(device_id).fetch_optional(self.pool()).await?;
         row.as_ref().map(registration_from_row).transpose()
+    }
+
+    /// A message's sender in one read: the device's registration and the device's
+    /// status now.
+    pub async fn tsm_sender(&self, device_id: &str) -> Result<Option<(TsmRegistration, DeviceStatus)>, StoreError> {
+        let columns =
+            REGISTRATION_COLUMNS.split(", ").map(|c| format!("r.{}", c.trim())).collect::<Vec<_>>().join(", ");
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {columns}, d.status AS device_status FROM tsm_registrations r \
+             JOIN devices d ON d.id = r.device_id WHERE r.device_id = $1"
+        ));
+        let Some(row) = sqlx::query(sql).bind(device_id).fetch_optional(self.pool()).await? else {
+            return Ok(None);
+        };
+        let status: String = row.try_get("device_status")?;
+        let status = DeviceStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt { what: "device status", detail: format!("{device_id}: {status:?}") })?;
+        Ok(Some((registration_from_row(&row)?, status)))
     }
 }
 

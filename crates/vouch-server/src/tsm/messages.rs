@@ -9,11 +9,10 @@ use serde_json::json;
 use utoipa::ToSchema;
 use vouch_proto::b64;
 use vouch_proto::crypto::sha256;
-use vouch_proto::hpke::HpkePublicKey;
 use vouch_proto::tsm::{
     MESSAGE_BYTES_MAX, MessageBody, message_counter, open_message, seal_relay, verify_payment_certificate,
 };
-use vouch_store::{DeviceStatus, OutboxMessage, OutboxStatus, StoreError, TsmRegistration};
+use vouch_store::{DeviceStatus, OutboxMessage, OutboxStatus, TsmRegistration};
 
 use super::refused;
 use crate::auth::{ApiCaller, Scope};
@@ -74,12 +73,11 @@ pub(super) async fn accept_message(
     let envelope = decode_envelope(&body.message)?;
     let counter = message_counter(&envelope).map_err(refused)?;
     let device_id = body.device_id;
-    let Some(registration) = state.store.tsm_registration(&device_id).await? else {
+    let Some((registration, status)) = state.store.tsm_sender(&device_id).await? else {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown-device", "no provisioned device has this id"));
     };
-    let device = state.store.device(&device_id).await?;
-    if device.status != DeviceStatus::Active {
-        return Err(ApiError::forbidden("device-not-active", format!("the device is {}", device.status.as_str())));
+    if status != DeviceStatus::Active {
+        return Err(ApiError::forbidden("device-not-active", format!("the device is {}", status.as_str())));
     }
     let key =
         state.tsm.unseal_device_key(&device_id, &registration.registration_id, &registration.sealed_device_key)?;
@@ -91,25 +89,21 @@ pub(super) async fn accept_message(
         return replayed(&state, &device_id, stored_counter, &envelope_hash).await;
     }
     check_payment_certificate(&state, &registration, &message)?;
-    let provider = match state.store.service_provider(&message.provider_id).await {
-        Ok(provider) => provider,
-        Err(StoreError::NotFound { .. }) => {
-            return Err(ApiError::unprocessable(
-                "unknown-provider",
-                format!("no service provider {} is registered", message.provider_id),
-            ));
-        }
-        Err(e) => return Err(e.into()),
+    let Some(provider_key) = state.tsm.provider_key(&state.store, &message.provider_id).await? else {
+        return Err(ApiError::unprocessable(
+            "unknown-provider",
+            format!("no service provider {} is registered", message.provider_id),
+        ));
     };
-    let provider_key = provider_key(&provider.public_jwk)?;
 
     let now = state.now();
     let message_id = new_id("msg");
-    let sealed = seal_relay(&provider_key, &message_id, &provider.id, &device_id, counter, &message, &*state.rng)
-        .map_err(refused)?;
+    let sealed =
+        seal_relay(&provider_key, &message_id, &message.provider_id, &device_id, counter, &message, &*state.rng)
+            .map_err(refused)?;
     let record = OutboxMessage {
         id: message_id,
-        provider_id: provider.id,
+        provider_id: message.provider_id.clone(),
         device_id: device_id.clone(),
         counter: stored_counter,
         envelope_hash: envelope_hash.to_vec(),
@@ -194,10 +188,4 @@ fn check_payment_certificate(state: &AppState, registration: &TsmRegistration, m
         return Err(invalid("the payment certificate is not this device's current one".to_owned()));
     }
     Ok(())
-}
-
-fn provider_key(public_jwk: &str) -> ApiResult<HpkePublicKey> {
-    let jwk: vouch_proto::jwk::Jwk = serde_json::from_str(public_jwk).map_err(ApiError::internal)?;
-    let key = jwk.verifying_key().map_err(ApiError::internal)?;
-    HpkePublicKey::from_sec1(key.sec1()).map_err(ApiError::internal)
 }

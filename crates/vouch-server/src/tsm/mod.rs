@@ -21,7 +21,9 @@ mod messages;
 mod outbox;
 mod provision;
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use aws_lc_rs::rand::SystemRandom;
@@ -29,8 +31,11 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use vouch_proto::ProtoError;
 use vouch_proto::crypto::random_bytes;
+use vouch_proto::hpke::HpkePublicKey;
 use vouch_proto::tsm::{DeviceKey, PaymentCertificateClaims};
 use zeroize::Zeroizing;
+
+use vouch_store::{Store, StoreError};
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
@@ -47,6 +52,9 @@ const TSM_OPERATION: &str = "tsm";
 const DEVICE_KEY_SEAL_LABEL: &str = "vouch tsm device-key seal v1";
 const DEVICE_KEY_SEAL_AAD: &[u8] = b"vouch tsm device key v1\0";
 const PAYMENT_CERTIFICATE_CACHE_ENTRIES_MAX: usize = 100_000;
+/// How long a provider's key is used from memory before it is read again.
+const PROVIDER_KEY_TTL: Duration = Duration::from_secs(60);
+const PROVIDER_KEYS_MAX: usize = 10_000;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -63,11 +71,12 @@ pub fn routes() -> OpenApiRouter<AppState> {
 /// What the TSM keeps beside the store: the key that seals device keys at rest (derived
 /// from the master key, so every instance given the same master key opens them), the
 /// payment certificates whose signature verified (a phone sends the same one with each
-/// message), the HTTP client that delivers to providers, and the signal that wakes the delivery
+/// message), the providers' keys (read once a minute, not once a message), the HTTP client that delivers to providers, and the signal that wakes the delivery
 /// worker when a message is queued.
 pub struct TsmState {
     device_key_seal: LessSafeKey,
     payment_certificates: VerifiedCache<PaymentCertificateClaims>,
+    provider_keys: Mutex<HashMap<String, (Instant, HpkePublicKey)>>,
     http: reqwest::Client,
     wake: tokio::sync::Notify,
 }
@@ -91,9 +100,34 @@ impl TsmState {
         Ok(TsmState {
             device_key_seal,
             payment_certificates: VerifiedCache::new(PAYMENT_CERTIFICATE_CACHE_ENTRIES_MAX),
+            provider_keys: Mutex::new(HashMap::new()),
             http,
             wake: tokio::sync::Notify::new(),
         })
+    }
+
+    /// The HPKE key of the service provider `provider_id`; `None` when none is registered.
+    async fn provider_key(&self, store: &Store, provider_id: &str) -> ApiResult<Option<HpkePublicKey>> {
+        let lock = || self.provider_keys.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((read_at, key)) = lock().get(provider_id)
+            && read_at.elapsed() < PROVIDER_KEY_TTL
+        {
+            return Ok(Some(key.clone()));
+        }
+        let provider = match store.service_provider(provider_id).await {
+            Ok(provider) => provider,
+            Err(StoreError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let jwk: vouch_proto::jwk::Jwk = serde_json::from_str(&provider.public_jwk).map_err(ApiError::internal)?;
+        let key = jwk.verifying_key().map_err(ApiError::internal)?;
+        let key = HpkePublicKey::from_sec1(key.sec1()).map_err(ApiError::internal)?;
+        let mut keys = lock();
+        if keys.len() >= PROVIDER_KEYS_MAX {
+            keys.clear();
+        }
+        keys.insert(provider.id, (Instant::now(), key.clone()));
+        Ok(Some(key))
     }
 
     /// `nonce || ciphertext || tag`, bound to the device and its registration, so a
