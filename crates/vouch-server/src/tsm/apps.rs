@@ -14,7 +14,7 @@ use vouch_proto::tsm::{AppManifest, MANIFEST_TYP, ManifestClaims, seal_app_deliv
 use vouch_store::TsmManifest;
 
 use super::issuers::verified_secure_element;
-use super::provision::require_own_device;
+use super::provision::require_own_phone;
 use super::refused;
 use crate::auth::{ApiCaller, Scope};
 use crate::error::{ApiError, ApiResult, Problem};
@@ -182,7 +182,7 @@ pub(super) async fn deliver_app(
     ApiPath(device_id): ApiPath<String>,
     ApiJson(body): ApiJson<AppDeliveryRequest>,
 ) -> ApiResult<Json<AppDelivery>> {
-    require_own_device(&state, &caller, &device_id)?;
+    require_own_phone(&state, &caller, &device_id).await?;
     let Some(registration) = state.store.tsm_registration(&device_id).await? else {
         return Err(ApiError::conflict("not-provisioned", "the device's crypto secure element is not provisioned"));
     };

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
 use vouch_proto::b64;
+use vouch_proto::enrol::DeviceKind;
 use vouch_proto::hpke::HpkePublicKey;
 use vouch_proto::jws::Header;
 use vouch_proto::tsm::{
@@ -65,7 +66,7 @@ pub(super) async fn provision_device(
     ApiPath(device_id): ApiPath<String>,
     ApiJson(body): ApiJson<ProvisionRequest>,
 ) -> ApiResult<impl IntoResponse> {
-    require_own_device(&state, &caller, &device_id)?;
+    require_own_phone(&state, &caller, &device_id).await?;
     check_text("instrument", &body.instrument, INSTRUMENT_CHARS_MAX)?;
     let (chain, issuer) = verified_secure_element(&state, "crypto_se_chain_pem", &body.crypto_se_chain_pem).await?;
     let se_key = HpkePublicKey::from_sec1(&chain.leaf_key).map_err(ApiError::internal)?;
@@ -130,10 +131,19 @@ pub(super) async fn provision_device(
     Ok((StatusCode::CREATED, [(CACHE_CONTROL, HeaderValue::from_static("no-store"))], Json(answer)))
 }
 
-/// A phone provisions itself and fetches its own apps, with a ticket that allows it.
-pub(super) fn require_own_device(state: &AppState, caller: &DpopCaller, device_id: &str) -> ApiResult<()> {
+/// A consumer's phone provisions itself and fetches its own apps, with a ticket that
+/// allows it; readers, POS apps and terminals hold no secure elements Vouch manages.
+pub(super) async fn require_own_phone(state: &AppState, caller: &DpopCaller, device_id: &str) -> ApiResult<()> {
     if caller.device_id() != device_id {
         return Err(ApiError::forbidden("wrong-device", "a device may only be provisioned by itself"));
     }
-    caller.require_ticket(TSM_OPERATION, state.config.tsm_risk_threshold)
+    caller.require_ticket(TSM_OPERATION, state.config.tsm_risk_threshold)?;
+    let device = state.store.device(device_id).await?;
+    if device.kind != DeviceKind::Consumer {
+        return Err(ApiError::forbidden(
+            "not-a-phone",
+            format!("the device is a {}; secure elements are provisioned in consumers' phones", device.kind),
+        ));
+    }
+    Ok(())
 }

@@ -764,6 +764,19 @@ async fn each_provisioning_refusal_names_its_reason_and_writes_nothing() {
 }
 
 #[tokio::test]
+async fn only_a_consumers_phone_is_provisioned() {
+    let fx = bare_fixture(|_| {}).await;
+    fx.put_reference(&reference_values(FIRMWARE)).await;
+    let mut holder = Holder::on(fx, DeviceKind::Pos, &DeviceHealth::clean()).await;
+    let session = holder.session().await;
+    let mut pos = Phone::holding(holder, session).await;
+    let se = pos.secure_element();
+    let mark = pos.server().audit_mark().await;
+    assert_problem("a POS app", &pos.provision(&se).await, 403, "not-a-phone");
+    pos.assert_not_provisioned("a POS app", mark).await;
+}
+
+#[tokio::test]
 async fn an_se_certificate_past_its_validity_is_refused() {
     let mut phone = Phone::new().await;
     let now = phone.now();
