@@ -47,7 +47,7 @@ pub use secrets::{ApiKeyRecord, NonceRejection, SigningKeyRecord};
 pub use token::{ReaderSession, TokenSession, TokenSessionState};
 pub use tsm::{
     DeliveryOutcome, OUTBOX_BATCH_MAX, OutboxCounts, OutboxFilter, OutboxMessage, OutboxStatus, TsmIssuer, TsmManifest,
-    TsmRegistration,
+    TsmRegistration, TsmSender,
 };
 
 /// Limits of the connection pool.

@@ -215,23 +215,41 @@ impl Store {
         row.as_ref().map(registration_from_row).transpose()
     }
 
-    /// A message's sender in one read: the device's registration and the device's
-    /// status now.
-    pub async fn tsm_sender(&self, device_id: &str) -> Result<Option<(TsmRegistration, DeviceStatus)>, StoreError> {
+    /// A message's sender in one read: the device's registration, the device's status
+    /// now, and whether its secure element's certificate has been revoked since (under
+    /// its CA or any registration of the same CA name).
+    pub async fn tsm_sender(&self, device_id: &str) -> Result<Option<TsmSender>, StoreError> {
         let columns =
             REGISTRATION_COLUMNS.split(", ").map(|c| format!("r.{}", c.trim())).collect::<Vec<_>>().join(", ");
         let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT {columns}, d.status AS device_status FROM tsm_registrations r \
-             JOIN devices d ON d.id = r.device_id WHERE r.device_id = $1"
+            "SELECT {columns}, d.status AS device_status, \
+                    EXISTS (SELECT 1 FROM tsm_revocations v \
+                            JOIN tsm_issuers revoking ON revoking.id = v.issuer_id \
+                            JOIN tsm_issuers own ON own.id = r.issuer_id \
+                            WHERE v.serial = r.se_serial AND revoking.subject = own.subject) AS se_revoked \
+             FROM tsm_registrations r JOIN devices d ON d.id = r.device_id WHERE r.device_id = $1"
         ));
         let Some(row) = sqlx::query(sql).bind(device_id).fetch_optional(self.pool()).await? else {
             return Ok(None);
         };
         let status: String = row.try_get("device_status")?;
-        let status = DeviceStatus::parse(&status)
+        let device_status = DeviceStatus::parse(&status)
             .ok_or_else(|| StoreError::Corrupt { what: "device status", detail: format!("{device_id}: {status:?}") })?;
-        Ok(Some((registration_from_row(&row)?, status)))
+        // SQLite answers EXISTS as an integer, PostgreSQL as a boolean.
+        let se_revoked = match row.try_get::<bool, _>("se_revoked") {
+            Ok(revoked) => revoked,
+            Err(_) => row.try_get::<i64, _>("se_revoked")? != 0,
+        };
+        Ok(Some(TsmSender { registration: registration_from_row(&row)?, device_status, se_revoked }))
     }
+}
+
+/// Who a message comes from, as [`Store::tsm_sender`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TsmSender {
+    pub registration: TsmRegistration,
+    pub device_status: DeviceStatus,
+    pub se_revoked: bool,
 }
 
 /// A payment application release, as uploaded and signed.

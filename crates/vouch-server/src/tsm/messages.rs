@@ -12,7 +12,7 @@ use vouch_proto::crypto::sha256;
 use vouch_proto::tsm::{
     MESSAGE_BYTES_MAX, MessageBody, message_counter, open_message, seal_relay, verify_payment_certificate,
 };
-use vouch_store::{DeviceStatus, OutboxMessage, OutboxStatus, TsmRegistration};
+use vouch_store::{DeviceStatus, OutboxMessage, OutboxStatus, TsmRegistration, TsmSender};
 
 use super::refused;
 use crate::auth::{ApiCaller, Scope};
@@ -73,11 +73,20 @@ pub(super) async fn accept_message(
     let envelope = decode_envelope(&body.message)?;
     let counter = message_counter(&envelope).map_err(refused)?;
     let device_id = body.device_id;
-    let Some((registration, status)) = state.store.tsm_sender(&device_id).await? else {
+    let Some(TsmSender { registration, device_status, se_revoked }) = state.store.tsm_sender(&device_id).await? else {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown-device", "no provisioned device has this id"));
     };
-    if status != DeviceStatus::Active {
-        return Err(ApiError::forbidden("device-not-active", format!("the device is {}", status.as_str())));
+    if device_status != DeviceStatus::Active {
+        return Err(ApiError::forbidden("device-not-active", format!("the device is {}", device_status.as_str())));
+    }
+    if se_revoked {
+        return Err(ApiError::forbidden(
+            "certificate-revoked",
+            format!(
+                "the certificate {} of the device's crypto SE is revoked; provision a new SE",
+                registration.se_serial
+            ),
+        ));
     }
     let key =
         state.tsm.unseal_device_key(&device_id, &registration.registration_id, &registration.sealed_device_key)?;

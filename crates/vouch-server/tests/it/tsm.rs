@@ -1148,6 +1148,20 @@ async fn a_suspended_device_s_messages_are_refused() {
 }
 
 #[tokio::test]
+async fn a_secure_element_revoked_after_provisioning_sends_no_more_messages() {
+    let mut relay = Relay::new().await;
+    relay.queue(b"before the revocation").await;
+    let envelope = relay.message(b"after the revocation");
+    let issuer_id = relay.server().state.store.tsm_issuers().await.unwrap()[0].id.clone();
+    let serial = relay.provisioned.claims.se_serial.clone();
+    let path = format!("{ISSUERS}/{issuer_id}/revocations");
+    relay.server().expect(201, "POST", &path, relay.phone.admin(), Some(json!({ "serial": serial }))).await;
+    let mark = relay.server().audit_mark().await;
+    assert_problem("revoked", &relay.send(&envelope).await, 403, "certificate-revoked");
+    relay.assert_unchanged("revoked", mark, 1, 1).await;
+}
+
+#[tokio::test]
 async fn only_a_gateway_key_posts_messages() {
     let mut relay = Relay::new().await;
     let envelope = relay.message(b"pay 12.50 EUR");
