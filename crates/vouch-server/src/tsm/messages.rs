@@ -36,10 +36,11 @@ pub struct MessageAccepted {
     pub message_id: String,
     pub provider_id: String,
     pub counter: u64,
-    /// `queued`: in the outbox, to be delivered to the provider.
+    /// `queued`: in the outbox, to be delivered to the provider. To a gateway's retry,
+    /// where the message is now: `queued`, `delivered` or `dead`.
     pub status: String,
     /// Set when this exact message was accepted before (a gateway's retry); the answer
-    /// is the first one's.
+    /// names the first one's message.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub duplicate: bool,
 }
@@ -50,7 +51,12 @@ impl MessageAccepted {
             message_id: stored.id.clone(),
             provider_id: stored.provider_id.clone(),
             counter: u64::try_from(stored.counter).map_err(ApiError::internal)?,
-            status: "queued".to_owned(),
+            status: match stored.status {
+                OutboxStatus::Pending => "queued",
+                OutboxStatus::Delivered => "delivered",
+                OutboxStatus::Dead => "dead",
+            }
+            .to_owned(),
             duplicate,
         })
     }

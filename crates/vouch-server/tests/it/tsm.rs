@@ -1078,6 +1078,11 @@ async fn the_same_message_again_gets_its_first_answer_and_a_used_counter_is_a_re
     assert_problem("a used counter", &relay.send(&reused).await, 409, "replayed-counter");
     relay.assert_unchanged("duplicate and replay", mark, 1, 1).await;
 
+    // A retry after delivery says where the message is now.
+    relay.deliver().await;
+    let late = relay.send(&envelope).await;
+    assert_eq!((late.status.as_u16(), &late.json["status"]), (200, &json!("delivered")), "{}", late.json);
+
     relay.counter = 5;
     relay.queue(b"pay 1.00 EUR").await;
     relay.counter = 3;
