@@ -670,7 +670,7 @@ mod tests {
         ));
         let other = crate::crypto::SigningKey::generate(&rng).unwrap().verifying_key();
         assert!(matches!(
-            verify_payment_certificate(&certificate, |_| Some(other.clone()), 1_500),
+            verify_payment_certificate(&certificate, |_| Some(other), 1_500),
             Err(ProtoError::BadSignature)
         ));
         assert!(matches!(
