@@ -81,12 +81,16 @@ impl Tsm {
         page.messages.into_iter().find(|m| m.message_id == message_id).unwrap()
     }
 
-    /// Polls the outbox until `message_id` is in `status` with at least `attempts`.
+    /// Polls the outbox until `message_id` is in `status` with at least `attempts`, the
+    /// last one's outcome recorded: a pending message counts its attempt when it is
+    /// claimed, and shows the failure only once the attempt is over.
     async fn wait_for_outbox(&self, message_id: &str, status: OutboxStatus, attempts: i64) -> OutboxEntry {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let entry = self.outbox_entry(message_id).await;
-            if entry.status == status && entry.attempts >= attempts {
+            let attempted = entry.attempts >= attempts;
+            let recorded = status != OutboxStatus::Pending || attempts == 0 || entry.last_error.is_some();
+            if entry.status == status && attempted && recorded {
                 return entry;
             }
             assert!(tokio::time::Instant::now() < deadline, "still {entry:?}");
