@@ -98,37 +98,62 @@ impl MasterKey {
         }
     }
 
-    fn aead(&self) -> LessSafeKey {
-        // Invariant: the key is exactly 32 bytes, AES-256's key length.
-        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, self.0.as_slice()).expect("32-byte AES-256 key"))
+    fn sealing_key(&self) -> SealingKey {
+        SealingKey::new(&self.0)
     }
 
     /// `nonce || ciphertext || tag`, bound to `kid` as associated data.
     fn seal(&self, kid: &str, plaintext: &[u8], rng: &SystemRandom) -> Result<Vec<u8>, KeyError> {
+        self.sealing_key().seal(&seal_aad(kid), plaintext, rng)
+    }
+
+    fn unseal(&self, kid: &str, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        self.sealing_key().open(&seal_aad(kid), sealed).ok_or_else(|| KeyError::Unseal { kid: kid.to_owned() })
+    }
+}
+
+fn seal_aad(kid: &str) -> Vec<u8> {
+    [SEAL_AAD_PREFIX, kid.as_bytes()].concat()
+}
+
+/// AES-256-GCM for secrets at rest: `nonce || ciphertext || tag` with a random nonce,
+/// bound to associated data that names what the secret belongs to, so a sealed value
+/// copied to another record does not open. The master key seals signing keys with one;
+/// keys derived from it seal other secrets.
+pub struct SealingKey(LessSafeKey);
+
+impl std::fmt::Debug for SealingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SealingKey(..)")
+    }
+}
+
+impl SealingKey {
+    pub fn new(key: &[u8; 32]) -> Self {
+        // Invariant: the key is exactly 32 bytes, AES-256's key length.
+        SealingKey(LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("32-byte AES-256 key")))
+    }
+
+    pub fn seal(&self, aad: &[u8], plaintext: &[u8], rng: &SystemRandom) -> Result<Vec<u8>, KeyError> {
         let nonce_bytes: [u8; NONCE_LEN] = random_bytes(rng)?;
         let mut sealed = nonce_bytes.to_vec();
         let mut buffer = Zeroizing::new(plaintext.to_vec());
-        self.aead()
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce_bytes), seal_aad(kid), &mut *buffer)
+        self.0
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce_bytes), Aad::from(aad), &mut *buffer)
             .map_err(|_| KeyError::MasterKey("sealing failed".into()))?;
         sealed.extend_from_slice(&buffer);
         Ok(sealed)
     }
 
-    fn unseal(&self, kid: &str, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-        let unseal_error = || KeyError::Unseal { kid: kid.to_owned() };
-        let (nonce, ciphertext) = sealed.split_at_checked(NONCE_LEN).ok_or_else(unseal_error)?;
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| unseal_error())?;
+    /// The plaintext; `None` when `sealed` does not open under this key and `aad`.
+    pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+        let (nonce, ciphertext) = sealed.split_at_checked(NONCE_LEN)?;
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
         let mut buffer = Zeroizing::new(ciphertext.to_vec());
-        let plaintext_len =
-            self.aead().open_in_place(nonce, seal_aad(kid), &mut buffer).map_err(|_| unseal_error())?.len();
+        let plaintext_len = self.0.open_in_place(nonce, Aad::from(aad), &mut buffer).ok()?.len();
         buffer.truncate(plaintext_len);
-        Ok(buffer)
+        Some(buffer)
     }
-}
-
-fn seal_aad(kid: &str) -> Aad<Vec<u8>> {
-    Aad::from([SEAL_AAD_PREFIX, kid.as_bytes()].concat())
 }
 
 /// What a cached signed object must say of itself: when it stops being good.

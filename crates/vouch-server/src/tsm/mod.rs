@@ -25,21 +25,17 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use aws_lc_rs::rand::SystemRandom;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use vouch_proto::ProtoError;
-use vouch_proto::crypto::random_bytes;
 use vouch_proto::hpke::HpkePublicKey;
 use vouch_proto::tsm::{DeviceKey, PaymentCertificateClaims};
-use zeroize::Zeroizing;
-
 use vouch_store::{Store, StoreError};
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::keys::{Expiring, MasterKey, VerifiedCache};
+use crate::keys::{Expiring, MasterKey, SealingKey, VerifiedCache};
 
 pub use apps::{AppDelivery, AppDeliveryRequest, ManifestView, NewManifest};
 pub use issuers::{IssuerView, NewIssuer, NewRevocation, RevocationView};
@@ -74,7 +70,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
 /// message), the providers' keys (read once a minute, not once a message), the HTTP client that delivers to providers, and the signal that wakes the delivery
 /// worker when a message is queued.
 pub struct TsmState {
-    device_key_seal: LessSafeKey,
+    device_key_seal: SealingKey,
     payment_certificates: VerifiedCache<PaymentCertificateClaims>,
     provider_keys: Mutex<HashMap<String, (Instant, HpkePublicKey)>>,
     http: reqwest::Client,
@@ -89,9 +85,7 @@ impl std::fmt::Debug for TsmState {
 
 impl TsmState {
     pub fn new(master: &MasterKey, delivery_timeout: Duration) -> Result<Self, reqwest::Error> {
-        let seal_key = master.derive(DEVICE_KEY_SEAL_LABEL);
-        // Invariant: the derived key is 32 bytes, AES-256's key length.
-        let device_key_seal = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &*seal_key).expect("32-byte AES-256 key"));
+        let device_key_seal = SealingKey::new(&master.derive(DEVICE_KEY_SEAL_LABEL));
         let http = reqwest::Client::builder()
             .timeout(delivery_timeout)
             .connect_timeout(delivery_timeout)
@@ -130,8 +124,8 @@ impl TsmState {
         Ok(Some(key))
     }
 
-    /// `nonce || ciphertext || tag`, bound to the device and its registration, so a
-    /// sealed key copied to another row does not open.
+    /// Sealed bound to the device and its registration, so a sealed key copied to
+    /// another row does not open.
     fn seal_device_key(
         &self,
         device_id: &str,
@@ -139,30 +133,15 @@ impl TsmState {
         key: &DeviceKey,
         rng: &SystemRandom,
     ) -> ApiResult<Vec<u8>> {
-        let nonce: [u8; NONCE_LEN] = random_bytes(rng).map_err(ApiError::internal)?;
-        let mut sealed = nonce.to_vec();
-        let mut buffer = Zeroizing::new(key.as_bytes().to_vec());
         self.device_key_seal
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                device_key_aad(device_id, registration_id),
-                &mut *buffer,
-            )
-            .map_err(|_| ApiError::internal("sealing a device key failed"))?;
-        sealed.extend_from_slice(&buffer);
-        Ok(sealed)
+            .seal(&device_key_aad(device_id, registration_id), key.as_bytes(), rng)
+            .map_err(ApiError::internal)
     }
 
     fn unseal_device_key(&self, device_id: &str, registration_id: &str, sealed: &[u8]) -> ApiResult<DeviceKey> {
         let fail = || ApiError::internal(format!("the stored key of device {device_id} does not open"));
-        let (nonce, ciphertext) = sealed.split_at_checked(NONCE_LEN).ok_or_else(fail)?;
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| fail())?;
-        let mut buffer = Zeroizing::new(ciphertext.to_vec());
-        let key = self
-            .device_key_seal
-            .open_in_place(nonce, device_key_aad(device_id, registration_id), &mut buffer)
-            .map_err(|_| fail())?;
-        DeviceKey::from_bytes(key).map_err(|_| fail())
+        let key = self.device_key_seal.open(&device_key_aad(device_id, registration_id), sealed).ok_or_else(fail)?;
+        DeviceKey::from_bytes(&key).map_err(|_| fail())
     }
 }
 
@@ -172,8 +151,8 @@ impl Expiring for PaymentCertificateClaims {
     }
 }
 
-fn device_key_aad(device_id: &str, registration_id: &str) -> Aad<Vec<u8>> {
-    Aad::from([DEVICE_KEY_SEAL_AAD, device_id.as_bytes(), b"\0", registration_id.as_bytes()].concat())
+fn device_key_aad(device_id: &str, registration_id: &str) -> Vec<u8> {
+    [DEVICE_KEY_SEAL_AAD, device_id.as_bytes(), b"\0", registration_id.as_bytes()].concat()
 }
 
 /// A refusal by the protocol checks as a 422 naming the check; anything else the
