@@ -57,6 +57,10 @@ const ISSUER_COLUMNS: &str = "id, name, subject, certificate_der, fingerprint, n
 const REGISTRATION_COLUMNS: &str = "device_id, registration_id, issuer_id, se_serial, se_public_key, \
                                     sealed_device_key, instrument, last_counter, registered_at";
 
+/// [`REGISTRATION_COLUMNS`] of the registration aliased `r`.
+const SENDER_COLUMNS: &str = "r.device_id, r.registration_id, r.issuer_id, r.se_serial, r.se_public_key, \
+                              r.sealed_device_key, r.instrument, r.last_counter, r.registered_at";
+
 fn issuer_from_row(row: &AnyRow) -> Result<TsmIssuer, StoreError> {
     Ok(TsmIssuer {
         id: row.try_get("id")?,
@@ -219,14 +223,13 @@ impl Store {
     /// now, and whether its secure element's certificate has been revoked since (under
     /// its CA or any registration of the same CA name).
     pub async fn tsm_sender(&self, device_id: &str) -> Result<Option<TsmSender>, StoreError> {
-        let columns =
-            REGISTRATION_COLUMNS.split(", ").map(|c| format!("r.{}", c.trim())).collect::<Vec<_>>().join(", ");
         let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT {columns}, d.status AS device_status, \
-                    EXISTS (SELECT 1 FROM tsm_revocations v \
-                            JOIN tsm_issuers revoking ON revoking.id = v.issuer_id \
-                            JOIN tsm_issuers own ON own.id = r.issuer_id \
-                            WHERE v.serial = r.se_serial AND revoking.subject = own.subject) AS se_revoked \
+            "SELECT {SENDER_COLUMNS}, d.status AS device_status, \
+                    CASE WHEN EXISTS (SELECT 1 FROM tsm_revocations v \
+                                      JOIN tsm_issuers revoking ON revoking.id = v.issuer_id \
+                                      JOIN tsm_issuers own ON own.id = r.issuer_id \
+                                      WHERE v.serial = r.se_serial AND revoking.subject = own.subject) \
+                         THEN 1 ELSE 0 END AS se_revoked \
              FROM tsm_registrations r JOIN devices d ON d.id = r.device_id WHERE r.device_id = $1"
         ));
         let Some(row) = sqlx::query(sql).bind(device_id).fetch_optional(self.pool()).await? else {
@@ -235,11 +238,7 @@ impl Store {
         let status: String = row.try_get("device_status")?;
         let device_status = DeviceStatus::parse(&status)
             .ok_or_else(|| StoreError::Corrupt { what: "device status", detail: format!("{device_id}: {status:?}") })?;
-        // SQLite answers EXISTS as an integer, PostgreSQL as a boolean.
-        let se_revoked = match row.try_get::<bool, _>("se_revoked") {
-            Ok(revoked) => revoked,
-            Err(_) => row.try_get::<i64, _>("se_revoked")? != 0,
-        };
+        let se_revoked = row.try_get::<i64, _>("se_revoked")? != 0;
         Ok(Some(TsmSender { registration: registration_from_row(&row)?, device_status, se_revoked }))
     }
 }
