@@ -327,7 +327,7 @@ fn region_image(model: &str, firmware_version: &str, region: &str) -> Vec<u8> {
 }
 
 fn hex_sha256(bytes: &[u8]) -> String {
-    crate::hex(&sha256(bytes))
+    vouch_proto::hex::encode(sha256(bytes))
 }
 
 /// A challenge the server issued (`POST /v1/attestations`).

@@ -33,13 +33,3 @@ pub use error::DeviceError;
 pub use identity::DeviceIdentity;
 pub use offline::{OfflinePos, OfflineWallet};
 pub use token::TokenSession;
-
-/// Lower-case hex, as Vouch writes ids, serial numbers and digests.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut hex, byte| {
-        // Invariant: writing to a String cannot fail.
-        let _ = write!(hex, "{byte:02x}");
-        hex
-    })
-}

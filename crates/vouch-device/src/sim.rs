@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use vouch_proto::attest::{TicketClaims, verify_ticket};
-use vouch_proto::crypto::{SystemRandom, random_bytes, sha256};
+use vouch_proto::crypto::{SystemRandom, random_bytes};
 use vouch_proto::enrol::{DEVICE_CREDENTIAL_TYP, DeviceCredentialClaims, DeviceKind, EnrolmentClaims};
 use vouch_proto::hpke::HpkePrivateKey;
 use vouch_proto::jws::UnverifiedJws;
@@ -311,7 +311,7 @@ pub fn tsm_app_manifest(app_id: &str, version: u32, code: &[u8], se_profile: &st
     AppManifest {
         app_id: app_id.to_owned(),
         version,
-        code_sha256: crate::hex(&sha256(code)),
+        code_sha256: vouch_proto::tsm::code_sha256(code),
         code_size: code.len() as u64,
         se_profile: se_profile.to_owned(),
     }

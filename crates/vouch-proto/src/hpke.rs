@@ -410,7 +410,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn hex(text: &str) -> Vec<u8> {
-        (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap()).collect()
+        crate::hex::decode(text).expect("hex digits")
     }
 
     fn field(vector: &serde_json::Value, name: &str) -> Vec<u8> {

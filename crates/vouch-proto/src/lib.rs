@@ -11,6 +11,7 @@ pub mod dpop;
 pub mod dvv;
 pub mod enrol;
 mod error;
+pub mod hex;
 pub mod hpke;
 pub mod iso8583;
 pub mod jwk;

@@ -403,7 +403,7 @@ mod tests {
     use crate::crypto::SystemRandom;
 
     fn hex(text: &str) -> Vec<u8> {
-        (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap()).collect()
+        crate::hex::decode(text).expect("hex digits")
     }
 
     /// The Cacophony test vector for `Noise_KK_25519_ChaChaPoly_SHA256`, as published

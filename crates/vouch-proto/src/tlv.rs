@@ -208,7 +208,7 @@ pub(super) mod tests {
     /// Bytes from hex digits, spaces allowed between them.
     fn hex(text: &str) -> Vec<u8> {
         let text: String = text.split_whitespace().collect();
-        (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap()).collect()
+        crate::hex::decode(&text).expect("hex digits")
     }
 
     /// Known encodings: one- and two-byte tags, short and long lengths, a constructed

@@ -321,7 +321,7 @@ pub struct ManifestClaims {
 
 /// The lowercase hex SHA-256 a manifest names its code by.
 pub fn code_sha256(code: &[u8]) -> String {
-    sha256(code).iter().map(|byte| format!("{byte:02x}")).collect()
+    crate::hex::encode(sha256(code))
 }
 
 /// The app SE's install rule, once the manifest's signature has verified: the manifest's

@@ -258,9 +258,7 @@ fn serial_text(magnitude: &[u8]) -> String {
     if significant.first().is_none_or(|first| *first >= 0x80) {
         out.push_str("00");
     }
-    for byte in &significant {
-        out.push_str(&format!("{byte:02x}"));
-    }
+    out.push_str(&crate::hex::encode(&significant));
     out
 }
 

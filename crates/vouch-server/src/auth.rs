@@ -179,7 +179,7 @@ pub fn new_api_key(
 ) -> Result<NewApiKey, ApiError> {
     let id = match id {
         Some(id) => id.to_owned(),
-        None => random_bytes::<8>(rng).map_err(ApiError::internal)?.iter().map(|b| format!("{b:02x}")).collect(),
+        None => vouch_proto::hex::encode(random_bytes::<8>(rng).map_err(ApiError::internal)?),
     };
     let secret = Zeroizing::new(b64::encode(random_bytes::<32>(rng).map_err(ApiError::internal)?));
     let scopes: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();

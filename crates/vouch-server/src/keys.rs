@@ -75,7 +75,7 @@ impl MasterKey {
     }
 
     fn to_hex(&self) -> Zeroizing<String> {
-        Zeroizing::new(self.0.iter().map(|b| format!("{b:02x}")).collect())
+        Zeroizing::new(vouch_proto::hex::encode(*self.0))
     }
 
     /// `VOUCH_MASTER_KEY` when set; otherwise `DATA_DIR/master.key`, created (0600)

@@ -143,7 +143,7 @@ fn decode(input: &Path, output: Option<&Path>) -> Result<ExitCode> {
         }
         None => {
             for payload in &payloads {
-                println!("{}", to_hex(&payload.bytes));
+                println!("{}", vouch_proto::hex::encode(&payload.bytes));
             }
         }
     }
@@ -207,10 +207,6 @@ fn collect_until_error(samples: impl Iterator<Item = hound::Result<f32>>) -> (Ve
         }
     }
     (out, None)
-}
-
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// One benchmark row: a rate, profile and payload size across all SNRs.

@@ -11,9 +11,9 @@ use anyhow::Context;
 use serde_json::json;
 use vouch_device::VouchClient;
 use vouch_device::tsm::{ProviderReceiver, ReceivedMessage};
-use vouch_proto::b64;
 use vouch_proto::crypto::SystemRandom;
 use vouch_proto::hpke::HpkePrivateKey;
+use vouch_proto::{b64, hex};
 use zeroize::Zeroizing;
 
 #[derive(Debug, clap::Subcommand)]
@@ -132,19 +132,16 @@ fn load_or_create_key(path: &Path) -> anyhow::Result<HpkePrivateKey> {
     match std::fs::read_to_string(path) {
         Ok(text) => {
             let text = Zeroizing::new(text);
-            let hex = text.trim();
-            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                anyhow::bail!("{} does not hold 64 hex digits", path.display());
-            }
-            let scalar: Zeroizing<Vec<u8>> = Zeroizing::new(
-                (0..32).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)).collect::<Result<_, _>>()?,
-            );
+            let scalar = hex::decode(text.trim())
+                .map(Zeroizing::new)
+                .filter(|scalar| scalar.len() == 32)
+                .with_context(|| format!("{} does not hold 64 hex digits", path.display()))?;
             Ok(HpkePrivateKey::from_bytes(&scalar).with_context(|| format!("the key in {}", path.display()))?)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = HpkePrivateKey::generate(&SystemRandom::new())?;
-            let hex: Zeroizing<String> = Zeroizing::new(key.to_bytes().iter().map(|b| format!("{b:02x}")).collect());
-            crate::remote::write_private_file(path, hex.as_bytes())?;
+            let text = Zeroizing::new(hex::encode(*key.to_bytes()));
+            crate::remote::write_private_file(path, text.as_bytes())?;
             Ok(key)
         }
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),

@@ -25,7 +25,7 @@ mod wallet;
 
 use vouch_proto::offline::Digest;
 
-use crate::hex;
+use vouch_proto::hex;
 
 pub use pos::{OfflinePos, PendingSale, QueuedPayment, SettledPayment, Settlement, SettlementOutcome};
 pub use wallet::{ApprovedPayment, ClosedCredential, OfflineWallet, PaymentPrompt, PhoneReceipt, SyncReport};
@@ -77,10 +77,10 @@ fn refused(refusal: OfflineRefusal, detail: impl ToString) -> crate::DeviceError
 
 /// A server id from the UUID bytes a wire type carries: `prefix_<32 hex digits>`.
 fn server_id(prefix: &str, bytes: &[u8]) -> String {
-    format!("{prefix}_{}", hex(bytes))
+    format!("{prefix}_{}", hex::encode(bytes))
 }
 
 /// A payment id as the server names it: the hex of SHA-256 of the approval's bytes.
 fn payment_id_text(payment_id: &Digest) -> String {
-    hex(payment_id)
+    hex::encode(payment_id)
 }

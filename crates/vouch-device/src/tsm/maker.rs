@@ -198,7 +198,7 @@ fn subject(organization: &str, common_name: &str) -> DistinguishedName {
 fn serial(rng: &SystemRandom) -> Result<(SerialNumber, String), DeviceError> {
     let mut bytes = random_bytes::<SERIAL_BYTES>(rng)?;
     bytes[0] = (bytes[0] & 0x3f) | 0x40;
-    Ok((SerialNumber::from_slice(&bytes), crate::hex(&bytes)))
+    Ok((SerialNumber::from_slice(&bytes), vouch_proto::hex::encode(bytes)))
 }
 
 fn datetime(unix_secs: i64) -> Result<time::OffsetDateTime, DeviceError> {

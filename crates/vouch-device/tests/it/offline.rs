@@ -91,7 +91,7 @@ async fn a_purchase_crosses_a_noisy_room_settles_once_and_its_receipt_verifies()
     assert!(leg_a.audio_secs > 0.5 && leg_b.audio_secs > 0.5, "{} s, {} s", leg_a.audio_secs, leg_b.audio_secs);
     let queued = &purchase.payment;
     let approval = ApprovalReply::parse(&leg_b.bytes).unwrap();
-    assert_eq!(queued.payment_id, hex(&payment_id(approval.approval())));
+    assert_eq!(queued.payment_id, vouch_proto::hex::encode(payment_id(approval.approval())));
     assert_eq!(queued.counter, counter);
     assert_eq!(phone.wallet.approved()[0].payment_id, queued.payment_id);
 
@@ -101,7 +101,7 @@ async fn a_purchase_crosses_a_noisy_room_settles_once_and_its_receipt_verifies()
     let settled = &settlement.settled[0];
     let jwks = fx.admin.jwks().await.unwrap();
     let receipt = verify_receipt(&settled.receipt, |kid| jwks.cose_key(kid)).unwrap();
-    assert_eq!(hex(&receipt.value().payment_id), queued.payment_id);
+    assert_eq!(vouch_proto::hex::encode(receipt.value().payment_id), queued.payment_id);
     assert_eq!((receipt.value().amount_minor, receipt.value().currency), (1_250, 978));
     assert_eq!(balance(&fx, &settlement_account(&fx)).await, 1_250);
 
@@ -245,10 +245,6 @@ async fn a_terminal_holds_only_its_own_certificate() {
     let jwks = fx.admin.jwks().await.unwrap();
     let refused = OfflinePos::new(client, someone, &certificate, jwks, Arc::new(SystemClock));
     assert!(matches!(refused, Err(DeviceError::Untrusted(_))), "{refused:?}");
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

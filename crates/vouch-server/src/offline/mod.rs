@@ -89,7 +89,3 @@ pub(super) fn credential_of(record: &OfflineCredentialRecord) -> ApiResult<Offli
         issued_at: record.issued_at,
     })
 }
-
-pub(crate) fn to_hex(bytes: impl AsRef<[u8]>) -> String {
-    bytes.as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}

@@ -31,12 +31,12 @@ use vouch_proto::offline::{
     ConsumerApproval, SignedReceipt, TerminalCertificate, WireType, payment_id, verify_approval,
     verify_countersignature, verify_payment_request, verify_terminal_certificate,
 };
-use vouch_proto::{ProtoError, VerifyingKey, b64};
+use vouch_proto::{ProtoError, VerifyingKey, b64, hex};
 use vouch_store::{
     AuditEntry, OfflineCredentialRecord, OfflinePaymentRecord, SpendRefusal, StoreError, Transfer, TransferOutcome, Tx,
 };
 
-use super::{credential_of, currency_alpha, server_id, sign_wire, to_hex};
+use super::{credential_of, currency_alpha, server_id, sign_wire};
 use crate::auth::{ApiCaller, Scope};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::ApiJson;
@@ -238,7 +238,7 @@ impl Outcome {
 
 async fn settle_batch(state: &AppState, actor: &str, batch: Vec<Legs>) -> ApiResult<Vec<SettlementResult>> {
     let now = state.now();
-    let ids: Vec<String> = batch.iter().map(|legs| to_hex(payment_id(&legs.approval))).collect();
+    let ids: Vec<String> = batch.iter().map(|legs| hex::encode(payment_id(&legs.approval))).collect();
     let checks = Arc::new(Checks {
         state: state.clone(),
         now,
@@ -416,10 +416,10 @@ impl Checks {
         };
         Ok(Verified {
             payment: OfflinePaymentRecord {
-                payment_id: to_hex(digest),
+                payment_id: hex::encode(digest),
                 credential_id,
                 counter,
-                nonce: to_hex(r.nonce),
+                nonce: hex::encode(r.nonce),
                 amount_minor,
                 currency: currency.to_owned(),
                 merchant_id: server_id("mch", &certificate.merchant_id),

@@ -380,11 +380,11 @@ fn closed_view(record: &OfflineCredentialRecord) -> ApiResult<ClosedCredentialVi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offline::to_hex;
+    use vouch_proto::hex;
 
     #[test]
     fn a_cursor_reads_back_as_the_position_it_names() {
-        let payment_id = to_hex([0xab; 32]);
+        let payment_id = hex::encode([0xab; 32]);
         let cursor = format!("1700000000.{payment_id}");
         assert_eq!(parse_cursor(&cursor).unwrap(), (1_700_000_000, payment_id.clone()));
         for bad in ["", "1700000000", "x.{payment_id}", &format!("1.{}", &payment_id[1..]), &cursor.to_uppercase()] {

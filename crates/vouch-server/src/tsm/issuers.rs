@@ -6,6 +6,7 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
+use vouch_proto::hex;
 use vouch_proto::x509::{self, VerifiedChain};
 use vouch_store::TsmIssuer;
 
@@ -13,7 +14,6 @@ use super::refused;
 use crate::auth::{ApiCaller, Scope};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::{ApiJson, ApiPath};
-use crate::offline::to_hex;
 use crate::registry::{NAME_CHARS_MAX, check_text, new_id};
 use crate::{AppState, audit};
 
@@ -50,7 +50,7 @@ impl From<&TsmIssuer> for IssuerView {
             subject: issuer.subject.clone(),
             not_before: issuer.not_before,
             not_after: issuer.not_after,
-            fingerprint_sha256: to_hex(&issuer.fingerprint),
+            fingerprint_sha256: hex::encode(&issuer.fingerprint),
             created_at: issuer.created_at,
         }
     }
@@ -88,8 +88,7 @@ pub(super) async fn register_issuer(
         not_after: checked.not_after,
         created_at: now,
     };
-    let detail =
-        json!({ "name": issuer.name, "subject": issuer.subject, "fingerprint_sha256": to_hex(&issuer.fingerprint) });
+    let detail = json!({ "name": issuer.name, "subject": issuer.subject, "fingerprint_sha256": hex::encode(&issuer.fingerprint) });
     let entry = audit::entry(now, &caller.actor(), "tsm.issuer_registered", &issuer.id, detail);
     let record = issuer.clone();
     let inserted = state

@@ -29,7 +29,7 @@ const BERLIN: (f64, f64) = (52.52, 13.405);
 const NEW_YORK: (f64, f64) = (40.713, -74.006);
 
 pub fn hex_sha256(text: &str) -> String {
-    sha256(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    vouch_proto::hex::encode(sha256(text.as_bytes()))
 }
 
 /// What measuring `region` gives on a device running `firmware`, genuine or patched.

@@ -425,7 +425,7 @@ async fn a_payment_settles_once_with_a_receipt_that_verifies() {
     let mut shop = Shop::new(4_000).await;
     let payment = shop.payment(1_250);
     let approval = b64::decode("approval", payment["approval"].as_str().unwrap()).unwrap();
-    let expected_id: String = payment_id(&approval).iter().map(|b| format!("{b:02x}")).collect();
+    let expected_id = vouch_proto::hex::encode(payment_id(&approval));
     let mark = shop.server().audit_mark().await;
     let result = shop.settle_one(&payment).await;
     assert_eq!(result["status"], "settled", "{result}");
@@ -667,7 +667,7 @@ async fn a_sync_gives_the_phone_its_receipts_which_verify_with_the_server_key() 
         let bytes = b64::decode("receipt", receipt["receipt"].as_str().unwrap()).unwrap();
         let verified = verify_receipt(&bytes, &key).unwrap();
         let r = verified.value();
-        let hex: String = r.payment_id.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = vouch_proto::hex::encode(r.payment_id);
         assert_eq!(
             (hex.as_str(), r.amount_minor, r.currency),
             (receipt["payment_id"].as_str().unwrap(), amount_minor, 978)

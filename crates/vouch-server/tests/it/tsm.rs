@@ -255,10 +255,6 @@ fn published(jwks: &JwkSet) -> impl Fn(&str) -> Option<VerifyingKey> + '_ {
     |kid| jwks.find(kid).and_then(|jwk| jwk.verifying_key().ok())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|window| window == needle)
 }
@@ -544,7 +540,7 @@ async fn a_registered_issuer_shows_its_certificate() {
     let (not_before, not_after) = validity(now);
     let expected = json!({
         "issuer_id": issuer_id, "name": "Maker", "subject": "O=Maker, CN=Maker Root",
-        "not_before": not_before, "not_after": not_after, "fingerprint_sha256": hex(&sha256(&maker.der)),
+        "not_before": not_before, "not_after": not_after, "fingerprint_sha256": vouch_proto::hex::encode(sha256(&maker.der)),
         "created_at": now,
     });
     assert_eq!(reply.json, expected);

@@ -128,7 +128,7 @@ conformance! {
         let forged = entry(42);
         let rows = t.store.audit_records(1, 1).await.unwrap();
         let hash = vouch_store::chain_hash(2, &forged, &rows[0].prev_hash);
-        let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = vouch_proto::hex::encode(hash);
         let literal = if t.url.starts_with("sqlite") { format!("X'{hex}'") } else { format!("'\\x{hex}'::bytea") };
         tamper(&t, &format!("UPDATE audit_log SET at = 42, subject = 's42', detail = '{{\"n\":42}}', hash = {literal} WHERE seq = 2")).await;
         assert_eq!(t.store.verify_audit().await.unwrap().first_break, Some(AuditBreak::Unlinked { seq: 3 }));
@@ -139,7 +139,7 @@ conformance! {
         let rows = t.store.audit_records(2, 1).await.unwrap();
         let forged = entry(42);
         let hash = vouch_store::chain_hash(3, &forged, &rows[0].prev_hash);
-        let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = vouch_proto::hex::encode(hash);
         let literal = if t.url.starts_with("sqlite") { format!("X'{hex}'") } else { format!("'\\x{hex}'::bytea") };
         tamper(&t, &format!("UPDATE audit_log SET at = 42, subject = 's42', detail = '{{\"n\":42}}', hash = {literal} WHERE seq = 3")).await;
         assert_eq!(t.store.verify_audit().await.unwrap().first_break, Some(AuditBreak::HeadMismatch { seq: 3 }));

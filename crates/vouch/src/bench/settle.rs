@@ -20,7 +20,7 @@ use vouch_proto::offline::{
     ConsumerApproval, Id, MerchantCountersignature, PaymentRequest, TerminalCertificate, WireType,
     countersignature_digest, payment_id, verify_terminal_certificate,
 };
-use vouch_proto::{Clock, SigningKey, SystemClock, b64};
+use vouch_proto::{Clock, SigningKey, SystemClock, b64, hex};
 use vouch_server::offline::{SettlementResults, SettlementStatus};
 
 use super::{
@@ -194,10 +194,6 @@ async fn sign_all(lanes: Vec<Setup>, batches: usize) -> anyhow::Result<Vec<Lane>
         .collect())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Batch number `batch` of a lane: its JSON body and its payment ids, in order.
 fn sign_batch(lane: &Setup, batch: usize, rng: &SystemRandom) -> anyhow::Result<SignedBatch> {
     let certificate = b64::encode(&lane.certificate);
@@ -209,7 +205,7 @@ fn sign_batch(lane: &Setup, batch: usize, rng: &SystemRandom) -> anyhow::Result<
         let counter = phone.counter_start + u64::try_from(i / PHONES_PER_LANE)?;
         let (request, approval, countersignature) =
             sign_payment(&lane.terminal, &lane.certified, phone, counter, now, rng)?;
-        ids.push(hex(&payment_id(&approval)));
+        ids.push(hex::encode(payment_id(&approval)));
         payments.push(json!({
             "terminal_certificate": certificate,
             "request": b64::encode(&request),

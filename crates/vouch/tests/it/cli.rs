@@ -313,10 +313,9 @@ fn check_sim_offline(server: &ServeProcess) {
     });
     let receipt = vouch_proto::b64::decode("receipt", printed["receipt"].as_str().unwrap()).unwrap();
     let verified = vouch_proto::offline::verify_receipt(&receipt, |kid| jwks.cose_key(kid)).unwrap();
-    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
     let r = verified.value();
-    assert_eq!(printed["payment_id"], hex(&r.payment_id).as_str());
-    assert_eq!(printed["transfer_id"], hex(&r.transfer_id).as_str());
+    assert_eq!(printed["payment_id"], vouch_proto::hex::encode(r.payment_id).as_str());
+    assert_eq!(printed["transfer_id"], vouch_proto::hex::encode(r.transfer_id).as_str());
     assert_eq!((r.amount_minor, r.currency), (1_250, 978));
 }
 

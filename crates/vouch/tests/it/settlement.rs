@@ -73,10 +73,6 @@ fn id_bytes(id: &str) -> Id {
     std::array::from_fn(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
 }
 
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 impl OfflineShop {
     /// Sets the parties up on the server at `url`: a merchant, its certified terminal,
     /// a consumer whose attested phone holds a credential of `limit_minor` EUR set
@@ -171,7 +167,7 @@ impl OfflineShop {
                     "approval": b64::encode(approval.bytes()),
                     "countersignature": b64::encode(countersignature.bytes()),
                 });
-                (to_hex(&payment_id(approval.bytes())), payment)
+                (vouch_proto::hex::encode(payment_id(approval.bytes())), payment)
             })
             .collect()
     }
