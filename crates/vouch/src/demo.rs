@@ -789,6 +789,18 @@ async fn tsm_steps(
         other => bail!("a replay or a forgery was not answered as such: {:?} / {other:?}", again.duplicate),
     }
 
+    let intercepted = phone.message(provider.provider_id(), b"pay 1.00 EUR to Corner Coffee")?;
+    let newer = phone.message(provider.provider_id(), b"pay 2.00 EUR to Corner Coffee")?;
+    let accepted = gateway.relay_tsm_message(&phone.device_id, &newer).await?;
+    provider.receiver.wait_for(2, Duration::from_secs(30)).await?;
+    match gateway.relay_tsm_message(&phone.device_id, &intercepted).await {
+        Err(e) if e.problem_reason() == Some("replayed-counter") => steps.pass(&format!(
+            "an intercepted SMS replayed after a newer one (counter {}) was accepted: refused, replayed-counter",
+            accepted.counter
+        )),
+        other => bail!("an older counter was not refused: {other:?}"),
+    }
+
     provider.receiver.set_mode(ReceiverMode::Down);
     let envelope = phone.message(provider.provider_id(), b"pay 3.20 EUR to Corner Coffee")?;
     let queued = gateway.relay_tsm_message(&phone.device_id, &envelope).await?;
@@ -802,7 +814,7 @@ async fn tsm_steps(
         waiting.last_error.as_deref().unwrap_or("no answer")
     ));
     provider.receiver.set_mode(ReceiverMode::Up);
-    provider.receiver.wait_for(2, Duration::from_secs(60)).await?;
+    provider.receiver.wait_for(3, Duration::from_secs(60)).await?;
     let delivered =
         outbox_entry_when(admin, &queued.message_id, |entry| entry.status == OutboxStatus::Delivered).await?;
     let stats = provider.receiver.stats();
